@@ -1,0 +1,170 @@
+"""The cache tensors: one pool of blocks per storage dtype, each block holding `block_size`
+tokens of one KV head of one layer. Owned by the cache manager, passed into the model."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from atb_llm.cache.layout import INT8_POOL, GroupLayout
+
+
+@dataclass
+class KVPool:
+    """k, v: [num_blocks, block_size, head_dim]; int8 pools add per-token scales [num_blocks, block_size]."""
+
+    k: torch.Tensor
+    v: torch.Tensor
+    k_scale: torch.Tensor | None = None
+    v_scale: torch.Tensor | None = None
+
+    @classmethod
+    def allocate(
+        cls,
+        num_blocks: int,
+        block_size: int,
+        head_dim: int,
+        dtype: torch.dtype,
+        int8: bool,
+        device: torch.device | str = "cpu",
+    ) -> KVPool:
+        shape = (num_blocks, block_size, head_dim)
+        # zeros, not empty: slots past a group's read length are masked, and must not hold NaN
+        if not int8:
+            return cls(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
+        scale = (num_blocks, block_size)
+        return cls(
+            torch.zeros(shape, dtype=torch.int8, device=device),
+            torch.zeros(shape, dtype=torch.int8, device=device),
+            torch.zeros(scale, dtype=torch.float32, device=device),
+            torch.zeros(scale, dtype=torch.float32, device=device),
+        )
+
+    @staticmethod
+    def bytes_per_block(block_size: int, head_dim: int, dtype: torch.dtype, int8: bool) -> int:
+        if int8:
+            return 2 * block_size * (head_dim + 4)
+        return 2 * block_size * head_dim * torch.empty(0, dtype=dtype).element_size()
+
+    @property
+    def is_int8(self) -> bool:
+        return self.k_scale is not None
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.k, self.v, self.k_scale, self.v_scale) if t is not None)
+
+    def write(self, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """slots: [N] flat slot ids (block * block_size + offset); k, v: [N, head_dim]."""
+        d = self.k.shape[-1]
+        if not self.is_int8:
+            self.k.view(-1, d).index_copy_(0, slots, k.to(self.k.dtype))
+            self.v.view(-1, d).index_copy_(0, slots, v.to(self.v.dtype))
+            return
+        for data, scale, x in ((self.k, self.k_scale, k), (self.v, self.v_scale, v)):
+            q, s = quantize_int8(x)
+            data.view(-1, d).index_copy_(0, slots, q)
+            scale.view(-1).index_copy_(0, slots, s)
+
+    def read(self, slots: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """slots: [N] -> k, v [N, head_dim] in `dtype`."""
+        d = self.k.shape[-1]
+        k, v = self.k.view(-1, d)[slots], self.v.view(-1, d)[slots]
+        if self.is_int8:
+            k = k.to(dtype) * self.k_scale.view(-1)[slots, None].to(dtype)
+            v = v.to(dtype) * self.v_scale.view(-1)[slots, None].to(dtype)
+        return k.to(dtype), v.to(dtype)
+
+    def gather(self, tables: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """tables: [..., nb] block ids -> k, v [..., nb * block_size, head_dim] in `dtype`."""
+        ids = tables.flatten()
+        shape = (*tables.shape[:-1], -1, self.k.shape[-1])
+        k, v = self.k.index_select(0, ids), self.v.index_select(0, ids)  # index_select: 5x advanced indexing
+        if self.is_int8:
+            k = k.to(dtype) * self.k_scale.index_select(0, ids).unsqueeze(-1).to(dtype)
+            v = v.to(dtype) * self.v_scale.index_select(0, ids).unsqueeze(-1).to(dtype)
+        return k.view(shape), v.view(shape)
+
+
+def quantize_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per-row int8: x [N, D] -> (int8 [N, D], fp32 scale [N])."""
+    x = x.float()
+    scale = x.abs().amax(-1).clamp(min=1e-8) / 127.0
+    return torch.round(x / scale[:, None]).clamp(-127, 127).to(torch.int8), scale
+
+
+class KVCache:
+    def __init__(self, layout: GroupLayout, pools: dict[str, KVPool], block_size: int, dtype: torch.dtype):
+        self.layout = layout
+        self.pools = pools
+        self.block_size = block_size
+        self.dtype = dtype
+
+    @classmethod
+    def allocate(
+        cls,
+        layout: GroupLayout,
+        num_blocks: dict[str, int],
+        block_size: int,
+        head_dim: int,
+        dtype: torch.dtype,
+        device: torch.device | str = "cpu",
+    ) -> KVCache:
+        pools = {
+            name: KVPool.allocate(n, block_size, head_dim, dtype, name == INT8_POOL, device)
+            for name, n in num_blocks.items()
+        }
+        return cls(layout, pools, block_size, dtype)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(p.nbytes for p in self.pools.values())
+
+    def flat_slots(self, tables: torch.Tensor, seq_idx: torch.Tensor, logical: torch.Tensor) -> torch.Tensor:
+        """tables: [h, B, nb] block ids; seq_idx, logical: [N] sequence and logical slot of N
+        entries -> [h, N] flat slot ids (block * block_size + offset); logical -1 stays -1."""
+        safe = logical.clamp(min=0)
+        block = tables[:, seq_idx, safe // self.block_size]
+        return torch.where(logical < 0, -1, block * self.block_size + safe % self.block_size)
+
+    def store(self, layer: int, k: torch.Tensor, v: torch.Tensor, meta) -> None:
+        """k, v: [T, Hkv, D] new keys (after RoPE) and values. Each group of `layer` writes the
+        tokens its level keeps (meta.slots >= 0); window groups first fold what leaves the window
+        into their compensation slot."""
+        for run in self.layout.runs(layer):
+            pool = self.pools[run.pool]
+            kr, vr = (k, v) if run.all_heads(k.shape[1]) else (k[:, list(run.heads)], v[:, list(run.heads)])
+            slots = meta.slots[run.groups].T  # [T, h]
+            if run.level.comp_slot is not None:
+                self._compensate(run, pool, kr, vr, slots, meta)
+            keep = slots >= 0
+            if keep.all():
+                pool.write(slots.flatten(), kr.flatten(0, 1), vr.flatten(0, 1))
+            else:
+                pool.write(slots[keep], kr[keep], vr[keep])
+
+    def _compensate(self, run, pool: KVPool, k, v, slots, meta) -> None:
+        """Keep the compensation slot equal to the mean K and V of the evicted middle."""
+        level = run.level
+        evicted = level.evicted(meta.input_lengths)  # [B] after this step
+        rows = (evicted > 0).nonzero().flatten()
+        if rows.numel() == 0:
+            return
+        tables = meta.block_tables[run.groups]  # [h, B, nb]
+        comp = self.flat_slots(tables, rows, torch.full_like(rows, level.comp_slot)).T  # [R, h]
+        if meta.is_prefill:  # the evicted middle is in this step's tokens: average it directly
+            for i, b in enumerate(rows.tolist()):
+                start = int(meta.cu_seqlens[b]) + level.sink
+                end = start + int(evicted[b])
+                pool.write(comp[i], k[start:end].float().mean(0), v[start:end].float().mean(0))
+            return
+        # decode: the slot a new token overwrites holds the token leaving the window; fold it in
+        old, dst = slots[rows].flatten(), comp.flatten()
+        ok, ov = pool.read(old, torch.float32)
+        ck, cv = pool.read(dst, torch.float32)
+        e = evicted[rows].repeat_interleave(comp.shape[1]).float()[:, None]
+        first = e == 1  # the slot held nothing meaningful before the first eviction
+        ck = torch.where(first, ok, ck + (ok - ck) / e)
+        cv = torch.where(first, ov, cv + (ov - cv) / e)
+        pool.write(dst, ck, cv)

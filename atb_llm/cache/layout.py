@@ -1,0 +1,86 @@
+"""Which level each attention-head group keeps, and which block pool its blocks come from."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from atb_llm.compression.levels import Level
+
+MODEL_POOL, INT8_POOL = "model", "int8"
+
+
+def pool_of(level: Level) -> str:
+    return INT8_POOL if level.int8 else MODEL_POOL
+
+
+@dataclass(frozen=True)
+class Run:
+    """The heads of one layer that share a level (so they share slot geometry and pool)."""
+
+    level: Level
+    heads: tuple[int, ...]  # KV-head indices within the layer
+    groups: torch.Tensor  # [h] global group ids (layer * num_kv_heads + head)
+
+    @property
+    def pool(self) -> str:
+        return pool_of(self.level)
+
+    def all_heads(self, num_kv_heads: int) -> bool:
+        return self.heads == tuple(range(num_kv_heads))
+
+
+@dataclass(frozen=True)
+class GroupLayout:
+    """levels[g] is the level of group g = layer * num_kv_heads + kv_head."""
+
+    num_layers: int
+    num_kv_heads: int
+    levels: tuple[Level, ...]
+    _runs: list = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self):
+        if len(self.levels) != self.num_layers * self.num_kv_heads:
+            raise ValueError(
+                f"a layout of {self.num_layers} layers x {self.num_kv_heads} KV heads needs "
+                f"{self.num_layers * self.num_kv_heads} levels, got {len(self.levels)}"
+            )
+        runs = []
+        for layer in range(self.num_layers):
+            by_level: dict[Level, list[int]] = {}
+            for head in range(self.num_kv_heads):
+                by_level.setdefault(self.level(layer, head), []).append(head)
+            runs.append(
+                [
+                    Run(lv, tuple(hs), torch.tensor([layer * self.num_kv_heads + h for h in hs]))
+                    for lv, hs in by_level.items()
+                ]
+            )
+        object.__setattr__(self, "_runs", runs)
+
+    @classmethod
+    def uniform(cls, num_layers: int, num_kv_heads: int, level: Level | None = None) -> GroupLayout:
+        return cls(num_layers, num_kv_heads, (level or Level(),) * (num_layers * num_kv_heads))
+
+    @property
+    def num_groups(self) -> int:
+        return len(self.levels)
+
+    def level(self, layer: int, head: int) -> Level:
+        return self.levels[layer * self.num_kv_heads + head]
+
+    def runs(self, layer: int) -> list[Run]:
+        return self._runs[layer]
+
+    def groups_by_level(self) -> dict[Level, list[int]]:
+        out: dict[Level, list[int]] = {}
+        for g, lv in enumerate(self.levels):
+            out.setdefault(lv, []).append(g)
+        return out
+
+    def pools(self) -> set[str]:
+        return {pool_of(lv) for lv in self.levels}
+
+    def is_uncompressed(self) -> bool:
+        return all(type(lv) is Level for lv in self.levels)

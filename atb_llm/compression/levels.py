@@ -1,0 +1,125 @@
+"""MLGC levels: how one attention-head group (one KV head of one layer) keeps its history.
+
+A level is geometry over the group's *logical slots* (slot i lives in block i // block_size of the
+group's block table, at offset i % block_size):
+
+- which slot a token at position `pos` lands in, once its sequence is `n` tokens long
+  (`slot_of`, -1 when the level does not keep it);
+- how many slots, from slot 0, decode reads (`read_len`), and how many blocks that takes;
+- for window levels, the compensation slot holding the mean K/V of the evicted middle, whose
+  logit gets `+log(n_evicted)` (RazorAttention), so the evicted attention mass is approximated.
+
+Keys are cached after RoPE at their original positions, so the order of slots does not matter
+and eviction needs no re-rotation. int8 variants keep the same geometry in the int8 pool.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+
+@dataclass(frozen=True)
+class Level:
+    """Keeps every token (`full`). Subclasses override the geometry."""
+
+    name: ClassVar[str] = "full"
+    int8: ClassVar[bool] = False
+
+    @property
+    def comp_slot(self) -> int | None:
+        """Logical slot of the compensation K/V, or None."""
+        return None
+
+    def slots_used(self, n: int) -> int:
+        """Slots the group holds for a sequence of n tokens."""
+        return n
+
+    def blocks(self, n: int, block_size: int) -> int:
+        return math.ceil(self.slots_used(n) / block_size)
+
+    def read_len(self, n: torch.Tensor) -> torch.Tensor:
+        """n: [B] sequence lengths -> [B] slots decode reads, from slot 0."""
+        return n
+
+    def slot_of(self, pos: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
+        """pos, n: [T] token positions and their sequences' lengths -> [T] logical slots, -1 = dropped."""
+        return pos
+
+    def evicted(self, n: torch.Tensor) -> torch.Tensor:
+        """n: [B] -> [B] tokens folded into the compensation slot."""
+        return torch.zeros_like(n)
+
+    def describe(self) -> str:
+        return self.name
+
+
+@dataclass(frozen=True)
+class Window(Level):
+    """Keeps the first `sink` tokens, the last `recent` in a ring, and one compensation slot.
+
+    Slots: [0, sink) the sinks, `sink` the compensation, then a ring of `recent` slots. Token
+    pos >= sink goes to ring slot sink + 1 + (pos - sink) % recent, so the token it overwrites
+    is exactly the one leaving the window.
+    """
+
+    name: ClassVar[str] = "window"
+    sink: int = 64
+    recent: int = 1024
+
+    def __post_init__(self):
+        if self.sink < 0 or self.recent < 1:
+            raise ValueError(
+                f"window level needs sink >= 0 and recent >= 1, got sink={self.sink}, recent={self.recent}"
+            )
+
+    @property
+    def comp_slot(self) -> int:
+        return self.sink
+
+    @property
+    def capacity(self) -> int:
+        return self.sink + self.recent + 1
+
+    def slots_used(self, n: int) -> int:
+        return n if n <= self.sink else min(n + 1, self.capacity)
+
+    def read_len(self, n: torch.Tensor) -> torch.Tensor:
+        return torch.where(n <= self.sink, n, (n + 1).clamp(max=self.capacity))
+
+    def slot_of(self, pos: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
+        ring = self.sink + 1 + (pos - self.sink) % self.recent
+        kept = torch.where(pos < n - self.recent, torch.full_like(pos, -1), ring)
+        return torch.where(pos < self.sink, pos, kept)
+
+    def evicted(self, n: torch.Tensor) -> torch.Tensor:
+        return (n - self.sink - self.recent).clamp(min=0)
+
+    def describe(self) -> str:
+        return f"{self.name}(sink={self.sink}, recent={self.recent})"
+
+
+@dataclass(frozen=True)
+class FullInt8(Level):
+    name: ClassVar[str] = "full_int8"
+    int8: ClassVar[bool] = True
+
+
+@dataclass(frozen=True)
+class WindowInt8(Window):
+    name: ClassVar[str] = "window_int8"
+    int8: ClassVar[bool] = True
+
+
+LEVELS: dict[str, type[Level]] = {cls.name: cls for cls in (Level, Window, FullInt8, WindowInt8)}
+
+
+def make_level(name: str, sink: int = 64, recent: int = 1024) -> Level:
+    try:
+        cls = LEVELS[name]
+    except KeyError:
+        raise ValueError(f"unknown MLGC level {name!r}; levels are {sorted(LEVELS)}") from None
+    return cls(sink=sink, recent=recent) if issubclass(cls, Window) else cls()

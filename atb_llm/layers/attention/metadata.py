@@ -1,0 +1,60 @@
+"""Per-step attention metadata, built once per forward from the contract's arguments."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from atb_llm.compression.levels import Level
+
+
+@dataclass(slots=True)
+class AttentionMetadata:
+    is_prefill: bool
+    block_tables: torch.Tensor  # [G, B, max_blocks] int64: physical block ids of each group (padded with 0)
+    slots: torch.Tensor  # [G, T] int64: flat cache slot of each new token in each group, -1 = not kept
+    input_lengths: torch.Tensor  # [B] int64: tokens of each sequence, this step's included
+    max_seq_len: int
+    block_size: int
+    dtype: torch.dtype  # the model dtype: attention masks are built in it
+    cu_seqlens: torch.Tensor | None = None  # [B + 1] prefill: start of each sequence in the packed batch
+    _views: dict = field(default_factory=dict)
+
+    @classmethod
+    def build(
+        cls,
+        is_prefill: bool,
+        block_tables: torch.Tensor,
+        slots: torch.Tensor,
+        input_lengths: torch.Tensor,
+        max_seq_len: int,
+        block_size: int,
+        dtype: torch.dtype,
+    ) -> AttentionMetadata:
+        cu = None
+        if is_prefill:
+            cu = torch.zeros(len(input_lengths) + 1, dtype=torch.int64)
+            cu[1:] = torch.cumsum(input_lengths.cpu(), 0)
+        return cls(is_prefill, block_tables, slots, input_lengths, max_seq_len, block_size, dtype, cu)
+
+    def decode_view(self, level: Level) -> tuple[int, torch.Tensor]:
+        """For the groups of `level`: (blocks to read, additive mask [B, 1, 1, blocks * block_size]).
+
+        The mask is 0 on the slots the level reads, -inf elsewhere, and on the compensation slot
+        log(n_evicted) (-inf while nothing is evicted). Computed once per level per step.
+        """
+        if level not in self._views:
+            n = self.input_lengths
+            read = level.read_len(n)
+            nb = max(1, math.ceil(int(read.max()) / self.block_size))
+            pos = torch.arange(nb * self.block_size, device=n.device)
+            mask = torch.zeros(len(n), nb * self.block_size, dtype=self.dtype, device=n.device)
+            mask.masked_fill_(pos[None, :] >= read[:, None], float("-inf"))
+            if level.comp_slot is not None and level.comp_slot < mask.shape[1]:
+                e = level.evicted(n).to(torch.float32)
+                bias = torch.where(e > 0, e.clamp(min=1).log(), float("-inf"))
+                mask[:, level.comp_slot] = bias.to(self.dtype)
+            self._views[level] = (nb, mask[:, None, None, :])
+        return self._views[level]

@@ -1,0 +1,33 @@
+"""Token embedding and the LM head (which computes logits only for the rows asked for)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from atb_llm.layers.linear import ReplicatedLinear
+
+
+class VocabEmbedding(nn.Module):
+    def __init__(self, vocab_size: int, hidden_size: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(vocab_size, hidden_size), requires_grad=False)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return F.embedding(input_ids, self.weight)
+
+
+class LMHead(ReplicatedLinear):
+    def __init__(self, vocab_size: int, hidden_size: int):
+        super().__init__(hidden_size, vocab_size, bias=False)
+
+    def tie_to(self, embedding: VocabEmbedding) -> None:
+        self.weight = embedding.weight
+        self.shares_weight = True
+
+    def forward(self, hidden: torch.Tensor, lm_head_indices: torch.Tensor | None = None) -> torch.Tensor:
+        """hidden: [T, H] -> logits [N, V] in fp32, N = len(lm_head_indices) or T."""
+        if lm_head_indices is not None:
+            hidden = hidden.index_select(0, lm_head_indices)
+        return super().forward(hidden).float()

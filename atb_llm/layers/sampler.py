@@ -1,0 +1,48 @@
+"""Next-token choice per sequence: greedy, or temperature / top-k / top-p sampling with an
+optional per-request seed; plus log-probabilities of requested tokens (option scoring)."""
+
+from __future__ import annotations
+
+import torch
+
+from atb_llm.runtime.sequence import Sequence
+
+
+def _filter(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
+    """logits: [V] -> same, with tokens outside top-k / the top-p nucleus set to -inf."""
+    if top_k > 0 and top_k < logits.numel():
+        kth = torch.topk(logits, top_k).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True)
+        cum = sorted_logits.softmax(-1).cumsum(-1)
+        drop = cum - sorted_logits.softmax(-1) >= top_p  # keep the smallest set reaching top_p
+        logits = logits.masked_fill(torch.zeros_like(drop).scatter(0, order, drop), float("-inf"))
+    return logits
+
+
+class Sampler:
+    def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[int]:
+        """logits: [B, V] fp32 -> one token id per sequence."""
+        tokens = logits.argmax(-1).tolist()
+        for i, seq in enumerate(seqs):
+            p = seq.params
+            if p.temperature == 0:
+                continue
+            if p.seed is not None and seq.generator is None:
+                seq.generator = torch.Generator(device=logits.device).manual_seed(p.seed)
+            row = _filter(logits[i] / p.temperature, p.top_k, p.top_p)
+            tokens[i] = int(torch.multinomial(row.softmax(-1), 1, generator=seq.generator))
+        return tokens
+
+    @staticmethod
+    def logprobs(logits: torch.Tensor, seqs: list[Sequence]) -> list[dict[int, float] | None]:
+        """Log-softmax of the raw logits at the requested token ids, per sequence."""
+        out: list[dict[int, float] | None] = [None] * len(seqs)
+        wanted = [i for i, s in enumerate(seqs) if s.params.logprob_token_ids]
+        if wanted:
+            lp = torch.log_softmax(logits[wanted], dim=-1)
+            for row, i in enumerate(wanted):
+                ids = list(seqs[i].params.logprob_token_ids)
+                out[i] = dict(zip(ids, lp[row, ids].tolist()))
+        return out

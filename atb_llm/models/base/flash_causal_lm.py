@@ -1,0 +1,91 @@
+"""Base class of the engine's models: built directly in the target dtype and device (no random
+init), loaded from Hugging Face safetensors through per-parameter weight loaders."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from atb_llm.layers.attention.backend import AttentionBackend
+from atb_llm.layers.linear import LinearBase, default_weight_loader
+from atb_llm.models.base.config import ModelConfig
+from atb_llm.models.base.weights import WeightFiles
+
+
+class FlashForCausalLM(nn.Module):
+    # Hugging Face name fragment -> (our fused parameter fragment, shard id)
+    packed_modules_mapping: dict[str, tuple[str, object]] = {}
+    # checkpoint names that carry nothing the model needs
+    ignored_weights: tuple[str, ...] = ("rotary_emb.inv_freq",)
+
+    def __init__(self, config: ModelConfig, backend: AttentionBackend):
+        super().__init__()
+        self.config = config
+        self.backend = backend
+
+    @classmethod
+    def build(
+        cls, config: ModelConfig, backend: AttentionBackend, dtype: torch.dtype, device: torch.device | str = "cpu"
+    ) -> FlashForCausalLM:
+        """Parameters are allocated uninitialized in `dtype` on `device`; load or randomize them next."""
+        previous = torch.get_default_dtype()
+        torch.set_default_dtype(dtype)
+        try:
+            with torch.device(device):
+                return cls(config, backend)
+        finally:
+            torch.set_default_dtype(previous)
+
+    def _target(self, name: str) -> tuple[str, object]:
+        for hf, (ours, shard_id) in self.packed_modules_mapping.items():
+            if hf in name:
+                return name.replace(hf, ours), shard_id
+        return name, None
+
+    def load_weights(self, weights: WeightFiles, progress: bool = True) -> None:
+        params = dict(self.named_parameters())
+        tied = self.config.tie_word_embeddings
+        loaded: set[str] = set()
+        for name, tensor in tqdm(weights, desc="Loading weights", disable=not progress, unit="tensor"):
+            if any(i in name for i in self.ignored_weights) or (tied and name == "lm_head.weight"):
+                continue
+            target, shard_id = self._target(name)
+            param = params.get(target)
+            if param is None:
+                raise ValueError(
+                    f"checkpoint tensor {name} has no place in {type(self).__name__}; "
+                    "is this folder a different architecture than its config.json says?"
+                )
+            getattr(param, "weight_loader", default_weight_loader)(param, tensor, name, shard_id)
+            loaded.add(f"{target}:{shard_id}")
+        expected = {f"{n}:{s}" for n, s in self._expected_names(params)}
+        missing = sorted(expected - loaded)
+        if missing:
+            raise ValueError(
+                f"checkpoint lacks {len(missing)} tensor(s) the model needs, e.g. "
+                f"{[m.split(':')[0] for m in missing[:3]]}; the folder is incomplete"
+            )
+        self.process_weights_after_loading()
+
+    def _expected_names(self, params: dict) -> list[tuple[str, object]]:
+        out = []
+        for pname in params:
+            shards = [(hf, s) for hf, (ours, s) in self.packed_modules_mapping.items() if ours in pname]
+            out.extend((pname, s) for _, s in shards) if shards else out.append((pname, None))
+        return out
+
+    def init_random_weights(self, seed: int = 0, std: float = 0.02) -> None:
+        """Random weights of the real shapes, for benchmarks where values do not matter."""
+        gen = torch.Generator().manual_seed(seed)
+        for name, p in self.named_parameters():
+            if name.endswith("norm.weight"):
+                p.data.fill_(1.0)
+            else:
+                p.data.copy_(torch.randn(p.shape, generator=gen) * std)
+        self.process_weights_after_loading()
+
+    def process_weights_after_loading(self) -> None:
+        for m in self.modules():
+            if isinstance(m, LinearBase):
+                m.method.process_weights_after_loading(m)

@@ -1,0 +1,38 @@
+"""model_type -> the model's router (config reader, model class, tokenizer)."""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+
+from atb_llm.models.base.config import read_config_json
+
+ROUTERS = {"qwen2": "atb_llm.models.qwen2_mlgc.router_qwen2_mlgc:Qwen2MlgcRouter"}
+
+
+class BaseRouter:
+    model_type = ""
+
+    def __init__(self, weight_dir: str | Path):
+        self.weight_dir = Path(weight_dir)
+
+    def get_config(self):
+        raise NotImplementedError
+
+    def get_model_cls(self):
+        raise NotImplementedError
+
+    def get_tokenizer(self):
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(str(self.weight_dir))
+
+
+def get_router(weight_dir: str | Path) -> BaseRouter:
+    model_type = read_config_json(weight_dir).get("model_type")
+    if model_type not in ROUTERS:
+        raise ValueError(
+            f"config.json in {weight_dir} has model_type={model_type!r}; supported model types: {sorted(ROUTERS)}"
+        )
+    module, name = ROUTERS[model_type].split(":")
+    return getattr(importlib.import_module(module), name)(weight_dir)

@@ -1,0 +1,233 @@
+"""The engine: requests in, tokens out. Loads the model, sizes the cache, runs the
+schedule -> forward -> sample loop with continuous batching."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+from tqdm import tqdm
+
+from atb_llm.cache.cache_manager import CacheConfig, CacheManager
+from atb_llm.cache.layout import GroupLayout
+from atb_llm.layers.attention.backend import get_backend
+from atb_llm.models.base.config import parse_dtype
+from atb_llm.models.base.router import get_router
+from atb_llm.models.base.weights import WeightFiles
+from atb_llm.runtime.model_runner import ModelRunner
+from atb_llm.runtime.scheduler import Scheduler
+from atb_llm.runtime.sequence import SamplingParams, Sequence, SequenceStatus
+
+
+@dataclass
+class EngineConfig:
+    """Every knob of the engine, with MindIE run_pa's names where it has one."""
+
+    model_path: str
+    dtype: str | None = None  # bf16 / fp16 / fp32; None = the checkpoint's torch_dtype
+    device: str = "cpu"
+    max_batch_size: int = 8
+    max_input_length: int = 2048
+    max_output_length: int = 256
+    max_prefill_tokens: int = 8192
+    block_size: int = 128
+    num_blocks: int | None = None
+    cache_memory_gb: float | None = None
+    mlgc: str = "off"  # off | auto | PLAN path | streaming | random (see atb_llm.compression.plan)
+    progress: bool = True
+
+    def __post_init__(self):
+        for name in ("max_batch_size", "max_input_length", "max_output_length", "max_prefill_tokens"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)} must be at least 1")
+
+
+@dataclass
+class RequestOutput:
+    request_id: str
+    prompt_token_ids: list[int]
+    token_ids: list[int]
+    text: str
+    finished: bool
+    finish_reason: str | None
+    ttft_s: float | None
+    tpot_s: float | None
+    num_preemptions: int = 0
+    logprobs: list[dict[int, float]] = field(default_factory=list)
+
+
+class LLMEngine:
+    def __init__(self, cfg: EngineConfig, layout: GroupLayout | None = None):
+        self.cfg = cfg
+        router = get_router(cfg.model_path)
+        self.model_config = router.get_config()
+        self.tokenizer = router.get_tokenizer()
+        self.dtype = parse_dtype(cfg.dtype or self.model_config.dtype)
+        self.max_seq_len = cfg.max_input_length + cfg.max_output_length
+        if self.max_seq_len > self.model_config.max_position_embeddings:
+            raise ValueError(
+                f"max_input_length + max_output_length = {self.max_seq_len} exceeds the model's "
+                f"max_position_embeddings={self.model_config.max_position_embeddings}; lower them"
+            )
+        weights = WeightFiles(cfg.model_path)
+        backend = get_backend(cfg.device)
+        self.model = router.get_model_cls().build(self.model_config, backend, self.dtype, cfg.device)
+        self.model.load_weights(weights, progress=cfg.progress)
+        self.model.eval()
+        self.layout = layout or self._layout()
+        cache_cfg = CacheConfig(cfg.block_size, cfg.num_blocks, cfg.cache_memory_gb)
+        self.cache_manager = CacheManager(
+            self.layout,
+            cache_cfg,
+            self.model_config.head_dim,
+            self.dtype,
+            cfg.max_batch_size,
+            self.max_seq_len,
+            cfg.device,
+        )
+        self.scheduler = Scheduler(self.cache_manager.block_manager, cfg.max_batch_size, cfg.max_prefill_tokens)
+        self.runner = ModelRunner(self.model, self.cache_manager)
+        self.eos_token_ids = set(self.model_config.eos_token_ids) | {self.tokenizer.eos_token_id} - {None}
+        self._seqs: dict[str, Sequence] = {}
+
+    def _layout(self) -> GroupLayout:
+        from atb_llm.compression.plan import resolve_layout
+
+        return resolve_layout(self.cfg.mlgc, self.cfg.model_path, self.model_config, self.cfg.block_size)
+
+    # ---- requests ---------------------------------------------------------------------------
+    def encode(self, prompt: str | list[int], chat: bool = False) -> list[int]:
+        if isinstance(prompt, str):
+            if chat:
+                return self.tokenizer.apply_chat_template(
+                    [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True, return_dict=False
+                )
+            return self.tokenizer.encode(prompt, add_special_tokens=False)
+        return list(prompt)
+
+    def add_request(
+        self, prompt: str | list[int], params: SamplingParams | None = None, request_id: str | None = None
+    ) -> Sequence:
+        params = params or SamplingParams()
+        ids = self.encode(prompt)
+        self._validate(ids, params, request_id)
+        seq = Sequence(ids, params, request_id or "")
+        self._seqs[seq.request_id] = seq
+        self.scheduler.add(seq)
+        return seq
+
+    def _validate(self, ids: list[int], params: SamplingParams, request_id: str | None) -> None:
+        cfg, vocab = self.cfg, self.model_config.vocab_size
+        if not ids:
+            raise ValueError("the prompt is empty; give at least one token")
+        if len(ids) > cfg.max_input_length:
+            raise ValueError(
+                f"the prompt has {len(ids)} tokens, more than max_input_length={cfg.max_input_length}; "
+                "shorten it or raise --max_input_length"
+            )
+        if params.max_tokens > cfg.max_output_length:
+            raise ValueError(
+                f"max_tokens={params.max_tokens} exceeds max_output_length={cfg.max_output_length}; "
+                "lower it or raise --max_output_length"
+            )
+        bad = [t for t in ids if not 0 <= t < vocab]
+        if bad:
+            raise ValueError(f"token id(s) {bad[:5]} are outside the vocabulary [0, {vocab})")
+        if request_id is not None and request_id in self._seqs:
+            raise ValueError(f"request_id {request_id!r} is already in use")
+        if not self.cache_manager.fits_alone(len(ids) + params.max_tokens):
+            raise ValueError(
+                f"a sequence of {len(ids) + params.max_tokens} tokens needs "
+                f"{self.cache_manager.blocks_for(len(ids) + params.max_tokens)} cache blocks but the "
+                f"pools hold {self.cache_manager.num_blocks}; give the cache more memory"
+            )
+
+    def abort(self, request_id: str) -> None:
+        """Cancel a request; its blocks are freed at once."""
+        seq = self._seqs.pop(request_id, None)
+        if seq is not None:
+            self.scheduler.finish(seq, "abort")
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    # ---- the loop ---------------------------------------------------------------------------
+    def step(self) -> list[Sequence]:
+        """One forward pass. Returns the sequences that got a token (finished ones included)."""
+        seqs, is_prefill = self.scheduler.schedule()
+        if not seqs:
+            return []
+        tokens, logprobs = self.runner.run(seqs, is_prefill)
+        now = time.perf_counter()
+        for seq, tok, lp in zip(seqs, tokens, logprobs):
+            seq.output_token_ids.append(tok)
+            if lp is not None:
+                seq.logprobs.append(lp)
+            seq.first_token_time = seq.first_token_time or now
+            reason = self._finish_reason(seq, tok)
+            if reason:
+                seq.finish_time = now
+                self.scheduler.finish(seq, reason)
+                self._seqs.pop(seq.request_id, None)
+        return seqs
+
+    def _finish_reason(self, seq: Sequence, tok: int) -> str | None:
+        p = seq.params
+        if (tok in self.eos_token_ids and not p.ignore_eos) or tok in p.stop_token_ids:
+            return "stop"
+        if p.stop and any(s in self.text_of(seq) for s in p.stop):
+            return "stop"
+        if len(seq.output_token_ids) >= p.max_tokens or seq.num_tokens >= self.max_seq_len:
+            return "length"
+        return None
+
+    def text_of(self, seq: Sequence) -> str:
+        """Decoded output, cut before a stop string, without the eos / stop token."""
+        ids = seq.output_token_ids
+        stop_ids = self.eos_token_ids | set(seq.params.stop_token_ids)
+        if seq.finish_reason == "stop" and ids and ids[-1] in stop_ids:
+            ids = ids[:-1]
+        text = self.tokenizer.decode(ids, skip_special_tokens=True)
+        for s in seq.params.stop:
+            i = text.find(s)
+            if i >= 0:
+                text = text[:i]
+        return text
+
+    def output(self, seq: Sequence) -> RequestOutput:
+        return RequestOutput(
+            seq.request_id,
+            seq.prompt_token_ids,
+            list(seq.output_token_ids),
+            self.text_of(seq),
+            seq.is_finished,
+            seq.finish_reason,
+            seq.time_to_first_token(),
+            seq.time_per_output_token(),
+            seq.num_preemptions,
+            list(seq.logprobs),
+        )
+
+    def generate(
+        self,
+        prompts: list[str | list[int]],
+        params: SamplingParams | list[SamplingParams] | None = None,
+        use_tqdm: bool = False,
+    ) -> list[RequestOutput]:
+        params = params if isinstance(params, list) else [params or SamplingParams()] * len(prompts)
+        seqs = [self.add_request(p, sp) for p, sp in zip(prompts, params)]
+        with tqdm(total=len(seqs), desc="Generating", disable=not use_tqdm) as bar:
+            while self.has_unfinished():
+                done = sum(s.is_finished for s in self.step())
+                if done:
+                    bar.update(done)
+        return [self.output(s) for s in seqs]
+
+    @torch.inference_mode()
+    def warmup(self) -> None:
+        """One short request through prefill and decode, so first-call costs are not timed."""
+        self.generate([[self.tokenizer.eos_token_id or 0] * 4], SamplingParams(max_tokens=2, ignore_eos=True))
+
+    def is_running(self, seq: Sequence) -> bool:
+        return seq.status is SequenceStatus.RUNNING

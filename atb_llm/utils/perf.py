@@ -1,0 +1,105 @@
+"""Timing one performance case (batch size, input length, output length) on the engine and on
+Hugging Face transformers, measured the same way: first token = the batch's prefill, non-first
+token = mean decode step, end to end = batch * output tokens / total seconds."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+
+from atb_llm.runtime.engine import LLMEngine
+from atb_llm.runtime.sequence import SamplingParams
+
+
+@dataclass
+class PerfResult:
+    engine: str
+    batch_size: int
+    input_length: int
+    output_length: int
+    first_token_ms: float
+    non_first_token_ms: float
+    e2e_tokens_per_s: float
+    peak_memory_gb: float = 0.0
+    kv_cache_gb: float = 0.0
+
+    def row(self) -> dict:
+        return asdict(self)
+
+
+def random_prompts(batch: int, length: int, vocab: int, seed: int = 0) -> list[list[int]]:
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randint(100, min(vocab, 150000), (batch, length), generator=gen).tolist()
+
+
+def peak_rss_gb() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+def measure_engine(engine: LLMEngine, batch: int, in_len: int, out_len: int, seed: int = 0) -> PerfResult:
+    prompts = random_prompts(batch, in_len, engine.model_config.vocab_size, seed)
+    engine.generate(prompts, SamplingParams(max_tokens=2, ignore_eos=True))  # warm up at this shape
+    params = SamplingParams(max_tokens=out_len, ignore_eos=True)
+    seqs = [engine.add_request(p, params) for p in prompts]
+    step_times, prefill_s = [], 0.0
+    start = time.perf_counter()
+    while engine.has_unfinished():
+        t = time.perf_counter()
+        engine.step()
+        dt = time.perf_counter() - t
+        if any(len(s.output_token_ids) > 1 for s in seqs):
+            step_times.append(dt)
+        else:
+            prefill_s += dt
+    total = time.perf_counter() - start
+    decode = sum(step_times) / len(step_times) if step_times else 0.0
+    kv = engine.cache_manager.total_bytes / 2**30
+    return PerfResult(
+        "atb_llm", batch, in_len, out_len, prefill_s * 1000, decode * 1000, batch * out_len / total, peak_rss_gb(), kv
+    )
+
+
+def load_hf(model_path: str, dtype: torch.dtype):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype).eval()
+
+
+@torch.inference_mode()
+def measure_hf(model, batch: int, in_len: int, out_len: int, seed: int = 0) -> PerfResult:
+    ids = torch.tensor(random_prompts(batch, in_len, model.config.vocab_size, seed))
+    mask = torch.ones_like(ids)
+
+    def run(n):
+        t = time.perf_counter()
+        model.generate(ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n, do_sample=False)
+        return time.perf_counter() - t
+
+    run(2)  # warm up
+    prefill = run(1)
+    total = run(out_len)
+    decode = (total - prefill) / max(out_len - 1, 1)
+    return PerfResult(
+        "transformers",
+        batch,
+        in_len,
+        out_len,
+        prefill * 1000,
+        decode * 1000,
+        batch * out_len / total,
+        peak_rss_gb(),
+        0.0,
+    )
+
+
+def markdown_table(rows: list[dict], columns: list[str]) -> str:
+    def fmt(v):
+        return f"{v:.2f}" if isinstance(v, float) else str(v)
+
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(fmt(r.get(c, "")) for c in columns) + " |" for r in rows]
+    return "\n".join(lines)

@@ -1,0 +1,32 @@
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="session")
+def default_model() -> Path:
+    """The default model folder (provisioned by setup.sh; provisioned here if missing)."""
+    from atb_llm.utils.default_model import ensure_default_model
+
+    return ensure_default_model()
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory):
+    """tiny_models(tie=False, ...) -> folder of a tiny random Qwen2, built once per variant."""
+    from tiny import build_tiny_qwen2
+
+    cache = {}
+
+    def get(**kw):
+        key = tuple(sorted(kw.items()))
+        if key not in cache:
+            cache[key] = build_tiny_qwen2(tmp_path_factory.mktemp("tiny"), **kw)
+        return cache[key]
+
+    return get

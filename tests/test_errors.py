@@ -1,0 +1,132 @@
+"""Bad input gets a clear error naming the problem and the fix."""
+
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from atb_llm.runtime.engine import EngineConfig, LLMEngine
+from atb_llm.runtime.sequence import SamplingParams
+
+
+def engine(path, **kw):
+    return LLMEngine(
+        EngineConfig(str(path), block_size=16, max_input_length=64, max_output_length=16, progress=False, **kw)
+    )
+
+
+def copy_model(src, dst):
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_missing_directory(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist; pass a Hugging Face model folder"):
+        engine(tmp_path / "nope")
+
+
+def test_missing_shard(tiny_models, tmp_path):
+    path = copy_model(tiny_models(), tmp_path / "m")
+    weights = load_file(path / "model.safetensors")
+    names = sorted(weights)
+    half = len(names) // 2
+    save_file({k: weights[k] for k in names[:half]}, path / "model-00001-of-00002.safetensors")
+    (path / "model.safetensors").unlink()
+    index = {
+        "weight_map": {
+            k: "model-00001-of-00002.safetensors" if i < half else "model-00002-of-00002.safetensors"
+            for i, k in enumerate(names)
+        }
+    }
+    (path / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(FileNotFoundError, match=r"names shard\(s\) \['model-00002-of-00002.safetensors'\]"):
+        engine(path)
+
+
+def test_sharded_checkpoint_loads(tiny_models, tmp_path):
+    path = copy_model(tiny_models(), tmp_path / "m")
+    weights = load_file(path / "model.safetensors")
+    names = sorted(weights)
+    shards = {n: f"model-0000{1 + i % 2}-of-00002.safetensors" for i, n in enumerate(names)}
+    for f in set(shards.values()):
+        save_file({n: weights[n] for n in names if shards[n] == f}, path / f)
+    (path / "model.safetensors").unlink()
+    (path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": shards}))
+    sharded = engine(path).generate([[5, 6, 7]], SamplingParams(max_tokens=8, ignore_eos=True))
+    single = engine(tiny_models()).generate([[5, 6, 7]], SamplingParams(max_tokens=8, ignore_eos=True))
+    assert sharded[0].token_ids == single[0].token_ids
+
+
+def test_not_qwen2(tiny_models, tmp_path):
+    path = copy_model(tiny_models(), tmp_path / "m")
+    cfg = json.loads((path / "config.json").read_text())
+    cfg["model_type"] = "llama"
+    (path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="model_type='llama'; supported model types: \\['qwen2'\\]"):
+        engine(path)
+
+
+def test_weight_of_the_wrong_shape(tiny_models, tmp_path):
+    path = copy_model(tiny_models(), tmp_path / "m")
+    weights = load_file(path / "model.safetensors")
+    weights["model.layers.1.mlp.up_proj.weight"] = torch.zeros(100, 64)
+    save_file(weights, path / "model.safetensors")
+    with pytest.raises(
+        ValueError,
+        match=r"model.layers.1.mlp.up_proj.weight has shape \(100, 64\) but .* "
+        r"expects \(128, 64\)",
+    ):
+        engine(path)
+
+
+def test_missing_tensor(tiny_models, tmp_path):
+    path = copy_model(tiny_models(), tmp_path / "m")
+    weights = load_file(path / "model.safetensors")
+    del weights["model.layers.0.self_attn.k_proj.bias"]
+    save_file(weights, path / "model.safetensors")
+    with pytest.raises(ValueError, match="checkpoint lacks 1 tensor"):
+        engine(path)
+
+
+def test_prompt_longer_than_max_input_length(tiny_models):
+    e = engine(tiny_models())
+    with pytest.raises(ValueError, match="the prompt has 65 tokens, more than max_input_length=64"):
+        e.add_request(list(range(2, 67)))
+    assert not e.has_unfinished()
+
+
+@pytest.mark.parametrize(
+    "kw, message",
+    [
+        (dict(max_tokens=0), "max_tokens=0 must be at least 1"),
+        (dict(temperature=-1), "temperature=-1 must be >= 0"),
+        (dict(top_p=0), r"top_p=0 must be in \(0, 1\]"),
+    ],
+)
+def test_bad_sampling_params(kw, message):
+    with pytest.raises(ValueError, match=message):
+        SamplingParams(**kw)
+
+
+def test_bad_requests_leave_the_engine_usable(tiny_models):
+    e = engine(tiny_models())
+    good = e.add_request([5, 6, 7], SamplingParams(max_tokens=4, ignore_eos=True), request_id="x")
+    for bad, message in [
+        ([], "the prompt is empty"),
+        ([5, 999], r"token id\(s\) \[999\] are outside"),
+        ([5], "max_tokens=17 exceeds max_output_length=16"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            e.add_request(bad, SamplingParams(max_tokens=17 if len(bad) == 1 else 4))
+    with pytest.raises(ValueError, match="request_id 'x' is already in use"):
+        e.add_request([5], SamplingParams(max_tokens=4), request_id="x")
+    while e.has_unfinished():
+        e.step()
+    assert len(good.output_token_ids) == 4
+
+
+def test_block_size_must_be_a_multiple_of_16(tiny_models):
+    with pytest.raises(ValueError, match="block_size=100 must be a positive multiple of 16"):
+        LLMEngine(EngineConfig(str(tiny_models()), block_size=100, max_input_length=64, progress=False))
