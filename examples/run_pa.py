@@ -10,6 +10,8 @@ import json
 import time
 from pathlib import Path
 
+from atb_llm.cache.layout import GroupLayout
+from atb_llm.compression.memory import kv_bytes
 from atb_llm.runtime.engine import EngineConfig, LLMEngine
 from atb_llm.runtime.sequence import SamplingParams
 from atb_llm.utils.default_model import resolve_model_path
@@ -75,6 +77,24 @@ def encode(engine: LLMEngine, prompt: str | list[dict], chat: bool) -> list[int]
     return engine.encode(prompt, chat=chat)
 
 
+def kv_report(engine: LLMEngine, outputs: list) -> str:
+    """KV bytes the compressed cache held per request against an uncompressed one, and peak blocks per level."""
+    cfg, bs = engine.model_config, engine.cfg.block_size
+    full = GroupLayout.uniform(cfg.num_hidden_layers, cfg.num_key_value_heads)
+    lines = ["\nMLGC KV cache (whole blocks):"]
+    for i, out in enumerate(outputs):
+        n = len(out.prompt_token_ids) + len(out.token_ids)
+        got, ref = (kv_bytes(lay, n, cfg.head_dim, engine.dtype, bs) for lay in (engine.layout, full))
+        lines.append(
+            f"  request {i}: {n} tokens, {got / 2**20:.2f} MiB vs {ref / 2**20:.2f} MiB uncompressed ({got / ref:.0%})"
+        )
+    for name, u in engine.cache_manager.usage_by_level().items():
+        lines.append(
+            f"  {name}: {u['groups']} groups, peak {u['blocks_peak']} blocks ({u['bytes_peak'] / 2**20:.2f} MiB)"
+        )
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> list:
     args = parse_args(argv)
     prompts = read_prompts(args)
@@ -116,6 +136,8 @@ def main(argv: list[str] | None = None) -> list:
             f"Generate[{i}]: {n} tokens, first token {ttft:.1f} ms, mean per output token {tpot:.1f} ms, "
             f"{rate:.2f} tokens/s (decode), finish_reason={out.finish_reason}"
         )
+    if args.mlgc != "off":
+        print(kv_report(engine, outputs))
     total = sum(len(o.token_ids) for o in outputs)
     print(
         f"\n{len(outputs)} request(s), {total} output tokens in {elapsed:.2f} s: {total / elapsed:.2f} tokens/s "

@@ -32,6 +32,15 @@ def test_greedy_and_seeded_sampling():
 def test_logprobs_of_requested_tokens():
     logits = torch.tensor([[0.0, 1.0, 2.0]])
     seq = Sequence([1], SamplingParams(logprob_token_ids=(0, 2)))
-    (lp,) = Sampler.logprobs(logits, [seq])
+    (lp,) = Sampler.logprobs(logits, [seq], [2])
     ref = torch.log_softmax(logits[0], -1)
     assert lp == {0: ref[0].item(), 2: ref[2].item()}
+
+
+def test_forced_tokens_are_emitted_with_their_logprobs():
+    logits = torch.tensor([[0.0, 1.0, 2.0]])
+    seq = Sequence([1], SamplingParams(force_tokens=(0, 1)))
+    assert seq.params.max_tokens == 2 and seq.params.ignore_eos
+    tokens = Sampler()(logits, [seq])
+    assert tokens == [0]
+    assert Sampler.logprobs(logits, [seq], tokens) == [{0: torch.log_softmax(logits[0], -1)[0].item()}]

@@ -19,6 +19,8 @@ class BlockManager:
         self.pools = {name: BlockPool(num_blocks[name]) for name in layout.pools()}
         # Levels with their groups and pool, so per-step work is per level, not per group.
         self._levels = [(lv, gs, pool_of(lv)) for lv, gs in layout.groups_by_level().items()]
+        self.used_by_level = {lv.name: 0 for lv, _, _ in self._levels}  # blocks held now, per level
+        self.peak_by_level = dict(self.used_by_level)
 
     def blocks_needed(self, num_tokens: int) -> dict[str, int]:
         """Blocks per pool one sequence of `num_tokens` tokens holds."""
@@ -27,27 +29,29 @@ class BlockManager:
             need[pool] += len(gs) * lv.blocks(num_tokens, self.block_size)
         return need
 
-    def _growth(self, seq: Sequence, num_tokens: int) -> list[tuple[list[int], str, int]]:
-        """(groups, pool, blocks each) to add for `seq` to hold `num_tokens` tokens."""
+    def _growth(self, seq: Sequence, num_tokens: int) -> list[tuple]:
+        """(level, groups, pool, blocks each) to add for `seq` to hold `num_tokens` tokens."""
         out = []
         for lv, gs, pool in self._levels:
             have = len(seq.block_table[gs[0]]) if seq.block_table else 0
             extra = lv.blocks(num_tokens, self.block_size) - have
             if extra > 0:
-                out.append((gs, pool, extra))
+                out.append((lv, gs, pool, extra))
         return out
 
     def _fits(self, growth) -> bool:
         need = dict.fromkeys(self.pools, 0)
-        for gs, pool, extra in growth:
+        for _, gs, pool, extra in growth:
             need[pool] += len(gs) * extra
         return all(need[p] <= self.pools[p].num_free for p in need)
 
     def _grow(self, seq: Sequence, growth) -> None:
-        for gs, pool, extra in growth:
+        for lv, gs, pool, extra in growth:
             ids = self.pools[pool].allocate(len(gs) * extra)
             for i, g in enumerate(gs):
                 seq.block_table[g].extend(ids[i * extra : (i + 1) * extra])
+            self.used_by_level[lv.name] += len(ids)
+            self.peak_by_level[lv.name] = max(self.peak_by_level[lv.name], self.used_by_level[lv.name])
         seq.table_version += 1
 
     def can_allocate(self, seq: Sequence) -> bool:
@@ -71,9 +75,10 @@ class BlockManager:
             self._grow(seq, growth)
 
     def deallocate(self, seq: Sequence) -> None:
-        for _, gs, pool in self._levels:
-            ids = [b for g in gs for b in seq.block_table[g]]
+        for lv, gs, pool in self._levels:
+            ids = [b for g in gs for b in seq.block_table[g]] if seq.block_table else []
             self.pools[pool].free(ids)
+            self.used_by_level[lv.name] -= len(ids)
         seq.block_table = []
         seq.table_version += 1
 

@@ -9,7 +9,7 @@ import torch
 
 from atb_llm.cache.block_manager import BlockManager
 from atb_llm.cache.kv_cache import KVCache, KVPool
-from atb_llm.cache.layout import INT8_POOL, GroupLayout
+from atb_llm.cache.layout import INT8_POOL, GroupLayout, pool_of
 from atb_llm.runtime.sequence import Sequence
 
 
@@ -50,6 +50,7 @@ class CacheManager:
         self.block_manager = BlockManager(layout, self.num_blocks, cfg.block_size)
         self.kv_cache = KVCache.allocate(layout, self.num_blocks, cfg.block_size, head_dim, dtype, device)
         self.device = torch.device(device)
+        self._level_groups = [(lv, torch.tensor(gs, device=self.device)) for lv, gs in layout.groups_by_level().items()]
 
     def bytes_per_block(self, pool: str) -> int:
         return KVPool.bytes_per_block(self.cfg.block_size, self.head_dim, self.dtype, pool == INT8_POOL)
@@ -103,10 +104,20 @@ class CacheManager:
         seq_idx, positions: [T]; input_lengths: [B]."""
         out = torch.empty(self.layout.num_groups, len(positions), dtype=torch.int64, device=self.device)
         n = input_lengths[seq_idx]
+        for level, g in self._level_groups:
+            out[g] = self.kv_cache.flat_slots(block_tables[g], seq_idx, level.slot_of(positions, n))
+        return out
+
+    def usage_by_level(self) -> dict[str, dict[str, int]]:
+        """Groups, blocks and bytes held now (and at peak) per level."""
+        bm, out = self.block_manager, {}
         for level, groups in self.layout.groups_by_level().items():
-            logical = level.slot_of(positions, n)
-            g = torch.tensor(groups, device=self.device)
-            out[g] = self.kv_cache.flat_slots(block_tables[g], seq_idx, logical)
+            row = out.setdefault(level.name, {"groups": 0, "blocks_used": 0, "blocks_peak": 0})
+            row["groups"] += len(groups)
+        bpb = {lv.name: self.bytes_per_block(pool_of(lv)) for lv in self.layout.groups_by_level()}
+        for name, row in out.items():
+            row.update(blocks_used=bm.used_by_level[name], blocks_peak=bm.peak_by_level[name])
+            row.update(bytes_used=row["blocks_used"] * bpb[name], bytes_peak=row["blocks_peak"] * bpb[name])
         return out
 
     def usage(self) -> dict[str, dict[str, int]]:

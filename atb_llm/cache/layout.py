@@ -39,6 +39,7 @@ class GroupLayout:
     num_kv_heads: int
     levels: tuple[Level, ...]
     _runs: list = field(init=False, repr=False, compare=False)
+    _by_level: dict = field(init=False, repr=False, compare=False)
 
     def __post_init__(self):
         if len(self.levels) != self.num_layers * self.num_kv_heads:
@@ -58,6 +59,10 @@ class GroupLayout:
                 ]
             )
         object.__setattr__(self, "_runs", runs)
+        by_level: dict[Level, list[int]] = {}
+        for g, lv in enumerate(self.levels):
+            by_level.setdefault(lv, []).append(g)
+        object.__setattr__(self, "_by_level", by_level)
 
     @classmethod
     def uniform(cls, num_layers: int, num_kv_heads: int, level: Level | None = None) -> GroupLayout:
@@ -74,10 +79,8 @@ class GroupLayout:
         return self._runs[layer]
 
     def groups_by_level(self) -> dict[Level, list[int]]:
-        out: dict[Level, list[int]] = {}
-        for g, lv in enumerate(self.levels):
-            out.setdefault(lv, []).append(g)
-        return out
+        """Group ids of each level, in order of first appearance."""
+        return self._by_level
 
     def pools(self) -> set[str]:
         return {pool_of(lv) for lv in self.levels}

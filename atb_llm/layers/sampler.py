@@ -27,6 +27,9 @@ class Sampler:
         tokens = logits.argmax(-1).tolist()
         for i, seq in enumerate(seqs):
             p = seq.params
+            if p.force_tokens:
+                tokens[i] = p.force_tokens[len(seq.output_token_ids)]
+                continue
             if p.temperature == 0:
                 continue
             if p.seed is not None and seq.generator is None:
@@ -36,13 +39,17 @@ class Sampler:
         return tokens
 
     @staticmethod
-    def logprobs(logits: torch.Tensor, seqs: list[Sequence]) -> list[dict[int, float] | None]:
-        """Log-softmax of the raw logits at the requested token ids, per sequence."""
+    def logprobs(logits: torch.Tensor, seqs: list[Sequence], tokens: list[int]) -> list[dict[int, float] | None]:
+        """Log-softmax of the raw logits at the requested token ids (and at the forced token), per sequence."""
+        wanted = {
+            i: list(s.params.logprob_token_ids) + ([tokens[i]] if s.params.force_tokens else [])
+            for i, s in enumerate(seqs)
+        }
+        wanted = {i: ids for i, ids in wanted.items() if ids}
         out: list[dict[int, float] | None] = [None] * len(seqs)
-        wanted = [i for i, s in enumerate(seqs) if s.params.logprob_token_ids]
         if wanted:
-            lp = torch.log_softmax(logits[wanted], dim=-1)
-            for row, i in enumerate(wanted):
-                ids = list(seqs[i].params.logprob_token_ids)
-                out[i] = dict(zip(ids, lp[row, ids].tolist()))
+            rows = list(wanted)
+            lp = torch.log_softmax(logits[rows], dim=-1)
+            for r, i in enumerate(rows):
+                out[i] = dict(zip(wanted[i], lp[r, wanted[i]].tolist()))
         return out

@@ -11,7 +11,7 @@ from tqdm import tqdm
 
 from atb_llm.cache.cache_manager import CacheConfig, CacheManager
 from atb_llm.cache.layout import GroupLayout
-from atb_llm.layers.attention.backend import get_backend
+from atb_llm.layers.attention.backend import AttentionBackend, get_backend
 from atb_llm.models.base.config import parse_dtype
 from atb_llm.models.base.router import get_router
 from atb_llm.models.base.weights import WeightFiles
@@ -58,7 +58,9 @@ class RequestOutput:
 
 
 class LLMEngine:
-    def __init__(self, cfg: EngineConfig, layout: GroupLayout | None = None):
+    def __init__(self, cfg: EngineConfig, layout: GroupLayout | None = None, backend: AttentionBackend | None = None):
+        """`layout` overrides cfg.mlgc with a group layout; `backend` overrides the device's attention
+        backend (calibration probes attention through it)."""
         self.cfg = cfg
         router = get_router(cfg.model_path)
         self.model_config = router.get_config()
@@ -71,7 +73,7 @@ class LLMEngine:
                 f"max_position_embeddings={self.model_config.max_position_embeddings}; lower them"
             )
         weights = WeightFiles(cfg.model_path)
-        backend = get_backend(cfg.device)
+        backend = backend or get_backend(cfg.device)
         self.model = router.get_model_cls().build(self.model_config, backend, self.dtype, cfg.device)
         self.model.load_weights(weights, progress=cfg.progress)
         self.model.eval()

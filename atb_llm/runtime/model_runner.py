@@ -60,4 +60,5 @@ class ModelRunner:
 
     def run(self, seqs: list[Sequence], is_prefill: bool) -> tuple[list[int], list]:
         logits = self.logits(seqs, is_prefill)
-        return self.sampler(logits, seqs), self.sampler.logprobs(logits, seqs)
+        tokens = self.sampler(logits, seqs)
+        return tokens, self.sampler.logprobs(logits, seqs, tokens)

@@ -11,7 +11,9 @@ from enum import Enum, auto
 @dataclass
 class SamplingParams:
     """temperature 0 is greedy. `logprob_token_ids` asks for the log-probabilities of these
-    tokens at every generated position (option scoring)."""
+    tokens at every generated position (option scoring). `force_tokens` makes the sequence emit
+    exactly these tokens (teacher forcing) and records each one's log-probability: perplexity
+    through the engine's own (possibly compressed) cache."""
 
     max_tokens: int = 64
     temperature: float = 0.0
@@ -22,8 +24,12 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()
     stop: tuple[str, ...] = ()
     logprob_token_ids: tuple[int, ...] = ()
+    force_tokens: tuple[int, ...] = ()
 
     def __post_init__(self):
+        self.force_tokens = tuple(self.force_tokens)
+        if self.force_tokens:
+            self.max_tokens, self.ignore_eos = len(self.force_tokens), True
         if self.max_tokens < 1:
             raise ValueError(f"max_tokens={self.max_tokens} must be at least 1")
         if self.temperature < 0:

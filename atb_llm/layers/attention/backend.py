@@ -26,7 +26,7 @@ class AttentionBackend(ABC):
 
     @abstractmethod
     def prefill(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata, scale: float
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int, meta: AttentionMetadata, scale: float
     ) -> torch.Tensor:
         """Causal attention of each packed prompt over itself, every head over the full prompt.
         q: [T, Hq, D]; k, v: [T, Hkv, D] -> [T, Hq, D]."""

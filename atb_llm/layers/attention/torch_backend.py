@@ -17,7 +17,7 @@ from atb_llm.layers.attention.metadata import AttentionMetadata
 class TorchBackend(AttentionBackend):
     name = "torch"
 
-    def prefill(self, q, k, v, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+    def prefill(self, q, k, v, layer: int, meta: AttentionMetadata, scale: float) -> torch.Tensor:
         out = torch.empty_like(q)
         cu = meta.cu_seqlens.tolist()
         for s, e in zip(cu[:-1], cu[1:]):

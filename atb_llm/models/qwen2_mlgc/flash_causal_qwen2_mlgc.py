@@ -45,7 +45,7 @@ class Qwen2Attention(nn.Module):
         q, k = apply_rotary(rope, q, k)
         self.backend.store(kv_cache, self.layer_idx, k, v, meta)
         if meta.is_prefill:
-            o = self.backend.prefill(q, k, v, meta, self.scale)
+            o = self.backend.prefill(q, k, v, self.layer_idx, meta, self.scale)
         else:
             o = self.backend.decode(q, kv_cache, self.layer_idx, meta, self.scale)
         return self.o_proj(o.flatten(1))

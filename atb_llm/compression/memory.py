@@ -1,0 +1,29 @@
+"""KV-cache memory of a group layout, counted in the whole blocks the block manager allocates."""
+
+from __future__ import annotations
+
+import torch
+
+from atb_llm.cache.kv_cache import KVPool
+from atb_llm.cache.layout import GroupLayout
+
+
+def kv_bytes_by_level(
+    layout: GroupLayout, num_tokens: int, head_dim: int, dtype: torch.dtype, block_size: int
+) -> dict[str, int]:
+    """Bytes one sequence of `num_tokens` tokens holds, per level name."""
+    out: dict[str, int] = {}
+    for level, groups in layout.groups_by_level().items():
+        per_block = KVPool.bytes_per_block(block_size, head_dim, dtype, level.int8)
+        out[level.name] = out.get(level.name, 0) + len(groups) * level.blocks(num_tokens, block_size) * per_block
+    return out
+
+
+def kv_bytes(layout: GroupLayout, num_tokens: int, head_dim: int, dtype: torch.dtype, block_size: int) -> int:
+    return sum(kv_bytes_by_level(layout, num_tokens, head_dim, dtype, block_size).values())
+
+
+def sequences_that_fit(
+    layout: GroupLayout, budget_bytes: int, num_tokens: int, head_dim: int, dtype: torch.dtype, block_size: int
+) -> int:
+    return budget_bytes // kv_bytes(layout, num_tokens, head_dim, dtype, block_size)

@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# bash examples/models/qwen2_5_mlgc/calibrate.sh -m WEIGHT_DIR [--full-ratio 0.25] [--sink 64] [--recent 1024]
+#      [--int8] [--block-size 128] [-o PLAN]          (options: --help)
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../../.." && pwd)"
+PY="$ROOT/.venv/bin/python"
+[ -x "$PY" ] || PY=python3
+cd "$ROOT"
+exec "$PY" -m examples.models.qwen2_5_mlgc.calibrate "$@"

@@ -1,0 +1,87 @@
+"""MLGC in whole blocks: window rings stay fixed, the pools hold exactly what the plan predicts."""
+
+import math
+
+import pytest
+
+from atb_llm.cache.layout import GroupLayout
+from atb_llm.compression.levels import Level, Window, WindowInt8
+from atb_llm.runtime.engine import EngineConfig, LLMEngine
+from atb_llm.runtime.sequence import SamplingParams
+
+BS = 16
+WINDOW = Window(sink=4, recent=27)  # 4 + 27 + 1 = 32 slots: a ring of exactly 2 blocks
+LAYOUT = GroupLayout(2, 2, (Level(), WINDOW, WINDOW, WINDOW))  # one full group, three window groups
+
+
+def expected_blocks(n: int) -> int:
+    """Written out independently of the block manager: 1 full group + 3 ring-capped window groups."""
+    full = math.ceil(n / BS)
+    window_slots = n if n <= 4 else min(n + 1, 32)
+    return full + 3 * math.ceil(window_slots / BS)
+
+
+@pytest.mark.parametrize("n, blocks", [(3, 4), (10, 4), (16, 7), (17, 8), (40, 9), (100, 13)])
+def test_expected_block_counts(n, blocks):
+    assert expected_blocks(n) == blocks
+
+
+def test_long_generation_holds_exactly_the_predicted_blocks(tiny_models):
+    engine = LLMEngine(
+        EngineConfig(str(tiny_models()), block_size=BS, max_input_length=64, max_output_length=128, progress=False),
+        layout=LAYOUT,
+    )
+    pool = engine.cache_manager.block_manager.pools["model"]
+    seq = engine.add_request(list(range(2, 22)), SamplingParams(max_tokens=120, ignore_eos=True))
+    while not seq.is_finished:
+        engine.step()
+        if seq.is_finished:
+            break
+        held = seq.num_tokens - 1  # the last sampled token is written by the next step
+        assert pool.num_used == expected_blocks(held)
+        assert all(len(seq.block_table[g]) <= 2 for g in (1, 2, 3))  # a window group never exceeds its ring
+    assert pool.num_used == 0 and pool.num_free == pool.num_blocks  # all returned, once
+    assert engine.cache_manager.usage_by_level()["window"]["blocks_peak"] == 3 * 2
+
+
+def test_int8_groups_draw_on_their_own_pool(tiny_models):
+    layout = GroupLayout(2, 2, (Level(), WindowInt8(4, 27), Level(), WindowInt8(4, 27)))
+    engine = LLMEngine(
+        EngineConfig(str(tiny_models()), block_size=BS, max_input_length=64, max_output_length=64, progress=False),
+        layout=layout,
+    )
+    seq = engine.add_request(list(range(2, 52)), SamplingParams(max_tokens=2, ignore_eos=True))
+    engine.step()
+    pools = engine.cache_manager.block_manager.pools
+    assert pools["model"].num_used == 2 * math.ceil(50 / BS) and pools["int8"].num_used == 2 * 2
+    usage = engine.cache_manager.usage_by_level()
+    assert usage["window_int8"]["bytes_used"] == 4 * 2 * BS * (16 + 4)  # head_dim 16: int8 K, V + fp32 scales
+    while engine.has_unfinished():
+        engine.step()
+    assert seq.is_finished and pools["int8"].num_used == 0
+
+
+def test_compression_admits_more_sequences_into_the_same_pool(tiny_models):
+    def admitted(layout):
+        engine = LLMEngine(
+            EngineConfig(
+                str(tiny_models()),
+                block_size=BS,
+                max_batch_size=16,
+                max_input_length=128,
+                max_output_length=8,
+                num_blocks=60,
+                progress=False,
+            ),
+            layout=layout,
+        )
+        for _ in range(16):
+            engine.add_request(list(range(2, 102)), SamplingParams(max_tokens=8, ignore_eos=True))
+        seqs, is_prefill = engine.scheduler.schedule()
+        assert is_prefill
+        return len(seqs)
+
+    # 100-token prompts: 4 full groups x 7 blocks = 28 per sequence; with LAYOUT 7 + 3 x 2 = 13
+    full = admitted(GroupLayout.uniform(2, 2))
+    assert full == 60 // 28
+    assert admitted(LAYOUT) == 60 // 13

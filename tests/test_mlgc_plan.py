@@ -1,0 +1,136 @@
+"""Plans: file round trip, mismatch errors, baselines, calibration determinism, --mlgc wiring."""
+
+import json
+import shutil
+
+import pytest
+
+from atb_llm.compression.calibration import CalibrationConfig, calibrate, choose_full
+from atb_llm.compression.plan import PLAN_NAME, MlgcPlan, aligned_recent, baseline_plan, resolve_layout
+from atb_llm.models.qwen2_mlgc.config_qwen2_mlgc import load_qwen2_config
+from examples import run_pa
+from examples.models.qwen2_5_mlgc import calibrate as calibrate_cli
+
+CAL = CalibrationConfig(full_ratio=0.5, sink=4, recent=20, block_size=16, samples=2, period=24)
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_models):
+    return tiny_models()
+
+
+@pytest.fixture(scope="module")
+def plan(tiny):
+    return calibrate(str(tiny), CAL, progress=False)
+
+
+def test_aligned_recent_fills_whole_blocks():
+    assert aligned_recent(64, 1024, 128) == 1087  # 64 + 1087 + 1 = 9 blocks of 128
+    assert aligned_recent(4, 20, 16) == 27
+
+
+def test_calibration_is_deterministic_for_a_seed(tiny, plan):
+    again = calibrate(str(tiny), CAL, progress=False)
+    assert again.levels == plan.levels and again.scores == plan.scores
+    other = calibrate(str(tiny), CalibrationConfig(**{**CAL.__dict__, "seed": 1}), progress=False)
+    assert other.scores != plan.scores
+
+
+def test_plan_keeps_the_budget_and_its_scores(plan):
+    assert plan.counts() == {"full": 2, "window": 2}
+    assert (plan.sink, plan.recent, plan.block_size) == (4, 27, 16)
+    assert [len(r) for r in plan.scores["echo"]] == [2, 2] and len(plan.scores["induction"]) == 2
+
+
+def test_choose_full_takes_echo_then_induction():
+    echo = [0.9, 0.1, 0.0, 0.0, 0.0]
+    induction = [0.0, 0.2, 0.8, 0.7, 0.1]
+    assert choose_full(echo, induction, 3) == {0, 2, 3}
+    assert choose_full(echo, induction, 0) == set()
+
+
+def test_round_trip(tmp_path, plan):
+    path = plan.save(tmp_path / "p.json")
+    assert MlgcPlan.load(path) == plan
+    assert json.loads(path.read_text())["format"] == "mlgc-plan/1"
+
+
+def test_plan_for_another_model_is_refused(tiny, plan, tmp_path):
+    config = load_qwen2_config(tiny)
+    with pytest.raises(ValueError, match="aligned to block_size=16; run with --block_size 16"):
+        plan.check(config, 128)
+    other = MlgcPlan(**{**plan.__dict__, "config_hash": "0123456789abcdef"})
+    with pytest.raises(ValueError, match="made for a model with config hash 0123456789abcdef.*calibrate.sh"):
+        other.check(config, 16)
+    bigger = MlgcPlan(**{**plan.__dict__, "num_layers": 3, "levels": plan.levels + [["full", "full"]]})
+    with pytest.raises(ValueError, match="3 layers x 2 KV heads = 6 groups, the model 2 x 2 = 4"):
+        bigger.check(config, 16)
+
+
+def test_bad_plan_files(tmp_path, plan):
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps({"levels": []}))
+    with pytest.raises(ValueError, match="is not an MLGC plan"):
+        MlgcPlan.load(path)
+    raw = json.loads(plan.save(tmp_path / "p.json").read_text())
+    raw["levels"][0][0] = "tiny"
+    path.write_text(json.dumps(raw))
+    with pytest.raises(ValueError, match=r"unknown level\(s\) \['tiny'\]"):
+        MlgcPlan.load(path)
+
+
+def test_auto_without_a_plan_says_how_to_make_one(tiny):
+    config = load_qwen2_config(tiny)
+    with pytest.raises(FileNotFoundError, match="no MLGC plan at .*mlgc_plan.json; make one with bash examples/"):
+        resolve_layout("auto", tiny, config, 16)
+
+
+def test_baselines(tiny):
+    config = load_qwen2_config(tiny)
+    streaming = baseline_plan("streaming", config, 16, sink=4, recent=20)
+    assert streaming.counts() == {"window": 4}
+    rnd = baseline_plan("random", config, 16, sink=4, recent=20, full_ratio=0.5, seed=3)
+    assert rnd.counts() == {"full": 2, "window": 2}
+    assert rnd.levels == baseline_plan("random", config, 16, 4, 20, 0.5, seed=3).levels
+    assert baseline_plan("streaming", config, 16, int8=True).counts() == {"window_int8": 4}
+
+
+def test_calibrate_command_writes_auto_plan_and_run_pa_uses_it(tiny, tmp_path, capsys):
+    model = shutil.copytree(tiny, tmp_path / "m")
+    argv = [
+        "-m",
+        str(model),
+        "--full-ratio",
+        "0.5",
+        "--sink",
+        "4",
+        "--recent",
+        "20",
+        "--block-size",
+        "16",
+        "--samples",
+        "2",
+        "--period",
+        "24",
+    ]
+    out = calibrate_cli.main(argv)
+    assert out == model / PLAN_NAME
+    printed = capsys.readouterr().out
+    assert "layer g0 g1" in printed and "KV bytes per token at  4096 tokens" in printed
+    common = [
+        "--model_path",
+        str(model),
+        "--input_texts",
+        "hello world the quick brown fox jumps over the lazy dog",
+        "--max_output_length",
+        "40",
+        "--ignore_eos",
+        "--block_size",
+        "16",
+        "--max_input_length",
+        "64",
+    ]
+    (with_plan,) = run_pa.main(common + ["--mlgc", "auto"])
+    (without,) = run_pa.main(common + ["--mlgc", "off"])
+    assert len(with_plan.token_ids) == len(without.token_ids) == 40
+    assert "mlgc=auto" in capsys.readouterr().out
