@@ -85,3 +85,27 @@ def test_compression_admits_more_sequences_into_the_same_pool(tiny_models):
     full = admitted(GroupLayout.uniform(2, 2))
     assert full == 60 // 28
     assert admitted(LAYOUT) == 60 // 13
+
+
+def test_qwen25_7b_at_32k_with_a_quarter_full_is_under_30_percent(tmp_path):
+    import json
+    from pathlib import Path
+
+    import torch
+
+    from atb_llm.compression.memory import kv_bytes, sequences_that_fit
+    from atb_llm.compression.plan import baseline_plan
+    from atb_llm.models.qwen2_mlgc.config_qwen2_mlgc import load_qwen2_config
+
+    src = Path(__file__).parents[1] / "examples/models/qwen2_5_mlgc/configs/qwen2.5-7b-instruct.json"
+    (tmp_path / "config.json").write_text(json.dumps(json.loads(src.read_text())))
+    config = load_qwen2_config(tmp_path)
+    plan = baseline_plan("random", config, 128, sink=64, recent=1024, full_ratio=0.25)
+    assert plan.counts() == {"full": 28, "window": 84} and plan.recent == 1087
+    block = 2 * 128 * 128 * 2  # K and V, 128 tokens x head_dim 128, bf16
+    mlgc = kv_bytes(plan.to_layout(), 32768, 128, torch.bfloat16, 128)
+    full = kv_bytes(GroupLayout.uniform(28, 4), 32768, 128, torch.bfloat16, 128)
+    assert full == 112 * 256 * block and mlgc == (28 * 256 + 84 * 9) * block
+    assert mlgc / full < 0.30
+    budget = 16 * 2**30
+    assert sequences_that_fit(plan.to_layout(), budget, 32768, 128, torch.bfloat16, 128) == budget // mlgc == 33

@@ -40,7 +40,7 @@ class AttentionBackend(ABC):
 
 
 def get_backend(device: torch.device | str) -> AttentionBackend:
-    kind = torch.device(device).type
+    kind = str(device).split(":")[0]  # not torch.device(): "npu" only parses once torch_npu is imported
     if kind == "cpu":
         from atb_llm.layers.attention.torch_backend import TorchBackend
 

@@ -1,0 +1,155 @@
+"""What compression costs in accuracy, on the default model: passkey retrieval and perplexity.
+
+    python -m examples.models.qwen2_5_mlgc.bench_accuracy [--tasks passkey ppl] [--out DIR]
+
+Caches: the full cache, MLGC plans calibrated at full ratio 0.25 and 0.5, streaming (every group a
+window) and random (the 0.25 budget on random groups); sink 64, recent 1024 (aligned), block 128.
+Prefill always attends over the whole prompt; compression shows in what decode reads.
+
+- passkey: a 5-digit key hidden in filler text at 10 depths, contexts 2K / 4K / 8K tokens; pass =
+  the key appears in the greedy answer (chat template, 24 tokens).
+- ppl: GPL-3 (/usr/share/common-licenses/GPL-3) in 2048-token segments; 64 tokens prefilled, the
+  rest teacher-forced through decode; perplexity over all forced tokens and over those past the
+  window (positions >= sink + recent + 1), where window groups hold a compressed history.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import random
+from pathlib import Path
+
+from tqdm import tqdm
+
+from atb_llm.cache.layout import GroupLayout
+from atb_llm.compression.calibration import CalibrationConfig, calibrate
+from atb_llm.compression.memory import kv_bytes
+from atb_llm.compression.plan import MlgcPlan, baseline_plan
+from atb_llm.models.base.router import get_router
+from atb_llm.runtime.engine import EngineConfig, LLMEngine
+from atb_llm.runtime.sequence import SamplingParams
+from atb_llm.utils.default_model import resolve_model_path
+from atb_llm.utils.perf import markdown_table
+
+HERE = Path(__file__).parent
+GPL = Path("/usr/share/common-licenses/GPL-3")
+FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
+DEPTHS = [i / 10 + 0.05 for i in range(10)]
+
+
+def plans(model: str, out: Path, block_size: int, sink: int, recent: int) -> dict[str, MlgcPlan | None]:
+    """The caches compared, by name (None = full cache). Calibrated plans are cached in `out`."""
+    config = get_router(model).get_config()
+    found: dict[str, MlgcPlan | None] = {"full": None}
+    for ratio in (0.25, 0.5):
+        path = out / f"plan_razor_{ratio}.json"
+        if not path.is_file():
+            calibrate(model, CalibrationConfig(ratio, sink, recent, block_size=block_size), progress=False).save(path)
+        found[f"MLGC {ratio}"] = MlgcPlan.load(path)
+    found["streaming"] = baseline_plan("streaming", config, block_size, sink, recent)
+    found["random 0.25"] = baseline_plan("random", config, block_size, sink, recent, full_ratio=0.25)
+    return found
+
+
+def engine_for(model: str, plan: MlgcPlan | None, max_input: int, block_size: int) -> LLMEngine:
+    cfg = EngineConfig(
+        model,
+        max_batch_size=4,
+        max_input_length=max_input,
+        max_output_length=2048,
+        block_size=block_size,
+        progress=False,
+    )
+    return LLMEngine(cfg, layout=plan.to_layout() if plan else None)
+
+
+def engine_kv_share(engine: LLMEngine, n: int, block_size: int) -> float:
+    cfg = engine.model_config
+    full = GroupLayout.uniform(cfg.num_hidden_layers, cfg.num_key_value_heads)
+    return kv_bytes(engine.layout, n, cfg.head_dim, engine.dtype, block_size) / kv_bytes(
+        full, n, cfg.head_dim, engine.dtype, block_size
+    )
+
+
+def passkey_prompts(engine: LLMEngine, context: int, seed: int = 0) -> list[tuple[list[int], str]]:
+    rng = random.Random(seed + context)
+    tok = engine.tokenizer
+    per_filler = len(tok.encode(FILLER))
+    out = []
+    for depth in DEPTHS:
+        key = str(rng.randrange(10000, 100000))
+        needle = f"The pass key is {key}. Remember it. {key} is the pass key. "
+        n = max(1, (context - 120) // per_filler)
+        before = int(n * depth)
+        text = (
+            "There is important information hidden inside a lot of irrelevant text. Find it and memorize it. "
+            + FILLER * before
+            + needle
+            + FILLER * (n - before)
+            + "\nWhat is the pass key?"
+        )
+        out.append((engine.encode(text, chat=True), key))
+    return out
+
+
+def run_passkey(engine: LLMEngine, contexts: list[int]) -> dict[int, float]:
+    rates = {}
+    for context in contexts:
+        items = passkey_prompts(engine, context)
+        outs = engine.generate([ids for ids, _ in items], SamplingParams(max_tokens=24))
+        rates[context] = sum(key in o.text for o, (_, key) in zip(outs, items)) / len(items)
+    return rates
+
+
+def run_ppl(engine: LLMEngine, segment: int, prefix: int, window_end: int) -> tuple[float, float]:
+    ids = engine.tokenizer.encode(GPL.read_text())
+    segs = [ids[i : i + segment] for i in range(0, len(ids) - segment + 1, segment)]
+    params = [SamplingParams(force_tokens=tuple(s[prefix:])) for s in segs]
+    outs = engine.generate([s[:prefix] for s in segs], params)
+    nll_all, nll_far, n_far = 0.0, 0.0, 0
+    for seg, out in zip(segs, outs):
+        for pos, (tok, lp) in enumerate(zip(seg[prefix:], out.logprobs), start=prefix):
+            nll_all -= lp[tok]
+            if pos >= window_end:
+                nll_far -= lp[tok]
+                n_far += 1
+    n_all = sum(len(s) - prefix for s in segs)
+    return math.exp(nll_all / n_all), math.exp(nll_far / max(n_far, 1))
+
+
+def main(argv=None) -> str:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model_path", default=None)
+    ap.add_argument("--tasks", nargs="+", default=["passkey", "ppl"], choices=["passkey", "ppl"])
+    ap.add_argument("--contexts", nargs="+", type=int, default=[2048, 4096, 8192])
+    ap.add_argument("--block-size", type=int, default=128)
+    ap.add_argument("--sink", type=int, default=64)
+    ap.add_argument("--recent", type=int, default=1024)
+    ap.add_argument("--out", type=Path, default=HERE / "results")
+    args = ap.parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    model = str(resolve_model_path(args.model_path))
+    caches = plans(model, args.out, args.block_size, args.sink, args.recent)
+    rows = []
+    for name, plan in tqdm(caches.items(), desc="Caches"):
+        engine = engine_for(model, plan, max(args.contexts) + 256, args.block_size)
+        row = {"cache": name, "kv at 8K": f"{engine_kv_share(engine, 8192, args.block_size):.0%}"}
+        if "passkey" in args.tasks:
+            for context, rate in run_passkey(engine, args.contexts).items():
+                row[f"passkey {context // 1024}K"] = f"{rate:.0%}"
+        if "ppl" in args.tasks:
+            window_end = args.sink + (plan.recent if plan else args.recent) + 1
+            row["ppl GPL-3"], row["ppl past window"] = run_ppl(engine, 2048, 64, window_end)
+        rows.append(row)
+        del engine
+    columns = list(rows[0])
+    text = f"Default model, bf16, sink={args.sink}, recent={args.recent} (aligned), block_size={args.block_size}\n\n"
+    text += markdown_table(rows, columns) + "\n"
+    (args.out / "accuracy.md").write_text(text)
+    print(text)
+    return text
+
+
+if __name__ == "__main__":
+    main()
