@@ -144,6 +144,20 @@ def test_store_prefill_matches_reference(dtype):
     assert_pools_equal(got, want, exact=dtype == torch.float32)
 
 
+def test_block_size_not_a_power_of_two():
+    """block_size 48 (a multiple of 16): decode tiles of 16 slots, never straddling two blocks."""
+    kv, meta, g = build_step(levels(*LEVELS), LENGTHS, 48, 64, torch.float32, is_prefill=False)
+    q = torch.randn(len(LENGTHS), 4 * 3, 64, generator=g)
+    want = TorchBackend().decode(q, kv, 0, meta, 0.125)
+    for backend in (TritonBackend(), SPLITTING):
+        torch.testing.assert_close(backend.decode(q, kv, 0, meta, 0.125), want, rtol=1e-5, atol=2e-5)
+    got = copy.deepcopy(kv)
+    k, v = torch.randn(2, len(LENGTHS), 4, 64, generator=g)
+    TorchBackend().store(kv, 0, k, v, meta)
+    TritonBackend().store(got, 0, k, v, meta)
+    assert_pools_equal(got, kv)
+
+
 def test_get_backend_by_device_and_by_name():
     assert isinstance(get_backend("cpu"), TorchBackend)
     assert isinstance(get_backend("cpu", "triton"), TritonBackend)
