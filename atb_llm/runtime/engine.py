@@ -36,6 +36,7 @@ class EngineConfig:
     cache_memory_gb: float | None = None
     mlgc: str = "off"  # off | auto | PLAN path | streaming | random (see atb_llm.compression.plan)
     progress: bool = True
+    attention_backend: str | None = None  # torch | triton | npu; None = by device (cpu torch, cuda triton)
 
     def __post_init__(self):
         for name in ("max_batch_size", "max_input_length", "max_output_length", "max_prefill_tokens"):
@@ -73,7 +74,7 @@ class LLMEngine:
                 f"max_position_embeddings={self.model_config.max_position_embeddings}; lower them"
             )
         weights = WeightFiles(cfg.model_path)
-        backend = backend or get_backend(cfg.device)
+        backend = backend or get_backend(cfg.device, cfg.attention_backend)
         self.model = router.get_model_cls().build(self.model_config, backend, self.dtype, cfg.device)
         self.model.load_weights(weights, progress=cfg.progress)
         self.model.eval()

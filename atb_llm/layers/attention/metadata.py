@@ -58,3 +58,14 @@ class AttentionMetadata:
                 mask[:, level.comp_slot] = bias.to(self.dtype)
             self._views[level] = (nb, mask[:, None, None, :])
         return self._views[level]
+
+    def level_lengths(self, level: Level) -> tuple[torch.Tensor, torch.Tensor]:
+        """For kernels that mask by length instead of by a mask tensor: (read_len, evicted), both
+        [B] int32 on the lengths' device. read_len: slots decode reads from slot 0; evicted: tokens
+        folded into the compensation slot, whose logit gets log(evicted) (-inf while 0). The same
+        geometry as `decode_view`; computed once per level per step, without a host sync."""
+        key = ("lengths", level)
+        if key not in self._views:
+            n = self.input_lengths
+            self._views[key] = (level.read_len(n).to(torch.int32), level.evicted(n).to(torch.int32))
+        return self._views[key]

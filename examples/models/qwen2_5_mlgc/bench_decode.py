@@ -44,8 +44,13 @@ def main(argv=None) -> str:
     ap.add_argument("--batch", nargs="+", type=int, default=[1, 4])
     ap.add_argument("--steps", type=int, default=16)
     ap.add_argument("--block-size", type=int, default=128)
-    ap.add_argument("--plans", nargs="*", type=Path, default=None,
-                    help="plans to time (default: results/plan_razor_0.25.json and 0.5 if present)")
+    ap.add_argument(
+        "--plans",
+        nargs="*",
+        type=Path,
+        default=None,
+        help="plans to time (default: results/plan_razor_0.25.json and 0.5 if present)",
+    )
     ap.add_argument("--out", type=Path, default=HERE / "results")
     args = ap.parse_args(argv)
     model = str(resolve_model_path(args.model_path))
@@ -53,13 +58,25 @@ def main(argv=None) -> str:
     caches = {"full cache": None} | {p.stem: MlgcPlan.load(p) for p in plans}
     rows = []
     for name, plan in caches.items():
-        cfg = EngineConfig(model, max_batch_size=max(args.batch), max_input_length=args.context,
-                           max_output_length=args.steps + 3, block_size=args.block_size,
-                           max_prefill_tokens=args.context, progress=False)
+        cfg = EngineConfig(
+            model,
+            max_batch_size=max(args.batch),
+            max_input_length=args.context,
+            max_output_length=args.steps + 3,
+            block_size=args.block_size,
+            max_prefill_tokens=args.context,
+            progress=False,
+        )
         engine = LLMEngine(cfg, layout=plan.to_layout() if plan else None)
         for batch in args.batch:
-            rows.append({"cache": name, "batch": batch, "context": args.context,
-                         "decode ms/token": decode_ms(engine, batch, args.context, args.steps)})
+            rows.append(
+                {
+                    "cache": name,
+                    "batch": batch,
+                    "context": args.context,
+                    "decode ms/token": decode_ms(engine, batch, args.context, args.steps),
+                }
+            )
         del engine
     base = {r["batch"]: r["decode ms/token"] for r in rows if r["cache"] == "full cache"}
     for r in rows:
