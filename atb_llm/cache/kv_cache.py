@@ -138,11 +138,11 @@ class KVCache:
             slots = meta.slots[run.groups].T  # [T, h]
             if run.level.comp_slot is not None:
                 self._compensate(run, pool, kr, vr, slots, meta)
-            keep = slots >= 0
-            if keep.all():
-                pool.write(slots.flatten(), kr.flatten(0, 1), vr.flatten(0, 1))
-            else:
+            if run.level.drops_tokens:
+                keep = slots >= 0
                 pool.write(slots[keep], kr[keep], vr[keep])
+            else:
+                pool.write(slots.flatten(), kr.flatten(0, 1), vr.flatten(0, 1))
 
     def _compensate(self, run, pool: KVPool, k, v, slots, meta) -> None:
         """Keep the compensation slot equal to the mean K and V of the evicted middle."""

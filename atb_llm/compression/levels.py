@@ -28,6 +28,7 @@ class Level:
 
     name: ClassVar[str] = "full"
     int8: ClassVar[bool] = False
+    drops_tokens: ClassVar[bool] = False  # whether slot_of ever returns -1
 
     @property
     def comp_slot(self) -> int | None:
@@ -67,6 +68,7 @@ class Window(Level):
     """
 
     name: ClassVar[str] = "window"
+    drops_tokens: ClassVar[bool] = True
     sink: int = 64
     recent: int = 1024
 

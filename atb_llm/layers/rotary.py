@@ -26,7 +26,7 @@ class RotaryEmbedding(nn.Module):
         return self.cos[positions].unsqueeze(1).to(dtype), self.sin[positions].unsqueeze(1).to(dtype)
 
 
-def apply_rotary(rope: tuple[torch.Tensor, torch.Tensor], q: torch.Tensor, k: torch.Tensor):
-    """rope: RotaryEmbedding.table(positions); q: [T, Hq, D]; k: [T, Hkv, D] -> rotated (q, k)."""
+def apply_rotary(rope: tuple[torch.Tensor, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    """rope: RotaryEmbedding.table(positions); x: [T, H, D] (queries and keys together) -> rotated x."""
     cos, sin = rope
-    return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+    return x * cos + _rotate_half(x) * sin

@@ -38,11 +38,10 @@ class Qwen2Attention(nn.Module):
     def forward(
         self, rope: tuple[torch.Tensor, torch.Tensor], hidden: torch.Tensor, kv_cache: KVCache, meta: AttentionMetadata
     ) -> torch.Tensor:
-        q, k, v = self.qkv_proj(hidden).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = q.view(-1, self.num_heads, self.head_dim)
-        k = k.view(-1, self.num_kv_heads, self.head_dim)
-        v = v.view(-1, self.num_kv_heads, self.head_dim)
-        q, k = apply_rotary(rope, q, k)
+        qkv = self.qkv_proj(hidden).view(-1, self.num_heads + 2 * self.num_kv_heads, self.head_dim)
+        qk = apply_rotary(rope, qkv[:, : self.num_heads + self.num_kv_heads])  # q and k rotated in one pass
+        q, k = qk.split([self.num_heads, self.num_kv_heads], dim=1)
+        v = qkv[:, self.num_heads + self.num_kv_heads :]
         self.backend.store(kv_cache, self.layer_idx, k, v, meta)
         if meta.is_prefill:
             o = self.backend.prefill(q, k, v, self.layer_idx, meta, self.scale)
