@@ -179,8 +179,10 @@ class LLMEngine:
         p = seq.params
         if (tok in self.eos_token_ids and not p.ignore_eos) or tok in p.stop_token_ids:
             return "stop"
-        if p.stop and any(s in self.text_of(seq) for s in p.stop):
-            return "stop"
+        if p.stop:  # search the uncut text: text_of already cuts before a stop string
+            text = self.tokenizer.decode(seq.output_token_ids, skip_special_tokens=True)
+            if any(s in text for s in p.stop):
+                return "stop"
         if len(seq.output_token_ids) >= p.max_tokens or seq.num_tokens >= self.max_seq_len:
             return "length"
         return None
