@@ -18,6 +18,16 @@ fi
 echo "[setup] installing atb_llm and its dependencies"
 "$VPY" -m pip install --quiet --disable-pip-version-check -e ".[test]"
 
+if [ ! -x /usr/bin/chromium ]; then  # the web page test drives Debian's chromium (never `playwright install`)
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    echo "[setup] installing chromium"
+    DEBIAN_FRONTEND=noninteractive apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium fonts-dejavu-core >/dev/null
+  else
+    echo "[setup] /usr/bin/chromium is missing: install chromium (as root) for the web page test"
+  fi
+fi
+
 echo "[setup] default model"
 MODEL=$("$VPY" -m atb_llm.utils.default_model)
 echo "[setup] default model ready at $MODEL"

@@ -1,0 +1,3 @@
+from examples.server.serve import main
+
+main()

@@ -1,0 +1,144 @@
+"""Routes: the OpenAI-compatible API, health, metrics, and the chat page at `/`."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from fastapi import APIRouter, FastAPI, Request
+from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
+from fastapi.staticfiles import StaticFiles
+from starlette.background import BackgroundTask
+
+from examples.server import generation as gen
+from examples.server.engine_loop import EngineLoop, GenerationRequest
+from examples.server.errors import APIError, install_error_handlers
+from examples.server.protocol import (
+    AssistantMessage,
+    ChatChoice,
+    ChatCompletion,
+    ChatCompletionRequest,
+    Completion,
+    CompletionChoice,
+    CompletionRequest,
+    SamplingFields,
+)
+
+STATIC = Path(__file__).parent / "static"
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+router = APIRouter()
+
+
+@dataclass
+class Served:
+    """What the routes serve: the engine loop and the model's public name."""
+
+    loop: EngineLoop
+    model_name: str
+    created: int = field(default_factory=lambda: int(time.time()))
+
+    def check_model(self, name: str | None) -> None:
+        if name is not None and name != self.model_name:
+            raise APIError(
+                404,
+                f"model {name!r} does not exist; this server serves {self.model_name!r} (see GET /v1/models)",
+                "model",
+                "model_not_found",
+            )
+
+    def model_card(self) -> dict:
+        cfg = self.loop.engine.cfg
+        return dict(
+            id=self.model_name,
+            object="model",
+            created=self.created,
+            owned_by="atb_llm",
+            max_model_len=cfg.max_input_length + cfg.max_output_length,
+        )
+
+
+def create_app(loop: EngineLoop, model_name: str) -> FastAPI:
+    """The server around a started EngineLoop; `model_name` is what /v1/models lists."""
+    app = FastAPI(title="atb_llm OpenAI-compatible server", docs_url=None, redoc_url=None)
+    app.state.served = Served(loop, model_name)
+    install_error_handlers(app, loop.metrics)
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
+    app.include_router(router)
+    return app
+
+
+def served(request: Request) -> Served:
+    return request.app.state.served
+
+
+async def generate(request: Request, body: SamplingFields, prompt, max_tokens: int | None, chat: bool):
+    """Submit; then the event stream, or the collected answer (a bare 499 if the client left)."""
+    s = served(request)
+    s.check_model(body.model)
+    request_id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
+    params = gen.sampling_params(body, max_tokens, s.loop.engine.cfg.max_output_length)
+    generation = GenerationRequest(request_id, prompt, params)
+    stream = await gen.submit(s.loop, generation, "messages" if chat else "prompt")
+    if body.stream:
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        fmt = gen.ChunkFormat(request_id, s.model_name, chat, include_usage)
+        return StreamingResponse(
+            gen.event_stream(s.loop, stream, fmt),
+            media_type="text/event-stream",
+            headers=SSE_HEADERS,
+            background=BackgroundTask(gen.abort_unfinished, s.loop, stream),  # runs after a disconnect too
+        )
+    try:
+        return await gen.collect(s.loop, stream, request)
+    except gen.ClientGone:
+        return Response(status_code=499)
+
+
+@router.post("/v1/chat/completions")
+async def chat_completions(body: ChatCompletionRequest, request: Request):
+    out = await generate(request, body, body.chat(), body.max_completion_tokens or body.max_tokens, chat=True)
+    if isinstance(out, Response):
+        return out
+    choice = ChatChoice(message=AssistantMessage(content=out.text), finish_reason=out.finish_reason)
+    return ChatCompletion(id=out.request_id, model=served(request).model_name, choices=[choice], usage=out.usage)
+
+
+@router.post("/v1/completions")
+async def completions(body: CompletionRequest, request: Request):
+    out = await generate(request, body, body.prompt, body.max_tokens, chat=False)
+    if isinstance(out, Response):
+        return out
+    choice = CompletionChoice(text=out.text, finish_reason=out.finish_reason)
+    return Completion(id=out.request_id, model=served(request).model_name, choices=[choice], usage=out.usage)
+
+
+@router.get("/v1/models")
+async def models(request: Request) -> dict:
+    return dict(object="list", data=[served(request).model_card()])
+
+
+@router.get("/v1/models/{model_id:path}")
+async def model(model_id: str, request: Request) -> dict:
+    served(request).check_model(model_id)
+    return served(request).model_card()
+
+
+@router.get("/health")
+async def health(request: Request) -> JSONResponse:
+    s = served(request)
+    if not s.loop.alive:
+        return JSONResponse(dict(status="error", detail="the engine thread has stopped"), status_code=503)
+    return JSONResponse(dict(status="ok", model=s.model_name))
+
+
+@router.get("/metrics")
+async def metrics(request: Request) -> PlainTextResponse:
+    loop = served(request).loop
+    return PlainTextResponse(loop.metrics.render(loop.stats), media_type="text/plain; version=0.0.4")
+
+
+@router.get("/", include_in_schema=False)
+async def index() -> FileResponse:
+    return FileResponse(STATIC / "index.html")

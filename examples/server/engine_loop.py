@@ -1,0 +1,236 @@
+"""The engine thread: the one thread that touches the engine.
+
+The engine is not thread-safe, so one thread owns it and runs: drain the command queue (add /
+abort), `step()`, publish every sequence's new text to its request's asyncio queue with
+`loop.call_soon_threadsafe`. The HTTP layer only puts commands on the queue and awaits its own
+queues, so it never blocks on a forward pass. Tokenization happens here too: the tokenizer is
+shared with the engine and is not safe to call from two threads.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+from dataclasses import dataclass, field
+
+import torch
+
+from atb_llm.runtime.engine import LLMEngine
+from atb_llm.runtime.sequence import SamplingParams, Sequence
+from examples.server.metrics import EngineStats, Metrics, cache_stats
+from examples.server.text_stream import TextStream
+
+log = logging.getLogger("atb_llm.server")
+
+
+class RequestTooLargeError(ValueError):
+    """The prompt is over max_input_length, or prompt + max_tokens can never fit the cache (HTTP 413)."""
+
+
+@dataclass
+class GenerationRequest:
+    """What the HTTP layer asks for: a prompt (text, token ids, or chat messages) and sampling."""
+
+    request_id: str
+    prompt: str | list[int] | list[dict[str, str]]
+    params: SamplingParams
+
+
+@dataclass
+class GenerationEvent:
+    """A request's new output, published after each step that gave it a token."""
+
+    text: str  # new text since the previous event; "" while a character or stop string is undecided
+    num_output_tokens: int
+    finish_reason: str | None = None  # None while running; stop | length | abort | error
+    error: str | None = None
+
+
+@dataclass
+class RequestStream:
+    """The HTTP side of one request: its events arrive on `events`, the last one has a finish_reason."""
+
+    request_id: str
+    num_prompt_tokens: int
+    events: asyncio.Queue = field(default_factory=asyncio.Queue)
+    finished: bool = False
+
+    async def next(self, timeout: float | None = None) -> GenerationEvent:
+        """The next event; raises TimeoutError after `timeout` seconds without one."""
+        event = await asyncio.wait_for(self.events.get(), timeout)
+        self.finished = event.finish_reason is not None
+        return event
+
+
+@dataclass
+class _Live:
+    seq: Sequence
+    stream: RequestStream
+    loop: asyncio.AbstractEventLoop
+    text: TextStream
+
+
+@dataclass
+class _Add:
+    request: GenerationRequest
+    loop: asyncio.AbstractEventLoop
+    future: asyncio.Future
+
+
+class EngineLoop:
+    def __init__(self, engine: LLMEngine, metrics: Metrics | None = None):
+        self.engine = engine
+        self.metrics = metrics or Metrics()
+        self.stats: EngineStats = cache_stats(engine)  # replaced (never mutated) by the engine thread
+        self._commands: queue.Queue = queue.Queue()
+        self._live: dict[str, _Live] = {}
+        self._thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
+        self._stopping = False
+
+    # ---- called from the HTTP side ----------------------------------------------------------
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self, timeout: float = 30.0) -> None:
+        self._stopping = True
+        self._commands.put(None)
+        self._thread.join(timeout)
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    async def submit(self, request: GenerationRequest) -> RequestStream:
+        """Queue a request; returns its stream once the engine accepted it. Raises the engine's
+        ValueError (or RequestTooLargeError) for a request it rejects."""
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        self._commands.put(_Add(request, loop, future))
+        try:
+            return await future
+        except asyncio.CancelledError:  # the client left before the engine took the request
+            self.abort(request.request_id)
+            raise
+
+    def abort(self, request_id: str) -> None:
+        """Cancel a request (unknown or finished ids are ignored); its blocks are freed at once."""
+        self._commands.put(request_id)
+
+    # ---- the engine thread ------------------------------------------------------------------
+    def _run(self) -> None:
+        with torch.inference_mode():
+            while not self._stopping:
+                self._drain(block=not self.engine.has_unfinished())
+                if self.engine.has_unfinished() and not self._stopping:
+                    self._step()
+                self.stats = cache_stats(self.engine)
+        for request_id in list(self._live):
+            self._abort(request_id, "abort", "the server is shutting down")
+
+    def _drain(self, block: bool) -> None:
+        try:
+            command = self._commands.get(block=block)
+        except queue.Empty:
+            return
+        while command is not None:
+            if isinstance(command, _Add):
+                self._add(command)
+            else:
+                self._abort(command, "abort")
+            try:
+                command = self._commands.get_nowait()
+            except queue.Empty:
+                return
+
+    def _add(self, command: _Add) -> None:
+        request = command.request
+        try:
+            ids = self._encode(request.prompt)
+            self._check_size(ids, request.params)
+            seq = self.engine.add_request(ids, request.params, request.request_id)
+        except Exception as e:  # ValueError for bad input; anything else still answers the client
+            _post(command.loop, _resolve, command.future, None, e)
+            return
+        stream = RequestStream(request.request_id, len(ids))
+        self._live[request.request_id] = _Live(seq, stream, command.loop, TextStream(request.params.stop))
+        _post(command.loop, _resolve, command.future, stream, None)
+
+    def _encode(self, prompt: str | list[int] | list[dict[str, str]]) -> list[int]:
+        if isinstance(prompt, str) or all(isinstance(t, int) for t in prompt):
+            return self.engine.encode(prompt)
+        tok = self.engine.tokenizer
+        if not getattr(tok, "chat_template", None):
+            raise ValueError(
+                f"the tokenizer of {self.engine.cfg.model_path} has no chat template; "
+                "use /v1/completions with a plain prompt"
+            )
+        return list(tok.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True, return_dict=False))
+
+    def _check_size(self, ids: list[int], params: SamplingParams) -> None:
+        cfg, cache = self.engine.cfg, self.engine.cache_manager
+        if len(ids) > cfg.max_input_length:
+            raise RequestTooLargeError(
+                f"the prompt has {len(ids)} tokens, more than max_input_length={cfg.max_input_length}; "
+                "shorten it or restart the server with a larger --max_input_length"
+            )
+        if not cache.fits_alone(len(ids) + params.max_tokens):
+            raise RequestTooLargeError(
+                f"prompt ({len(ids)} tokens) + max_tokens ({params.max_tokens}) can never fit the KV cache "
+                f"({cache.num_blocks} blocks); lower max_tokens or give the server more cache"
+            )
+
+    def _step(self) -> None:
+        try:
+            seqs = self.engine.step()
+        except Exception as e:  # keep serving: fail the requests in flight, whose state is now unknown
+            log.exception("engine step failed; aborting %d request(s)", len(self._live))
+            for request_id in list(self._live):
+                self._abort(request_id, "error", f"the engine failed: {type(e).__name__}: {e}")
+            return
+        for seq in seqs:
+            live = self._live.get(seq.request_id)
+            if live is not None:
+                self._publish(live)
+
+    def _publish(self, live: _Live) -> None:
+        seq = live.seq
+        n = len(seq.output_token_ids)
+        if n == 1:
+            self.metrics.observe_first_token(seq.time_to_first_token())
+        text = live.text.delta(self.engine.text_of(seq), seq.is_finished)
+        event = GenerationEvent(text, n)
+        if seq.is_finished:
+            del self._live[seq.request_id]
+            event.finish_reason = seq.finish_reason
+            self.metrics.observe_finished(seq.finish_reason, seq.num_prompt_tokens, n, seq.time_per_output_token())
+        _post(live.loop, live.stream.events.put_nowait, event)
+
+    def _abort(self, request_id: str, reason: str, error: str | None = None) -> None:
+        live = self._live.pop(request_id, None)
+        if live is None:
+            return
+        self.engine.abort(request_id)
+        seq = live.seq
+        self.metrics.observe_finished(reason, seq.num_prompt_tokens, len(seq.output_token_ids), None)
+        event = GenerationEvent("", len(seq.output_token_ids), reason, error=error)
+        _post(live.loop, live.stream.events.put_nowait, event)
+
+
+def _post(loop: asyncio.AbstractEventLoop, fn, *args) -> None:
+    """Run fn(*args) on the HTTP side's event loop; a loop already closed (shutdown) has no one to tell."""
+    try:
+        loop.call_soon_threadsafe(fn, *args)
+    except RuntimeError:
+        if not loop.is_closed():
+            raise
+
+
+def _resolve(future: asyncio.Future, result: RequestStream | None, error: BaseException | None) -> None:
+    if future.done():  # the waiting coroutine was cancelled; it has queued an abort
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(result)

@@ -1,0 +1,124 @@
+"""Start the server: load the engine, warm it up, start its thread, serve HTTP with uvicorn.
+
+python -m examples.server --model_path WEIGHT_DIR [--port 8000] [--host 127.0.0.1] [--max_batch_size 8]
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import uvicorn
+
+from atb_llm.runtime.engine import EngineConfig, LLMEngine
+from atb_llm.utils.default_model import resolve_model_path
+from examples.server.app import create_app
+from examples.server.engine_loop import EngineLoop
+
+log = logging.getLogger("atb_llm.server")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="python -m examples.server", description="OpenAI-compatible HTTP server and web chat page for atb_llm"
+    )
+    p.add_argument("--model_path", "-m", default=None, help="Hugging Face weight folder (default: the default model)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--served_model_name", default=None, help="name in /v1/models (default: the folder's name)")
+    p.add_argument("--max_batch_size", type=int, default=8, help="sequences per step; more requests wait their turn")
+    p.add_argument("--max_input_length", type=int, default=2048)
+    p.add_argument("--max_output_length", type=int, default=512, help="the largest max_tokens a request may ask")
+    p.add_argument("--max_prefill_tokens", type=int, default=8192)
+    p.add_argument("--block_size", type=int, default=128)
+    p.add_argument("--num_blocks", type=int, default=None, help="cache blocks (default: fit max_batch_size sequences)")
+    p.add_argument("--cache_memory_gb", type=float, default=None, help="cache memory budget instead of --num_blocks")
+    p.add_argument("--dtype", default=None, choices=["bf16", "fp16", "fp32"], help="default: the checkpoint's")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--mlgc", default="off", help="KV compression: off | auto | PLAN.json | streaming | random")
+    p.add_argument("--log_level", default="info", choices=["debug", "info", "warning", "error"])
+    return p.parse_args(argv)
+
+
+def engine_config(args: argparse.Namespace, progress: bool = True) -> EngineConfig:
+    return EngineConfig(
+        model_path=str(resolve_model_path(args.model_path)),
+        dtype=args.dtype,
+        device=args.device,
+        max_batch_size=args.max_batch_size,
+        max_input_length=args.max_input_length,
+        max_output_length=args.max_output_length,
+        max_prefill_tokens=args.max_prefill_tokens,
+        block_size=args.block_size,
+        num_blocks=args.num_blocks,
+        cache_memory_gb=args.cache_memory_gb,
+        mlgc=args.mlgc,
+        progress=progress,
+    )
+
+
+def start_engine_loop(cfg: EngineConfig) -> EngineLoop:
+    engine = LLMEngine(cfg)
+    engine.warmup()
+    loop = EngineLoop(engine)
+    loop.start()
+    return loop
+
+
+@dataclass
+class ServerThread:
+    """A server on a background thread (tests, benchmarks): `with ServerThread.start(cfg) as s: s.url`."""
+
+    loop: EngineLoop
+    server: uvicorn.Server
+    thread: threading.Thread
+    url: str
+    model_name: str
+
+    @classmethod
+    def start(cls, cfg: EngineConfig, port: int, host: str = "127.0.0.1", name: str | None = None) -> ServerThread:
+        loop = start_engine_loop(cfg)
+        name = name or Path(cfg.model_path).name
+        app = create_app(loop, name)
+        config = uvicorn.Config(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=5)
+        server = uvicorn.Server(config)
+        thread = threading.Thread(target=server.run, name="uvicorn", daemon=True)
+        thread.start()
+        deadline = time.monotonic() + 30
+        while not server.started:
+            if not thread.is_alive() or time.monotonic() > deadline:
+                loop.stop()
+                raise RuntimeError(f"the server did not start on {host}:{port} (port in use?)")
+            time.sleep(0.02)
+        return cls(loop, server, thread, f"http://{host}:{port}", name)
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(30)
+        self.loop.stop()
+
+    def __enter__(self) -> ServerThread:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    cfg = engine_config(args)
+    loop = start_engine_loop(cfg)
+    name = args.served_model_name or Path(cfg.model_path).name
+    app = create_app(loop, name)
+    url = f"http://{args.host}:{args.port}"
+    print(f"[server] {name}: open {url}/ in a browser to chat; OpenAI API at {url}/v1", flush=True)
+    try:
+        # on Ctrl+C / SIGTERM, streams still open get 5 s, then are cut (and their requests aborted)
+        uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=5)
+    finally:
+        loop.stop()

@@ -1,0 +1,128 @@
+"""Every bad request gets its status and an OpenAI-style JSON error naming the problem; none is a 500,
+and the server keeps serving. Tiny random model: the errors do not depend on the model."""
+
+import json
+
+import httpx
+import openai
+import pytest
+from server_util import metrics, running_server, wait_until
+
+pytestmark = pytest.mark.timeout(300)
+
+MAX_INPUT, MAX_OUTPUT = 16, 32
+CHAT = "/v1/chat/completions"
+COMPLETIONS = "/v1/completions"
+OK = {"prompt": "hello world", "max_tokens": 4, "temperature": 0}
+
+
+@pytest.fixture(scope="module")
+def server(tiny_models):
+    with running_server(tiny_models(), block_size=16, max_input_length=MAX_INPUT, max_output_length=MAX_OUTPUT) as s:
+        yield s
+
+
+# (route, body (dict, or raw bytes), status, code, param, words in the message)
+CASES = [
+    (COMPLETIONS, b'{"prompt": "hi",', 400, "invalid_json", None, "not valid JSON"),
+    (COMPLETIONS, b"[1, 2]", 400, "invalid_body", None, "must be a JSON object"),
+    (COMPLETIONS, b"", 400, "invalid_body", None, "no body"),
+    (CHAT, {"model": "tiny"}, 400, "missing_field", "messages", "'messages' is required"),
+    (CHAT, {"messages": "hi"}, 400, "invalid_type", "messages", "valid list"),
+    (COMPLETIONS, {**OK, "prompt": 5}, 400, "invalid_type", "prompt", "expected one of str, list[str], list[int]"),
+    (COMPLETIONS, {**OK, "temperature": "hot"}, 400, "invalid_type", "temperature", "temperature='hot'"),
+    (COMPLETIONS, {**OK, "model": "gpt-4o"}, 404, "model_not_found", "model", "'gpt-4o' does not exist"),
+    (CHAT, {"model": "nope", "messages": [{"role": "user", "content": "hi"}]}, 404, "model_not_found", "model", ""),
+    (COMPLETIONS, {**OK, "prompt": "hello " * 40}, 413, "context_length_exceeded", "prompt", "max_input_length=16"),
+    (COMPLETIONS, {**OK, "prompt": list(range(17))}, 413, "context_length_exceeded", "prompt", "17 tokens"),
+    (COMPLETIONS, {**OK, "temperature": -0.5}, 422, "invalid_value", "temperature", "temperature=-0.5"),
+    (COMPLETIONS, {**OK, "temperature": 2.5}, 422, "invalid_value", "temperature", "less than or equal to 2"),
+    (COMPLETIONS, {**OK, "top_p": 0}, 422, "invalid_value", "top_p", "greater than 0"),
+    (COMPLETIONS, {**OK, "top_k": -1}, 422, "invalid_value", "top_k", "top_k=-1"),
+    (COMPLETIONS, {**OK, "n": 2}, 422, "invalid_value", "n", "n=2 is not supported; only n=1"),
+    (COMPLETIONS, {**OK, "max_tokens": 0}, 422, "invalid_value", "max_tokens", "max_tokens=0"),
+    (COMPLETIONS, {**OK, "max_tokens": 33}, 422, "invalid_value", "max_tokens", "max_output_length=32"),
+    (
+        CHAT,
+        {"messages": [{"role": "user", "content": "hi"}], "max_completion_tokens": 99},
+        422,
+        "invalid_value",
+        "",
+        "99",
+    ),
+    (COMPLETIONS, {**OK, "stop": ["a", "b", "c", "d", "e"]}, 422, "invalid_value", "stop", "at most 4"),
+    (COMPLETIONS, {**OK, "presence_penalty": 0.5}, 422, "invalid_value", "presence_penalty", "must be 0"),
+    (COMPLETIONS, {**OK, "prompt": ["a", "b"]}, 422, "invalid_value", "prompt", "send one prompt per request"),
+    (COMPLETIONS, {**OK, "prompt": ""}, 422, "invalid_value", "prompt", "the prompt is empty"),
+    (COMPLETIONS, {**OK, "prompt": [5, 999]}, 422, "invalid_value", "prompt", "outside the vocabulary"),
+    (CHAT, {"messages": []}, 422, "invalid_value", "messages", "at least 1 item"),
+    (CHAT, {"messages": [{"role": "robot", "content": "hi"}]}, 422, "invalid_value", "messages.0.role", "'robot'"),
+    (CHAT, {"messages": [{"role": "user", "content": "hi"}]}, 422, "invalid_value", "messages", "no chat template"),
+]
+
+
+@pytest.mark.parametrize(
+    "route,body,status,code,param,words", CASES, ids=[f"{c[2]}-{c[3]}-{i}" for i, c in enumerate(CASES)]
+)
+def test_bad_request_gets_status_and_json(server, route, body, status, code, param, words):
+    raw = body if isinstance(body, bytes) else json.dumps(body).encode()
+    r = httpx.post(server.url + route, content=raw, headers={"content-type": "application/json"}, timeout=30)
+    assert r.status_code == status, r.text
+    assert r.headers["content-type"] == "application/json"
+    err = r.json()["error"]
+    assert err["code"] == code and err["type"] == "invalid_request_error"
+    if param:
+        assert err["param"] == param
+    assert words in err["message"]
+
+
+def test_unknown_route_and_method(server):
+    r = httpx.get(server.url + "/v1/nothing")
+    assert (r.status_code, r.json()["error"]["code"]) == (404, "not_found")
+    r = httpx.get(server.url + COMPLETIONS)
+    assert r.status_code == 405 and "Method Not Allowed" in r.json()["error"]["message"]
+    r = httpx.get(server.url + "/v1/models/other-model")
+    assert (r.status_code, r.json()["error"]["code"]) == (404, "model_not_found")
+
+
+def test_openai_client_raises_the_matching_errors(server):
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0)
+    with pytest.raises(openai.NotFoundError, match="does not exist"):
+        client.completions.create(model="gpt-4o", prompt="hi", max_tokens=2)
+    with pytest.raises(openai.UnprocessableEntityError, match="temperature"):
+        client.completions.create(model=server.model_name, prompt="hi", max_tokens=2, temperature=-1)
+    with pytest.raises(openai.APIStatusError, match="max_input_length") as info:
+        client.completions.create(model=server.model_name, prompt="hello " * 40, max_tokens=2, stream=True)
+    assert info.value.status_code == 413
+    with pytest.raises(openai.BadRequestError, match="'messages' is required"):
+        client.post("/chat/completions", body={"model": server.model_name}, cast_to=object)
+
+
+def test_server_keeps_serving_and_never_500s(server):
+    for _, body, *_ in CASES:  # each bad request once more, then a good one
+        raw = body if isinstance(body, bytes) else json.dumps(body).encode()
+        httpx.post(server.url + COMPLETIONS, content=raw, headers={"content-type": "application/json"})
+    r = httpx.post(server.url + COMPLETIONS, json={**OK, "ignore_eos": True}, timeout=30)
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 4
+    m = metrics(server.url)
+    assert m.get('atb_llm_request_errors_total{status="500"}', 0) == 0
+    assert m['atb_llm_request_errors_total{status="413"}'] >= 2
+    assert httpx.get(server.url + "/health").json()["status"] == "ok"
+
+
+def test_engine_failure_ends_the_stream_with_an_error_event(server, monkeypatch):
+    engine = server.loop.engine
+    real_step = engine.step
+
+    def failing_step():
+        monkeypatch.setattr(engine, "step", real_step)  # fail once
+        raise RuntimeError("simulated device error")
+
+    monkeypatch.setattr(engine, "step", failing_step)
+    with httpx.stream("POST", server.url + COMPLETIONS, json={**OK, "stream": True}, timeout=30) as r:
+        lines = [ln for ln in r.iter_lines() if ln]
+    assert r.status_code == 200
+    assert json.loads(lines[-1].removeprefix("data: "))["error"]["message"].endswith("simulated device error")
+    r = httpx.post(server.url + COMPLETIONS, json=OK, timeout=30)
+    assert r.status_code == 200 and r.json()["choices"][0]["finish_reason"] in ("stop", "length")
+    wait_until(lambda: server.loop.stats.blocks_used == 0, 10, "all blocks to be free")
