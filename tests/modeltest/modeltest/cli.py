@@ -1,0 +1,24 @@
+"""Command line: parse MindIE's arguments, then run the performance cases or a dataset."""
+
+from __future__ import annotations
+
+import sys
+
+from modeltest.args import build_parser, parse_args
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    """Argument errors exit with the usage; missing data or a bad dataset file exits with the reason."""
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        args = parse_args(argv)
+    except ValueError as e:
+        build_parser().error(str(e))
+    if args.test == "performance":
+        from modeltest.performance import run_performance as run
+    else:
+        from modeltest.precision import run_precision as run
+    try:
+        return run(args)
+    except (FileNotFoundError, ValueError) as e:
+        sys.exit(f"error: {e}")

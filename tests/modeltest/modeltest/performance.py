@@ -1,0 +1,139 @@
+"""Performance: every case pair at each of its batch sizes on the engine (and on transformers
+with --compare hf), timed by atb_llm.utils.perf: first token ms (the batch's prefill), mean
+non-first token ms, end-to-end tokens/s, peak memory and KV cache size. Written as CSV and a
+Markdown table, and, where a case ran at several batch sizes, a plot of tokens/s against batch
+size."""
+
+from __future__ import annotations
+
+import gc
+from pathlib import Path
+
+from tqdm import tqdm
+
+from atb_llm.models.base.config import parse_dtype
+from atb_llm.runtime.engine import EngineConfig, LLMEngine
+from atb_llm.utils.default_model import resolve_model_path
+from atb_llm.utils.perf import load_hf, markdown_table, measure_engine, measure_hf
+from modeltest import report
+from modeltest.args import RunArgs
+
+# CSV column -> Markdown header (the seeds' columns, then memory and the ratio to transformers)
+COLUMNS = {
+    "batch_size": "batch_size",
+    "input_length": "input length",
+    "output_length": "output length",
+    "engine": "engine",
+    "first_token_ms": "first token (ms)",
+    "non_first_token_ms": "non-first token mean (ms)",
+    "e2e_tokens_per_s": "E2E throughput (tokens/s)",
+    "peak_memory_gb": "peak memory (GiB)",
+    "kv_cache_bytes": "KV cache (MiB)",
+    "e2e_vs_hf": "E2E vs transformers",
+}
+
+
+def with_kv_bytes(row: dict) -> dict:
+    """PerfResult's kv_cache_gb as whole bytes (engine rows; transformers' cache is not measured)."""
+    gb = row.pop("kv_cache_gb")
+    return dict(row, kv_cache_bytes=round(gb * 2**30)) if row["engine"] == "atb_llm" else row
+
+
+def markdown_rows(rows: list[dict], columns: list[str]) -> list[dict]:
+    def cell(row: dict, c: str):
+        value = row.get(c, "")
+        return value / 2**20 if c == "kv_cache_bytes" and value != "" else value
+
+    return [{COLUMNS[c]: cell(r, c) for c in columns} for r in rows]
+
+
+def runs_of(args: RunArgs) -> list[tuple[int, int, int]]:
+    """(batch, input length, output length) in command-line order: case pairs, then batch sizes."""
+    return [(b, c.input_length, c.output_length) for c in args.cases for b in c.batch_sizes]
+
+
+def engine_for(args: RunArgs, model_path: str, device: str, runs: list[tuple[int, int, int]]) -> LLMEngine:
+    """One engine sized for the largest batch, input and output of all runs."""
+    max_b, max_in, max_out = (max(r[k] for r in runs) for k in range(3))
+    cfg = EngineConfig(
+        model_path,
+        dtype=args.dtype,
+        device=device,
+        max_batch_size=max_b,
+        max_input_length=max_in,
+        max_output_length=max_out,
+        max_prefill_tokens=max_b * max_in,
+        mlgc=args.mlgc,
+        progress=False,
+    )
+    return LLMEngine(cfg)
+
+
+def plot_throughput(rows: list[dict], path: Path) -> Path | None:
+    """tokens/s against batch size, a line per engine and case pair; None when no case pair ran
+    at more than one batch size."""
+    series: dict[tuple, list[tuple[int, float]]] = {}
+    for r in rows:
+        key = (r["engine"], r["input_length"], r["output_length"])
+        series.setdefault(key, []).append((r["batch_size"], r["e2e_tokens_per_s"]))
+    if max(len(points) for points in series.values()) < 2:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    colors = {case: f"C{n}" for n, case in enumerate(sorted({k[1:] for k in series}))}
+    for (engine, i, o), points in sorted(series.items()):
+        points.sort()
+        style = "-" if engine == "atb_llm" else "--"
+        ax.plot(*zip(*points), style, marker="o", color=colors[i, o], label=f"{engine} {i}/{o}")
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(sorted({r["batch_size"] for r in rows}), [str(b) for b in sorted({r["batch_size"] for r in rows})])
+    ax.set_xlabel("batch size")
+    ax.set_ylabel("E2E throughput (tokens/s)")
+    ax.set_title("throughput by batch size (input/output length)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def file_stem(args: RunArgs) -> str:
+    cases = "_".join(f"{c.input_length}x{c.output_length}" for c in args.cases)
+    batches = "-".join(str(b) for b in sorted({b for c in args.cases for b in c.batch_sizes}))
+    return f"performance_{cases}_batch{batches}_tp1_mlgc-{report.mlgc_tag(args.mlgc)}"
+
+
+def write(args: RunArgs, device: str, rows: list[dict]) -> str:
+    out = report.results_dir(args, "performance", device)
+    stem = file_stem(args)
+    report.write_csv(out / f"{stem}_result.csv", rows, list(COLUMNS))
+    present = [c for c in COLUMNS if any(c in r for r in rows)]
+    table = markdown_table(markdown_rows(rows, present), [COLUMNS[c] for c in present])
+    (out / f"{stem}_result.md").write_text(table + "\n", encoding="utf-8")
+    plot = plot_throughput(rows, out / f"{stem}_throughput.png")
+    print(f"\n{table}\n\nresults: {out}/{stem}_*" + (f" (plot {plot.name})" if plot else ""))
+    return table
+
+
+def run_performance(args: RunArgs) -> list[dict]:
+    model_path = str(resolve_model_path(args.weight_dir))
+    device = report.resolve_device(args.device)
+    runs = runs_of(args)
+    engine = engine_for(args, model_path, device, runs)
+    engine.warmup()
+    rows = [with_kv_bytes(measure_engine(engine, *run).row()) for run in tqdm(runs, desc="performance atb_llm")]
+    del engine
+    gc.collect()
+    if args.compare == "hf":
+        model = load_hf(model_path, parse_dtype(args.dtype)).to(device)
+        hf = [with_kv_bytes(measure_hf(model, *run).row()) for run in tqdm(runs, desc="performance transformers")]
+        for row, ref in zip(rows, hf):
+            row["e2e_vs_hf"] = row["e2e_tokens_per_s"] / ref["e2e_tokens_per_s"]
+        rows += hf
+    write(args, device, rows)
+    return rows

@@ -1,0 +1,159 @@
+"""Accuracy on a dataset: score every item through the engine (and, with --compare hf, through
+transformers on the same token ids), then write the per-item CSV, the per-category CSV and
+Markdown table, and a JSON summary."""
+
+from __future__ import annotations
+
+import gc
+import json
+import time
+from functools import partial
+from pathlib import Path
+
+from tqdm import tqdm
+
+from atb_llm.models.base.config import parse_dtype
+from atb_llm.models.base.router import get_router
+from atb_llm.runtime.engine import EngineConfig, LLMEngine
+from atb_llm.utils.default_model import resolve_model_path
+from atb_llm.utils.perf import load_hf
+from modeltest import report
+from modeltest.args import RunArgs
+from modeltest.datasets import DATASETS, Task
+from modeltest.scoring import best_option, encode_prompts, option_tokens, score_engine, score_hf, top_gap
+
+
+def scored(task: Task, desc: str, run) -> tuple[list[list[float]], float]:
+    """Calls run(on_item) under a progress bar showing the running accuracy; (log-probs, seconds)."""
+    hits, start = 0, time.perf_counter()
+    with tqdm(total=len(task.items), desc=desc, unit="q") as bar:
+
+        def on_item(i: int, logprobs: list[float]) -> None:
+            nonlocal hits
+            hits += best_option(logprobs) == task.items[i].answer
+            bar.set_postfix_str(f"acc={hits / (bar.n + 1):.4f}", refresh=False)
+            bar.update(1)
+
+        logprobs = run(on_item)
+    return logprobs, time.perf_counter() - start
+
+
+def item_rows(task: Task, ours: list[list[float]], theirs: list[list[float]] | None, margin: float) -> list[dict]:
+    rows = []
+    for n, item in enumerate(task.items):
+        pred = best_option(ours[n])
+        row = dict(id=item.id, subject=item.subject, category=item.category, expected=task.labels[item.answer])
+        row.update(predicted=task.labels[pred], correct=int(pred == item.answer))
+        row.update({f"logprob_{label}": f"{lp:.6f}" for label, lp in zip(task.labels, ours[n])})
+        if theirs is not None:
+            ref = best_option(theirs[n])
+            row.update(hf_predicted=task.labels[ref], hf_correct=int(ref == item.answer))
+            row.update({f"hf_logprob_{label}": f"{lp:.6f}" for label, lp in zip(task.labels, theirs[n])})
+            row.update(agree=int(pred == ref), tie=int(min(top_gap(ours[n]), top_gap(theirs[n])) <= margin))
+        rows.append(row)
+    return rows
+
+
+def agreement(rows: list[dict]) -> dict:
+    """Share of items where both engines pick the same option: over all, and over the items where
+    neither engine's two best options are within the tie margin."""
+    clear = [r for r in rows if not r["tie"]]
+    return dict(
+        agreement_all=sum(r["agree"] for r in rows) / len(rows),
+        agreement_no_ties=sum(r["agree"] for r in clear) / len(clear) if clear else None,
+        tie_items=len(rows) - len(clear),
+    )
+
+
+def score_task(args: RunArgs, task: Task, model_path: str, device: str, batch_size: int) -> dict:
+    """{"atb_llm": (log-probs, seconds)} and, with --compare hf, "transformers" on the same token ids."""
+    tokenizer = get_router(model_path).get_tokenizer()
+    options = option_tokens(tokenizer, task.options)
+    prompts = encode_prompts(tokenizer, [item.prompt for item in task.items], options)
+    cfg = EngineConfig(
+        model_path,
+        dtype=args.dtype,
+        device=device,
+        max_batch_size=batch_size,
+        max_input_length=max(len(p) for p in prompts),
+        max_output_length=1,
+        mlgc=args.mlgc,
+        progress=False,
+    )
+    engine = LLMEngine(cfg)
+    results = {"atb_llm": scored(task, f"{task.name} atb_llm", partial(score_engine, engine, prompts, options.ids))}
+    del engine
+    gc.collect()
+    if args.compare == "hf":
+        model = load_hf(model_path, parse_dtype(args.dtype)).to(device)
+        run = partial(score_hf, model, prompts, options.ids, batch_size)
+        results["transformers"] = scored(task, f"{task.name} transformers", run)
+        del model
+        gc.collect()
+    return results
+
+
+def evaluate(args: RunArgs, task: Task, model_path: str, device: str, batch_size: int) -> dict:
+    results = score_task(args, task, model_path, device, batch_size)
+    (ours, ours_s), (theirs, theirs_s) = results["atb_llm"], results.get("transformers", (None, None))
+    rows = item_rows(task, ours, theirs, args.tie_margin)
+    acc = report.category_accuracy(task, [bool(r["correct"]) for r in rows])
+    ref = report.category_accuracy(task, [bool(r["hf_correct"]) for r in rows]) if theirs is not None else None
+    categories = report.merge_accuracy(acc, ref)
+    summary = dict(
+        dataset=task.name,
+        items=len(rows),
+        shots=task.shots,
+        batch_size=batch_size,
+        dtype=args.dtype,
+        mlgc=args.mlgc,
+        model=model_path,
+        device=device,
+        accuracy=acc[-1]["accuracy"],
+        seconds=round(ours_s, 2),
+    )
+    if theirs is not None:
+        summary.update(hf_accuracy=ref[-1]["accuracy"], diff_points=100 * (acc[-1]["accuracy"] - ref[-1]["accuracy"]))
+        summary.update(agreement(rows), tie_margin=args.tie_margin, hf_seconds=round(theirs_s, 2))
+    write(args, task, device, rows, categories, summary)
+    return summary
+
+
+def file_stem(args: RunArgs, task: Task, batch_size: int) -> str:
+    stem = f"{task.name.lower()}_{task.shots}shot_batch{batch_size}_tp1_mlgc-{report.mlgc_tag(args.mlgc)}"
+    return stem + (f"_first{args.limit}" if args.limit else "")
+
+
+def summary_lines(s: dict) -> list[str]:
+    lines = [
+        f"[{s['dataset']}] {s['items']} items, {s['shots']}-shot, batch {s['batch_size']}, {s['dtype']}, "
+        f"mlgc {s['mlgc']}: accuracy {s['accuracy']:.4f} ({s['seconds']:.1f} s)"
+    ]
+    if "hf_accuracy" in s:
+        clear = "n/a" if s["agreement_no_ties"] is None else f"{s['agreement_no_ties']:.4f}"
+        lines.append(
+            f"[{s['dataset']}] transformers accuracy {s['hf_accuracy']:.4f} ({s['hf_seconds']:.1f} s); "
+            f"difference {s['diff_points']:+.2f} points; agreement {s['agreement_all']:.4f} over all items, "
+            f"{clear} without the {s['tie_items']} near-tie items (margin {s['tie_margin']:g})"
+        )
+    return lines
+
+
+def write(args: RunArgs, task: Task, device: str, rows: list[dict], categories: list[dict], summary: dict) -> Path:
+    out = report.results_dir(args, "precision", device)
+    stem = file_stem(args, task, summary["batch_size"])
+    report.write_csv(out / f"{stem}_items.csv", rows)
+    report.write_csv(out / f"{stem}_result.csv", categories)
+    table = report.accuracy_markdown(categories)
+    text = "\n".join([table, "", *summary_lines(summary)]) + "\n"
+    (out / f"{stem}_result.md").write_text(text, encoding="utf-8")
+    (out / f"{stem}_summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    print(f"\n{text}\nresults: {out}/{stem}_*")
+    return out
+
+
+def run_precision(args: RunArgs) -> list[dict]:
+    task = DATASETS[args.test].load(args.shots, args.data).head(args.limit)
+    model_path = str(resolve_model_path(args.weight_dir))
+    device = report.resolve_device(args.device)
+    return [evaluate(args, task, model_path, device, batch_size) for batch_size in args.batch_sizes]

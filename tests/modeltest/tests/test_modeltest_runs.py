@@ -1,0 +1,107 @@
+"""Whole runs on a tiny model through run.sh's entry point: the results layout, the per-item and
+per-category CSVs (category grouping, counts consistent with the items), the comparison with
+transformers, and the performance CSV, table and plot."""
+
+import csv
+import json
+
+import pytest
+from modeltest.cli import main
+from modeltest.datasets import Item, Task
+from modeltest.report import category_accuracy, merge_accuracy
+
+
+def read_csv(path) -> list[dict]:
+    with open(path, encoding="utf-8", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+CASES = {  # dataset -> (expected ids, item counts of STEM, Social Science(s), Humanities, Other)
+    "full_MMLU": (["abstract_algebra-0", "abstract_algebra-1", "marketing-0", "philosophy-0"], [2, 0, 1, 1]),
+    "full_CEval": (["computer_network-0", "computer_network-1", "law-0", "modern_chinese_history-0"], [2, 0, 2, 0]),
+}
+
+
+@pytest.mark.parametrize("dataset", list(CASES))
+def test_precision_run_writes_items_categories_and_comparison(dataset, tiny_models, mmlu_dir, ceval_dir, tmp_path):
+    data = mmlu_dir if dataset == "full_MMLU" else ceval_dir
+    out = tmp_path / "results"
+    argv = ["pa_fp32", dataset, "1", "[1,4]", "qwen2_mlgc", str(tiny_models()), "1", "--compare", "hf"]
+    summaries = main(argv + ["--data", str(data), "--out", str(out)])
+    folder = out / "CPU" / "precision_test" / "pa" / "fp32" / "qwen2_mlgc"
+    name = dataset.removeprefix("full_").lower()
+    ids, counts = CASES[dataset]
+    for summary, batch in zip(summaries, (1, 4)):
+        stem = folder / f"{name}_1shot_batch{batch}_tp1_mlgc-off"
+        items = read_csv(f"{stem}_items.csv")
+        assert list(items[0]) == [
+            *"id subject category expected predicted correct".split(),
+            *[f"logprob_{c}" for c in "ABCD"],
+            *["hf_predicted", "hf_correct"],
+            *[f"hf_logprob_{c}" for c in "ABCD"],
+            *["agree", "tie"],
+        ]
+        assert [r["id"] for r in items] == ids
+        for r in items:
+            lps = [float(r[f"logprob_{c}"]) for c in "ABCD"]
+            assert r["predicted"] == "ABCD"[lps.index(max(lps))]
+            assert r["correct"] == str(int(r["predicted"] == r["expected"]))
+            hf = [float(r[f"hf_logprob_{c}"]) for c in "ABCD"]
+            assert max(abs(a - b) for a, b in zip(lps, hf)) < 1e-3  # fp32: the same numbers
+        categories = read_csv(f"{stem}_result.csv")
+        assert [r["category"] for r in categories][-1] == "Avg acc"
+        assert [int(r["items"]) for r in categories] == counts + [4]
+        assert int(categories[-1]["correct"]) == sum(int(r["correct"]) for r in items)
+        assert float(categories[-1]["accuracy"]) == summary["accuracy"] == int(categories[-1]["correct"]) / 4
+        saved = json.loads(open(f"{stem}_summary.json").read())
+        assert saved["agreement_all"] == 1.0 and saved["diff_points"] == 0.0 and saved["batch_size"] == batch
+        assert "| Avg acc | 4 |" in open(f"{stem}_result.md", encoding="utf-8").read()
+
+
+def test_limited_run_prints_table_and_spans_subjects(tiny_models, mmlu_dir, tmp_path, capsys):
+    argv = ["pa_fp32", "full_MMLU", "0", "2", "qwen2_mlgc", str(tiny_models()), "--data", str(mmlu_dir)]
+    (summary,) = main(argv + ["--limit", "2", "--out", str(tmp_path)])
+    assert summary["items"] == 2 and "hf_accuracy" not in summary
+    printed = capsys.readouterr().out
+    assert "| category | items | atb_llm |" in printed and "[MMLU] 2 items, 0-shot, batch 2, fp32" in printed
+    items = read_csv(tmp_path / "CPU/precision_test/pa/fp32/qwen2_mlgc/mmlu_0shot_batch2_tp1_mlgc-off_first2_items.csv")
+    assert [r["subject"] for r in items] == ["abstract_algebra", "philosophy"]  # the sample spans subjects
+
+
+def test_category_accuracy_is_over_items_in_task_order():
+    items = [Item(str(n), "", 0, f"s{n}", c) for n, c in enumerate(["B", "A", "A", "A"])]
+    task = Task("T", (" x", " y"), ("x", "y"), ("A", "B", "C"), tuple(items))
+    rows = category_accuracy(task, [True, True, False, False])
+    assert [(r["category"], r["items"], r["correct"]) for r in rows] == [
+        ("A", 3, 1),
+        ("B", 1, 1),
+        ("C", 0, 0),
+        ("Avg acc", 4, 2),
+    ]
+    assert [r["accuracy"] for r in rows][::3] == [1 / 3, 0.5]
+    merged = merge_accuracy(rows, category_accuracy(task, [True, True, True, False]))
+    assert merged[-1]["diff"] == -0.25 and merged[0]["hf_accuracy"] == 2 / 3
+
+
+def test_performance_run_writes_csv_table_and_plot(tiny_models, tmp_path, capsys):
+    argv = ["pa_fp32", "performance", "[[16,4],[8,2]]", "[1,2]", "qwen2_mlgc", str(tiny_models()), "1"]
+    rows = main(argv + ["--compare", "hf", "--out", str(tmp_path)])
+    folder = tmp_path / "CPU" / "performance_test" / "pa" / "fp32" / "qwen2_mlgc"
+    stem = folder / "performance_16x4_8x2_batch1-2_tp1_mlgc-off"
+    saved = read_csv(f"{stem}_result.csv")
+    assert [(r["engine"], r["batch_size"], r["input_length"], r["output_length"]) for r in saved] == [
+        (e, b, i, o) for e in ("atb_llm", "transformers") for i, o in (("16", "4"), ("8", "2")) for b in ("1", "2")
+    ]
+    assert list(saved[0]) == [
+        *"batch_size input_length output_length engine first_token_ms non_first_token_ms".split(),
+        *"e2e_tokens_per_s peak_memory_gb kv_cache_bytes e2e_vs_hf".split(),
+    ]
+    ours = [r for r in rows if r["engine"] == "atb_llm"]
+    assert all(r["e2e_tokens_per_s"] > 0 and r["first_token_ms"] > 0 and r["kv_cache_bytes"] > 0 for r in ours)
+    hf = {(r["batch_size"], r["input_length"]): r["e2e_tokens_per_s"] for r in rows if r["engine"] == "transformers"}
+    assert all(
+        r["e2e_vs_hf"] == pytest.approx(r["e2e_tokens_per_s"] / hf[r["batch_size"], r["input_length"]]) for r in ours
+    )
+    assert open(f"{stem}_throughput.png", "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+    printed = capsys.readouterr().out
+    assert "| batch_size | input length | output length | engine | first token (ms) |" in printed
