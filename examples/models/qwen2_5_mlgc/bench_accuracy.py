@@ -16,6 +16,7 @@ Prefill always attends over the whole prompt; compression shows in what decode r
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import random
 from pathlib import Path
@@ -131,8 +132,14 @@ def main(argv=None) -> str:
     args.out.mkdir(parents=True, exist_ok=True)
     model = str(resolve_model_path(args.model_path))
     caches = plans(model, args.out, args.block_size, args.sink, args.recent)
+    done_path = args.out / "accuracy_rows.json"  # rows so far: a stopped run resumes where it was
+    done = json.loads(done_path.read_text()) if done_path.is_file() else {}
     rows = []
     for name, plan in tqdm(caches.items(), desc="Caches"):
+        key = f"{name}|{args.tasks}|{args.contexts}|{args.sink}|{args.recent}|{args.block_size}"
+        if key in done:
+            rows.append(done[key])
+            continue
         engine = engine_for(model, plan, max(args.contexts) + 256, args.block_size)
         row = {"cache": name, "kv at 8K": f"{engine_kv_share(engine, 8192, args.block_size):.0%}"}
         if "passkey" in args.tasks:
@@ -142,6 +149,8 @@ def main(argv=None) -> str:
             window_end = args.sink + (plan.recent if plan else args.recent) + 1
             row["ppl GPL-3"], row["ppl past window"] = run_ppl(engine, 2048, 64, window_end)
         rows.append(row)
+        done[key] = row
+        done_path.write_text(json.dumps(done, indent=1))
         del engine
     columns = list(rows[0])
     text = f"Default model, bf16, sink={args.sink}, recent={args.recent} (aligned), block_size={args.block_size}\n\n"

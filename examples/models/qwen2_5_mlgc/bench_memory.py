@@ -11,6 +11,7 @@ fixed cache budget. Writes memory.md and memory.png.
 from __future__ import annotations
 
 import argparse
+import tempfile
 from pathlib import Path
 
 import torch
@@ -29,11 +30,11 @@ MODELS = {  # name -> (config folder, cache budget for the "sequences that fit" 
 }
 
 
-def config_of(name: str, tmp: Path):
-    folder = tmp / name
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "config.json").write_text((HERE / "configs" / f"{name}.json").read_text())
-    return load_qwen2_config(folder)
+def config_of(name: str):
+    """The shipped config of `name`, read the way a weight folder's config.json is."""
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / "config.json").write_text((HERE / "configs" / f"{name}.json").read_text())
+        return load_qwen2_config(tmp)
 
 
 def layouts(config, block_size: int, sink: int, recent: int) -> dict[str, GroupLayout]:
@@ -91,7 +92,7 @@ def main(argv=None) -> str:
     args.out.mkdir(parents=True, exist_ok=True)
     rows, per_level = [], {}
     for model, (name, budget) in MODELS.items():
-        config = config_of(name, args.out / "configs")
+        config = config_of(name)
         rows += rows_for(model, config, budget, args.block_size, args.sink, args.recent)
         if "7B" in model:
             for cache, layout in layouts(config, args.block_size, args.sink, args.recent).items():
