@@ -39,17 +39,20 @@ FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. Th
 DEPTHS = [i / 10 + 0.05 for i in range(10)]
 
 
-def plans(model: str, out: Path, block_size: int, sink: int, recent: int) -> dict[str, MlgcPlan | None]:
-    """The caches compared, by name (None = full cache). Calibrated plans are cached in `out`."""
+def plans(
+    model: str, out: Path, block_size: int, sink: int, recent: int, ratios: list[float]
+) -> dict[str, MlgcPlan | None]:
+    """The caches compared, by name (None = full cache): random takes the first ratio's budget.
+    Calibrated plans are cached in `out`."""
     config = get_router(model).get_config()
     found: dict[str, MlgcPlan | None] = {"full": None}
-    for ratio in (0.25, 0.5):
+    for ratio in ratios:
         path = out / f"plan_razor_{ratio}.json"
         if not path.is_file():
             calibrate(model, CalibrationConfig(ratio, sink, recent, block_size=block_size), progress=False).save(path)
         found[f"MLGC {ratio}"] = MlgcPlan.load(path)
     found["streaming"] = baseline_plan("streaming", config, block_size, sink, recent)
-    found["random 0.25"] = baseline_plan("random", config, block_size, sink, recent, full_ratio=0.25)
+    found[f"random {ratios[0]}"] = baseline_plan("random", config, block_size, sink, recent, full_ratio=ratios[0])
     return found
 
 
@@ -127,11 +130,15 @@ def main(argv=None) -> str:
     ap.add_argument("--block-size", type=int, default=128)
     ap.add_argument("--sink", type=int, default=64)
     ap.add_argument("--recent", type=int, default=1024)
+    ap.add_argument("--ratios", nargs="+", type=float, default=[0.25, 0.5], help="full ratios of calibrated plans")
+    ap.add_argument("--caches", nargs="*", default=None, help="only these caches, by name (default: all)")
     ap.add_argument("--out", type=Path, default=HERE / "results")
     args = ap.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     model = str(resolve_model_path(args.model_path))
-    caches = plans(model, args.out, args.block_size, args.sink, args.recent)
+    caches = plans(model, args.out, args.block_size, args.sink, args.recent, args.ratios)
+    if args.caches:
+        caches = {name: plan for name, plan in caches.items() if name in args.caches}
     done_path = args.out / "accuracy_rows.json"  # rows so far: a stopped run resumes where it was
     done = json.loads(done_path.read_text()) if done_path.is_file() else {}
     rows = []
