@@ -70,15 +70,18 @@ def merge_accuracy(ours: list[dict], theirs: list[dict] | None) -> list[dict]:
     ]
 
 
+def _fmt(x: float, spec: str = ".4f") -> str:
+    return "-" if math.isnan(x) else format(x, spec)  # nan: a category with no items
+
+
 def accuracy_markdown(rows: list[dict], name: str = "atb_llm") -> str:
     """The seeds' table: a row per category and Avg acc; with the reference, its column and the diff."""
     compare = "hf_accuracy" in rows[0]
-    fmt = lambda x, spec=".4f": "-" if math.isnan(x) else format(x, spec)  # noqa: E731 (no items)
     table = []
     for r in rows:
-        line = {"category": r["category"], "items": r["items"], name: fmt(r["accuracy"])}
+        line = {"category": r["category"], "items": r["items"], name: _fmt(r["accuracy"])}
         if compare:
-            line.update(transformers=fmt(r["hf_accuracy"]), diff=fmt(r["diff"], "+.4f"))
+            line.update(transformers=_fmt(r["hf_accuracy"]), diff=_fmt(r["diff"], "+.4f"))
         table.append(line)
     columns = ["category", "items", name] + (["transformers", "diff"] if compare else [])
     return markdown_table(table, columns)
