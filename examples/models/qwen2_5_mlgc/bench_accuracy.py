@@ -40,20 +40,22 @@ DEPTHS = [i / 10 + 0.05 for i in range(10)]
 
 
 def plans(
-    model: str, out: Path, block_size: int, sink: int, recent: int, ratios: list[float]
+    model: str, out: Path, block_size: int, sink: int, recent: int, ratios: list[float], only: list[str] | None
 ) -> dict[str, MlgcPlan | None]:
-    """The caches compared, by name (None = full cache): random takes the first ratio's budget.
-    Calibrated plans are cached in `out`."""
+    """The caches compared, by name (None = full cache), all or `only` these: random takes the
+    first ratio's budget. Calibrated plans are cached in `out`; only those compared are made."""
     config = get_router(model).get_config()
     found: dict[str, MlgcPlan | None] = {"full": None}
     for ratio in ratios:
+        if only and f"MLGC {ratio}" not in only:
+            continue
         path = out / f"plan_razor_{ratio}.json"
         if not path.is_file():
             calibrate(model, CalibrationConfig(ratio, sink, recent, block_size=block_size), progress=False).save(path)
         found[f"MLGC {ratio}"] = MlgcPlan.load(path)
     found["streaming"] = baseline_plan("streaming", config, block_size, sink, recent)
     found[f"random {ratios[0]}"] = baseline_plan("random", config, block_size, sink, recent, full_ratio=ratios[0])
-    return found
+    return {name: plan for name, plan in found.items() if not only or name in only}
 
 
 def engine_for(model: str, plan: MlgcPlan | None, max_input: int, block_size: int) -> LLMEngine:
@@ -136,9 +138,7 @@ def main(argv=None) -> str:
     args = ap.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     model = str(resolve_model_path(args.model_path))
-    caches = plans(model, args.out, args.block_size, args.sink, args.recent, args.ratios)
-    if args.caches:
-        caches = {name: plan for name, plan in caches.items() if name in args.caches}
+    caches = plans(model, args.out, args.block_size, args.sink, args.recent, args.ratios, args.caches)
     done_path = args.out / "accuracy_rows.json"  # rows so far: a stopped run resumes where it was
     done = json.loads(done_path.read_text()) if done_path.is_file() else {}
     rows = []
