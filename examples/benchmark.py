@@ -13,7 +13,7 @@ import gc
 
 import torch
 
-from atb_llm.models.base.config import parse_dtype
+from atb_llm.config import parse_dtype
 from atb_llm.runtime.engine import EngineConfig, LLMEngine
 from atb_llm.utils.default_model import resolve_model_path
 from atb_llm.utils.perf import load_hf, markdown_table, measure_engine, measure_hf

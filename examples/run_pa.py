@@ -10,7 +10,7 @@ import json
 import time
 from pathlib import Path
 
-from atb_llm.cache.layout import GroupLayout
+from atb_llm.compression.layout import GroupLayout
 from atb_llm.compression.memory import kv_bytes
 from atb_llm.runtime.engine import EngineConfig, LLMEngine
 from atb_llm.runtime.sequence import SamplingParams
@@ -19,7 +19,6 @@ from atb_llm.utils.default_model import resolve_model_path
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description="Qwen2.5 paged-attention inference (MindIE run_pa options)")
-    p.add_argument("--model_path", "-m", default=None, help="Hugging Face weight folder (default: the default model)")
     p.add_argument("--input_texts", nargs="+", default=["What's deep learning?"], help="one or more prompts")
     p.add_argument(
         "--input_file",
@@ -27,22 +26,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="prompts: .txt (one per line) or .jsonl (a string, {'prompt': ...}, {'messages': [...]} "
         "or a list of chat messages per line)",
     )
-    p.add_argument("--max_batch_size", type=int, default=8)
-    p.add_argument("--max_input_length", type=int, default=2048)
-    p.add_argument("--max_output_length", type=int, default=128)
-    p.add_argument("--max_prefill_tokens", type=int, default=8192)
-    p.add_argument("--block_size", type=int, default=128)
-    p.add_argument("--num_blocks", type=int, default=None, help="cache blocks (default: fit max_batch_size sequences)")
-    p.add_argument("--cache_memory_gb", type=float, default=None, help="cache memory budget instead of --num_blocks")
     p.add_argument("--is_chat_model", action="store_true", help="apply the model's chat template")
     p.add_argument("--ignore_eos", action="store_true", help="always generate max_output_length tokens")
-    p.add_argument("--dtype", default=None, choices=["bf16", "fp16", "fp32"], help="default: the checkpoint's")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--mlgc", default="off", help="KV compression: off | auto | PLAN.json | streaming | random")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--top_k", type=int, default=0)
     p.add_argument("--top_p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=None)
+    EngineConfig.add_cli_args(p, max_output_length=128)
     return p.parse_args(argv)
 
 
@@ -98,19 +88,7 @@ def kv_report(engine: LLMEngine, outputs: list) -> str:
 def main(argv: list[str] | None = None) -> list:
     args = parse_args(argv)
     prompts = read_prompts(args)
-    cfg = EngineConfig(
-        model_path=str(resolve_model_path(args.model_path)),
-        dtype=args.dtype,
-        device=args.device,
-        max_batch_size=args.max_batch_size,
-        max_input_length=args.max_input_length,
-        max_output_length=args.max_output_length,
-        max_prefill_tokens=args.max_prefill_tokens,
-        block_size=args.block_size,
-        num_blocks=args.num_blocks,
-        cache_memory_gb=args.cache_memory_gb,
-        mlgc=args.mlgc,
-    )
+    cfg = EngineConfig.from_cli_args(args, model_path=str(resolve_model_path(args.model_path)))
     engine = LLMEngine(cfg)
     engine.warmup()
     params = SamplingParams(

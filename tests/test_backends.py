@@ -1,6 +1,6 @@
 import pytest
 
-from atb_llm.layers.attention.backend import get_backend
+from atb_llm.layers.attention.selector import get_backend
 from atb_llm.layers.attention.torch_backend import TorchBackend
 
 

@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from atb_llm.cache.layout import GroupLayout
+from atb_llm.compression.layout import GroupLayout
 from atb_llm.compression.levels import Level, Window, WindowInt8
 from atb_llm.runtime.engine import EngineConfig, LLMEngine
 from atb_llm.runtime.sequence import SamplingParams

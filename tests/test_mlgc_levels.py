@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from atb_llm.cache.cache_manager import CacheConfig, CacheManager
-from atb_llm.cache.layout import GroupLayout
+from atb_llm.compression.layout import GroupLayout
 from atb_llm.compression.levels import FullInt8, Level, Window, WindowInt8
 from atb_llm.layers.attention.metadata import AttentionMetadata
 from atb_llm.layers.attention.torch_backend import TorchBackend
@@ -104,12 +104,12 @@ def test_decode_equals_direct_computation_over_kept_tokens(level, tol):
     layout = GroupLayout.uniform(1, hkv, level)
     cm = CacheManager(layout, CacheConfig(block_size=bs), d, torch.float32, max_batch_size=1, max_seq_len=64)
     seq = Sequence(list(range(20)), SamplingParams(max_tokens=30))
-    cm.block_manager.allocate(seq)
+    cm.block_manager.allocate(seq.block_table, seq.num_tokens)
     keys, values = torch.randn(20, hkv, d), torch.randn(20, hkv, d)
 
     def step_meta(is_prefill, positions):
         n = torch.tensor([seq.num_tokens])
-        tables = cm.block_tables([seq])
+        tables = cm.block_tables([seq.block_table])
         slots = cm.slots(tables, torch.zeros(len(positions), dtype=torch.int64), positions, n)
         return AttentionMetadata.build(is_prefill, tables, slots, n, seq.num_tokens, bs, torch.float32)
 
@@ -118,7 +118,7 @@ def test_decode_equals_direct_computation_over_kept_tokens(level, tol):
     for _ in range(12):  # every step evicts one more token into the compensation slot
         k, v = torch.randn(1, hkv, d), torch.randn(1, hkv, d)
         seq.output_token_ids.append(0)
-        cm.block_manager.may_append(seq)
+        cm.block_manager.may_append(seq.block_table, seq.num_tokens)
         meta = step_meta(False, torch.tensor([seq.num_tokens - 1]))
         cm.kv_cache.store(0, k, v, meta)
         keys, values = torch.cat([keys, k]), torch.cat([values, v])

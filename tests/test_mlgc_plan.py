@@ -5,9 +5,9 @@ import shutil
 
 import pytest
 
-from atb_llm.compression.calibration import CalibrationConfig, calibrate, choose_full
 from atb_llm.compression.plan import PLAN_NAME, MlgcPlan, aligned_recent, baseline_plan, resolve_layout
 from atb_llm.models.qwen2_mlgc.config_qwen2_mlgc import load_qwen2_config
+from atb_llm.runtime.calibration import CalibrationConfig, calibrate, choose_full
 from examples import run_pa
 from examples.models.qwen2_5_mlgc import calibrate as calibrate_cli
 

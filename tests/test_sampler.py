@@ -1,6 +1,6 @@
 import torch
 
-from atb_llm.layers.sampler import Sampler, _filter
+from atb_llm.runtime.sampler import Sampler, _filter
 from atb_llm.runtime.sequence import SamplingParams, Sequence
 
 

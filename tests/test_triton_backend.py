@@ -18,10 +18,10 @@ if os.environ["TRITON_INTERPRET"] != "1" and not torch.cuda.is_available():
     pytest.skip("TRITON_INTERPRET is off and there is no GPU to run the kernels", allow_module_level=True)
 
 from atb_llm.cache.cache_manager import CacheConfig, CacheManager  # noqa: E402
-from atb_llm.cache.layout import GroupLayout  # noqa: E402
+from atb_llm.compression.layout import GroupLayout  # noqa: E402
 from atb_llm.compression.levels import make_level  # noqa: E402
-from atb_llm.layers.attention.backend import get_backend  # noqa: E402
 from atb_llm.layers.attention.metadata import AttentionMetadata  # noqa: E402
+from atb_llm.layers.attention.selector import get_backend  # noqa: E402
 from atb_llm.layers.attention.torch_backend import TorchBackend  # noqa: E402
 from atb_llm.layers.attention.triton_backend import TritonBackend  # noqa: E402
 from atb_llm.runtime.engine import EngineConfig, LLMEngine  # noqa: E402
@@ -51,11 +51,11 @@ def build_step(heads, lengths, block_size, head_dim, dtype, is_prefill, layers=1
         s = Sequence(list(range(n if is_prefill else n - 1)), SamplingParams())
         if not is_prefill:
             s.output_token_ids.append(0)
-        cm.block_manager.allocate(s)
+        cm.block_manager.allocate(s.block_table, s.num_tokens)
         seqs.append(s)
     a = ModelRunner(None, cm).prepare(seqs, is_prefill)
     meta = AttentionMetadata.build(
-        is_prefill, a["block_tables"], a["slots"], a["input_lengths"], a["max_seq_len"], block_size, dtype
+        is_prefill, a.block_tables, a.slots, a.input_lengths, a.max_seq_len, block_size, dtype
     )
     g = torch.Generator().manual_seed(seed)
     for pool in cm.kv_cache.pools.values():

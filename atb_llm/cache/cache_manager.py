@@ -8,9 +8,9 @@ from dataclasses import dataclass
 import torch
 
 from atb_llm.cache.block_manager import BlockManager
-from atb_llm.cache.kv_cache import KVCache, KVPool
-from atb_llm.cache.layout import INT8_POOL, GroupLayout, pool_of
-from atb_llm.runtime.sequence import Sequence
+from atb_llm.cache.block_table import BlockTable
+from atb_llm.cache.kv_cache import KVCache
+from atb_llm.compression.layout import GroupLayout
 
 
 @dataclass
@@ -44,6 +44,7 @@ class CacheManager:
         device: torch.device | str = "cpu",
     ):
         self.layout, self.cfg, self.head_dim, self.dtype = layout, cfg, head_dim, dtype
+        self._storages = layout.storages()
         probe = BlockManager(layout, dict.fromkeys(layout.pools(), 1), cfg.block_size)
         self.per_sequence = probe.blocks_needed(max_seq_len)  # blocks per pool, one full-length sequence
         self.num_blocks = self._size_pools(max_batch_size)
@@ -53,7 +54,7 @@ class CacheManager:
         self._level_groups = [(lv, torch.tensor(gs, device=self.device)) for lv, gs in layout.groups_by_level().items()]
 
     def bytes_per_block(self, pool: str) -> int:
-        return KVPool.bytes_per_block(self.cfg.block_size, self.head_dim, self.dtype, pool == INT8_POOL)
+        return self._storages[pool].bytes_per_block(self.cfg.block_size, self.head_dim, self.dtype)
 
     def _size_pools(self, max_batch_size: int) -> dict[str, int]:
         need = {p: max(n, 1) for p, n in self.per_sequence.items()}
@@ -78,24 +79,14 @@ class CacheManager:
         return all(n <= self.num_blocks[p] for p, n in self.blocks_for(num_tokens).items())
 
     # ---- per-step tensors -------------------------------------------------------------------
-    def block_tables(self, seqs: list[Sequence]) -> torch.Tensor:
-        """[G, B, max_blocks] int64 block ids, padded with 0."""
-        tabs = [self._seq_table(s) for s in seqs]
+    def block_tables(self, tables: list[BlockTable]) -> torch.Tensor:
+        """[G, B, max_blocks] int64 block ids of B sequences, padded with 0."""
+        tabs = [t.tensor() for t in tables]
         width = max(t.shape[1] for t in tabs)
-        out = torch.zeros(self.layout.num_groups, len(seqs), width, dtype=torch.int64)
+        out = torch.zeros(self.layout.num_groups, len(tabs), width, dtype=torch.int64)
         for i, t in enumerate(tabs):
             out[:, i, : t.shape[1]] = t
         return out.to(self.device)
-
-    @staticmethod
-    def _seq_table(seq: Sequence) -> torch.Tensor:
-        cached = getattr(seq, "_table_cache", None)
-        if cached is None or cached[0] != seq.table_version:
-            width = max(len(r) for r in seq.block_table)
-            rows = [r + [0] * (width - len(r)) for r in seq.block_table]
-            cached = (seq.table_version, torch.tensor(rows, dtype=torch.int64))
-            seq._table_cache = cached
-        return cached[1]
 
     def slots(
         self, block_tables: torch.Tensor, seq_idx: torch.Tensor, positions: torch.Tensor, input_lengths: torch.Tensor
@@ -114,7 +105,7 @@ class CacheManager:
         for level, groups in self.layout.groups_by_level().items():
             row = out.setdefault(level.name, {"groups": 0, "blocks_used": 0, "blocks_peak": 0})
             row["groups"] += len(groups)
-        bpb = {lv.name: self.bytes_per_block(pool_of(lv)) for lv in self.layout.groups_by_level()}
+        bpb = {lv.name: self.bytes_per_block(lv.pool) for lv in self.layout.groups_by_level()}
         for name, row in out.items():
             row.update(blocks_used=bm.used_by_level[name], blocks_peak=bm.peak_by_level[name])
             row.update(bytes_used=row["blocks_used"] * bpb[name], bytes_peak=row["blocks_peak"] * bpb[name])

@@ -7,7 +7,8 @@ from dataclasses import dataclass
 
 import torch
 
-from atb_llm.cache.layout import INT8_POOL, GroupLayout
+from atb_llm.compression.layout import GroupLayout
+from atb_llm.compression.levels import Storage
 
 
 @dataclass
@@ -26,12 +27,12 @@ class KVPool:
         block_size: int,
         head_dim: int,
         dtype: torch.dtype,
-        int8: bool,
+        storage: Storage,
         device: torch.device | str = "cpu",
     ) -> KVPool:
         shape = (num_blocks, block_size, head_dim)
         # zeros, not empty: slots past a group's read length are masked, and must not hold NaN
-        if not int8:
+        if not storage.int8:
             return cls(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
         scale = (num_blocks, block_size)
         return cls(
@@ -40,12 +41,6 @@ class KVPool:
             torch.zeros(scale, dtype=torch.float32, device=device),
             torch.zeros(scale, dtype=torch.float32, device=device),
         )
-
-    @staticmethod
-    def bytes_per_block(block_size: int, head_dim: int, dtype: torch.dtype, int8: bool) -> int:
-        if int8:
-            return 2 * block_size * (head_dim + 4)
-        return 2 * block_size * head_dim * torch.empty(0, dtype=dtype).element_size()
 
     @property
     def is_int8(self) -> bool:
@@ -63,7 +58,7 @@ class KVPool:
             self.v.view(-1, d).index_copy_(0, slots, v.to(self.v.dtype))
             return
         for data, scale, x in ((self.k, self.k_scale, k), (self.v, self.v_scale, v)):
-            q, s = quantize_int8(x)
+            q, s = Storage.quantize(x)
             data.view(-1, d).index_copy_(0, slots, q)
             scale.view(-1).index_copy_(0, slots, s)
 
@@ -72,8 +67,9 @@ class KVPool:
         d = self.k.shape[-1]
         k, v = self.k.view(-1, d)[slots], self.v.view(-1, d)[slots]
         if self.is_int8:
-            k = k.to(dtype) * self.k_scale.view(-1)[slots, None].to(dtype)
-            v = v.to(dtype) * self.v_scale.view(-1)[slots, None].to(dtype)
+            return Storage.dequantize(k, self.k_scale.view(-1)[slots], dtype), Storage.dequantize(
+                v, self.v_scale.view(-1)[slots], dtype
+            )
         return k.to(dtype), v.to(dtype)
 
     def gather(self, tables: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -82,16 +78,9 @@ class KVPool:
         shape = (*tables.shape[:-1], -1, self.k.shape[-1])
         k, v = self.k.index_select(0, ids), self.v.index_select(0, ids)  # index_select: 5x advanced indexing
         if self.is_int8:
-            k = k.to(dtype) * self.k_scale.index_select(0, ids).unsqueeze(-1).to(dtype)
-            v = v.to(dtype) * self.v_scale.index_select(0, ids).unsqueeze(-1).to(dtype)
+            k = Storage.dequantize(k, self.k_scale.index_select(0, ids), dtype)
+            v = Storage.dequantize(v, self.v_scale.index_select(0, ids), dtype)
         return k.view(shape), v.view(shape)
-
-
-def quantize_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric per-row int8: x [N, D] -> (int8 [N, D], fp32 scale [N])."""
-    x = x.float()
-    scale = x.abs().amax(-1).clamp(min=1e-8) / 127.0
-    return torch.round(x / scale[:, None]).clamp(-127, 127).to(torch.int8), scale
 
 
 class KVCache:
@@ -111,8 +100,9 @@ class KVCache:
         dtype: torch.dtype,
         device: torch.device | str = "cpu",
     ) -> KVCache:
+        storages = layout.storages()
         pools = {
-            name: KVPool.allocate(n, block_size, head_dim, dtype, name == INT8_POOL, device)
+            name: KVPool.allocate(n, block_size, head_dim, dtype, storages[name], device)
             for name, n in num_blocks.items()
         }
         return cls(layout, pools, block_size, dtype)
@@ -155,16 +145,12 @@ class KVCache:
         comp = self.flat_slots(tables, rows, torch.full_like(rows, level.comp_slot)).T  # [R, h]
         if meta.is_prefill:  # the evicted middle is in this step's tokens: average it directly
             for i, b in enumerate(rows.tolist()):
-                start = int(meta.cu_seqlens[b]) + level.sink
-                end = start + int(evicted[b])
-                pool.write(comp[i], k[start:end].float().mean(0), v[start:end].float().mean(0))
+                start = int(meta.cu_seqlens[b])
+                pool.write(comp[i], *level.fold_prompt(k[start:], v[start:], int(evicted[b])))
             return
         # decode: the slot a new token overwrites holds the token leaving the window; fold it in
         old, dst = slots[rows].flatten(), comp.flatten()
         ok, ov = pool.read(old, torch.float32)
         ck, cv = pool.read(dst, torch.float32)
         e = evicted[rows].repeat_interleave(comp.shape[1]).float()[:, None]
-        first = e == 1  # the slot held nothing meaningful before the first eviction
-        ck = torch.where(first, ok, ck + (ok - ck) / e)
-        cv = torch.where(first, ov, cv + (ov - cv) / e)
-        pool.write(dst, ck, cv)
+        pool.write(dst, level.fold_token(ck, ok, e), level.fold_token(cv, ov, e))

@@ -10,7 +10,11 @@ group's block table, at offset i % block_size):
   logit gets `+log(n_evicted)` (RazorAttention), so the evicted attention mass is approximated.
 
 Keys are cached after RoPE at their original positions, so the order of slots does not matter
-and eviction needs no re-rotation. int8 variants keep the same geometry in the int8 pool.
+and eviction needs no re-rotation.
+
+Each level also names its `Storage`: the model dtype, or int8 with a per-token fp32 scale (the
+`_int8` variants keep the same geometry in the int8 pool). Storage says what a block costs and
+how values are quantized; the cache and every backend read it from here.
 """
 
 from __future__ import annotations
@@ -23,11 +27,41 @@ import torch
 
 
 @dataclass(frozen=True)
+class Storage:
+    """How a pool holds K and V. `name` is the block pool the level's blocks come from."""
+
+    name: str
+    int8: bool
+
+    def bytes_per_block(self, block_size: int, head_dim: int, dtype: torch.dtype) -> int:
+        """K and V of one block (int8: codes plus one fp32 scale per token and tensor)."""
+        if self.int8:
+            return 2 * block_size * (head_dim + 4)
+        return 2 * block_size * head_dim * torch.empty(0, dtype=dtype).element_size()
+
+    @staticmethod
+    def quantize(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Symmetric per-token int8: x [N, D] -> (int8 [N, D], fp32 scale [N])."""
+        x = x.float()
+        scale = x.abs().amax(-1).clamp(min=1e-8) / 127.0
+        return torch.round(x / scale[:, None]).clamp(-127, 127).to(torch.int8), scale
+
+    @staticmethod
+    def dequantize(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """q [..., D] int8, scale [...] -> [..., D] in `dtype`."""
+        return q.to(dtype) * scale.unsqueeze(-1).to(dtype)
+
+
+MODEL_STORAGE = Storage("model", int8=False)
+INT8_STORAGE = Storage("int8", int8=True)
+
+
+@dataclass(frozen=True)
 class Level:
     """Keeps every token (`full`). Subclasses override the geometry."""
 
     name: ClassVar[str] = "full"
-    int8: ClassVar[bool] = False
+    storage: ClassVar[Storage] = MODEL_STORAGE
     drops_tokens: ClassVar[bool] = False  # whether slot_of ever returns -1
 
     @property
@@ -53,6 +87,18 @@ class Level:
     def evicted(self, n: torch.Tensor) -> torch.Tensor:
         """n: [B] -> [B] tokens folded into the compensation slot."""
         return torch.zeros_like(n)
+
+    @property
+    def int8(self) -> bool:
+        return self.storage.int8
+
+    @property
+    def pool(self) -> str:
+        return self.storage.name
+
+    def as_int8(self) -> Level:
+        """The same geometry in int8 storage (the C8 KV cache)."""
+        return self if self.int8 else FullInt8()
 
     def describe(self) -> str:
         return self.name
@@ -100,6 +146,26 @@ class Window(Level):
     def evicted(self, n: torch.Tensor) -> torch.Tensor:
         return (n - self.sink - self.recent).clamp(min=0)
 
+    def as_int8(self) -> Level:
+        return self if self.int8 else WindowInt8(sink=self.sink, recent=self.recent)
+
+    def comp_bias(self, n: torch.Tensor) -> torch.Tensor:
+        """n: [B] -> [B] fp32 logit bias of the compensation slot: log(n_evicted), -inf while none."""
+        e = self.evicted(n).to(torch.float32)
+        return torch.where(e > 0, e.clamp(min=1).log(), float("-inf"))
+
+    def fold_prompt(self, k: torch.Tensor, v: torch.Tensor, evicted: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Compensation K/V after a prefill: k, v [n, ..., D] one prompt -> the fp32 means of the
+        evicted middle, tokens sink .. sink + evicted."""
+        mid = slice(self.sink, self.sink + evicted)
+        return k[mid].float().mean(0), v[mid].float().mean(0)
+
+    @staticmethod
+    def fold_token(comp: torch.Tensor, old: torch.Tensor, evicted: torch.Tensor) -> torch.Tensor:
+        """Running mean in decode: comp, old [N, D] fp32 (compensation, token leaving the ring),
+        evicted [N, 1] tokens evicted counting `old`. The slot holds nothing before the first."""
+        return torch.where(evicted == 1, old, comp + (old - comp) / evicted)
+
     def describe(self) -> str:
         return f"{self.name}(sink={self.sink}, recent={self.recent})"
 
@@ -107,13 +173,13 @@ class Window(Level):
 @dataclass(frozen=True)
 class FullInt8(Level):
     name: ClassVar[str] = "full_int8"
-    int8: ClassVar[bool] = True
+    storage: ClassVar[Storage] = INT8_STORAGE
 
 
 @dataclass(frozen=True)
 class WindowInt8(Window):
     name: ClassVar[str] = "window_int8"
-    int8: ClassVar[bool] = True
+    storage: ClassVar[Storage] = INT8_STORAGE
 
 
 LEVELS: dict[str, type[Level]] = {cls.name: cls for cls in (Level, Window, FullInt8, WindowInt8)}

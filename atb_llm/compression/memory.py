@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from atb_llm.cache.kv_cache import KVPool
-from atb_llm.cache.layout import GroupLayout
+from atb_llm.compression.layout import GroupLayout
 
 
 def kv_bytes_by_level(
@@ -14,7 +13,7 @@ def kv_bytes_by_level(
     """Bytes one sequence of `num_tokens` tokens holds, per level name."""
     out: dict[str, int] = {}
     for level, groups in layout.groups_by_level().items():
-        per_block = KVPool.bytes_per_block(block_size, head_dim, dtype, level.int8)
+        per_block = level.storage.bytes_per_block(block_size, head_dim, dtype)
         out[level.name] = out.get(level.name, 0) + len(groups) * level.blocks(num_tokens, block_size) * per_block
     return out
 

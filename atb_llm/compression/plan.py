@@ -12,9 +12,9 @@ import random
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from atb_llm.cache.layout import GroupLayout
+from atb_llm.compression.layout import GroupLayout
 from atb_llm.compression.levels import LEVELS, Level, Window, make_level
-from atb_llm.models.base.config import ModelConfig
+from atb_llm.config import ModelConfig
 
 PLAN_NAME = "mlgc_plan.json"
 FORMAT = "mlgc-plan/1"
@@ -98,11 +98,6 @@ class MlgcPlan:
             for name in row:
                 out[name] = out.get(name, 0) + 1
         return out
-
-    def kv_fraction(self, num_tokens: int) -> float:
-        """KV slots held at `num_tokens` tokens, relative to the full cache (dtype aside)."""
-        slots = sum(lv.slots_used(num_tokens) for lv in self.level_objects())
-        return slots / (num_tokens * self.num_layers * self.num_kv_heads)
 
 
 def select_full(scores: list[float], num_full: int) -> set[int]:

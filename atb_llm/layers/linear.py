@@ -1,7 +1,9 @@
 """Linear layers with per-parameter weight loaders, so fused projections load from Hugging Face names.
 
-How a layer multiplies is a `LinearMethod` injected at construction (plain, or a quantized one);
-model code never sees which.
+How a layer holds its weights and multiplies is a `LinearMethod` injected at construction (plain,
+or one of the quantized formats in `atb_llm.quantization`); model code never sees which. A method
+creates the layer's parameters (`create_weights`), may repack them once loaded
+(`process_weights_after_loading`) and computes the product (`apply`).
 """
 
 from __future__ import annotations
@@ -25,8 +27,13 @@ def default_weight_loader(param: nn.Parameter, loaded: torch.Tensor, name: str, 
 
 
 class LinearMethod:
-    """Plain matmul in the model dtype. On CPU, bf16 weights are repacked once for oneDNN,
-    which reads them about 1.5x faster than the generic kernel on AMX/AVX512 machines."""
+    """Plain matmul in the model dtype. On CPU, bf16 weights are repacked once for oneDNN where the
+    CPU has the bf16 instructions for it (AVX512-BF16/AMX: about 1.5x the generic kernel)."""
+
+    def create_weights(self, layer: LinearBase, bias: bool) -> None:
+        layer.add_param("weight", (layer.output_size, layer.input_size))
+        if bias:
+            layer.add_param("bias", (layer.output_size,))
 
     def process_weights_after_loading(self, layer: LinearBase) -> None:
         w = layer.weight
@@ -34,7 +41,7 @@ class LinearMethod:
         if w.device.type == "cpu" and w.dtype == torch.bfloat16 and torch.backends.mkldnn.is_available():
             try:
                 layer.packed = torch.ops.mkldnn._reorder_linear_weight(w.data, batch_size=1)
-            except (RuntimeError, AttributeError):  # a torch without the oneDNN linear ops
+            except (RuntimeError, AttributeError):  # a torch or a CPU without the oneDNN bf16 linear
                 return
             if not layer.shares_weight:  # keep one copy in memory: the packed one
                 w.data = torch.empty(0, dtype=w.dtype)
@@ -49,15 +56,24 @@ class LinearBase(nn.Module):
     def __init__(self, input_size: int, output_size: int, bias: bool, method: LinearMethod | None = None):
         super().__init__()
         self.input_size, self.output_size = input_size, output_size
+        self.dtype = torch.get_default_dtype()  # the model dtype (models are built under it)
         self.method = method or LinearMethod()
-        self.weight = nn.Parameter(torch.empty(output_size, input_size), requires_grad=False)
-        self.weight.weight_loader = self.weight_loader
-        self.bias = None
-        if bias:
-            self.bias = nn.Parameter(torch.empty(output_size), requires_grad=False)
-            self.bias.weight_loader = self.weight_loader
         self.packed = None
         self.shares_weight = False  # True when tied to the embedding
+        self.method.create_weights(self, bias)
+        if not bias:
+            self.bias = None
+
+    def add_param(
+        self, name: str, shape: tuple[int, ...], dtype: torch.dtype | None = None, pack: int = 1, shared: bool = False
+    ) -> nn.Parameter:
+        """A parameter loaded from the checkpoint tensor of the same name. `pack`: output rows per
+        stored row (2 for int4 packed along the output dimension); `shared`: one value for the whole
+        layer (a per-tensor scale), which every fused shard must repeat."""
+        p = nn.Parameter(torch.empty(shape, dtype=dtype or self.dtype), requires_grad=False)
+        p.weight_loader, p.pack, p.shared = self.weight_loader, pack, shared
+        self.register_parameter(name, p)
+        return p
 
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, name: str, shard_id=None) -> None:
         default_weight_loader(param, loaded, name)
@@ -77,14 +93,33 @@ class MergedLinear(LinearBase):
     """
 
     def __init__(self, input_size: int, shards: dict, bias: bool, method: LinearMethod | None = None):
-        super().__init__(input_size, sum(shards.values()), bias, method)
         self.offsets, start = {}, 0
         for shard_id, size in shards.items():
             self.offsets[shard_id] = (start, size)
             start += size
+        super().__init__(input_size, start, bias, method)
+        self._shared_seen: dict[str, tuple] = {}
 
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, name: str, shard_id=None) -> None:
+        if getattr(param, "shared", False):
+            self._load_shared(param, loaded, name, shard_id)
+            return
         start, size = self.offsets[shard_id]
-        target = param.data.narrow(0, start, size)
+        pack = getattr(param, "pack", 1)
+        target = param.data.narrow(0, start // pack, size // pack)
         _check_shape(name, target, loaded)
         target.copy_(loaded)
+
+    def _load_shared(self, param: nn.Parameter, loaded: torch.Tensor, name: str, shard_id) -> None:
+        """A per-tensor value (e.g. W8A8's input_scale): the fused shards must agree on it."""
+        _check_shape(name, param, loaded)
+        key = next(k for k, p in self.named_parameters(recurse=False) if p is param)
+        seen = self._shared_seen.get(key)
+        if seen is not None and not torch.equal(seen[1], loaded):
+            raise ValueError(
+                f"{name} = {loaded.flatten().tolist()} differs from shard {seen[0]!r}'s {seen[1].flatten().tolist()}; "
+                "the projections fused here (q/k/v or gate/up) must share one activation scale and offset. "
+                "Re-export the checkpoint with msModelSlim so that they do"
+            )
+        self._shared_seen[key] = (shard_id, loaded.clone())
+        param.data.copy_(loaded)

@@ -10,38 +10,17 @@ import torch
 from tqdm import tqdm
 
 from atb_llm.cache.cache_manager import CacheConfig, CacheManager
-from atb_llm.cache.layout import GroupLayout
-from atb_llm.layers.attention.backend import AttentionBackend, get_backend
-from atb_llm.models.base.config import parse_dtype
+from atb_llm.compression.layout import GroupLayout
+from atb_llm.compression.plan import resolve_layout
+from atb_llm.config import parse_dtype
+from atb_llm.layers.attention.backend import AttentionBackend
+from atb_llm.layers.attention.selector import get_backend
 from atb_llm.models.base.router import get_router
 from atb_llm.models.base.weights import WeightFiles
+from atb_llm.runtime.engine_config import EngineConfig
 from atb_llm.runtime.model_runner import ModelRunner
 from atb_llm.runtime.scheduler import Scheduler
-from atb_llm.runtime.sequence import SamplingParams, Sequence, SequenceStatus
-
-
-@dataclass
-class EngineConfig:
-    """Every knob of the engine, with MindIE run_pa's names where it has one."""
-
-    model_path: str
-    dtype: str | None = None  # bf16 / fp16 / fp32; None = the checkpoint's torch_dtype
-    device: str = "cpu"
-    max_batch_size: int = 8
-    max_input_length: int = 2048
-    max_output_length: int = 256
-    max_prefill_tokens: int = 8192
-    block_size: int = 128
-    num_blocks: int | None = None
-    cache_memory_gb: float | None = None
-    mlgc: str = "off"  # off | auto | PLAN path | streaming | random (see atb_llm.compression.plan)
-    progress: bool = True
-    attention_backend: str | None = None  # torch | triton | npu; None = by device (cpu torch, cuda triton)
-
-    def __post_init__(self):
-        for name in ("max_batch_size", "max_input_length", "max_output_length", "max_prefill_tokens"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name}={getattr(self, name)} must be at least 1")
+from atb_llm.runtime.sequence import SamplingParams, Sequence
 
 
 @dataclass
@@ -75,10 +54,13 @@ class LLMEngine:
             )
         weights = WeightFiles(cfg.model_path)
         backend = backend or get_backend(cfg.device, cfg.attention_backend)
-        self.model = router.get_model_cls().build(self.model_config, backend, self.dtype, cfg.device)
+        self.quant = router.get_quant_config(cfg.quantize)
+        self.model = router.get_model_cls().build(self.model_config, backend, self.dtype, cfg.device, self.quant)
         self.model.load_weights(weights, progress=cfg.progress)
         self.model.eval()
         self.layout = layout or self._layout()
+        if cfg.kv_quant == "c8" or self.quant.kv_quant == "C8":
+            self.layout = self.layout.as_int8()
         cache_cfg = CacheConfig(cfg.block_size, cfg.num_blocks, cfg.cache_memory_gb)
         self.cache_manager = CacheManager(
             self.layout,
@@ -95,8 +77,6 @@ class LLMEngine:
         self._seqs: dict[str, Sequence] = {}
 
     def _layout(self) -> GroupLayout:
-        from atb_llm.compression.plan import resolve_layout
-
         return resolve_layout(self.cfg.mlgc, self.cfg.model_path, self.model_config, self.cfg.block_size)
 
     # ---- requests ---------------------------------------------------------------------------
@@ -233,6 +213,3 @@ class LLMEngine:
     def warmup(self) -> None:
         """One short request through prefill and decode, so first-call costs are not timed."""
         self.generate([[self.tokenizer.eos_token_id or 0] * 4], SamplingParams(max_tokens=2, ignore_eos=True))
-
-    def is_running(self, seq: Sequence) -> bool:
-        return seq.status is SequenceStatus.RUNNING

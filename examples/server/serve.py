@@ -26,39 +26,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="python -m examples.server", description="OpenAI-compatible HTTP server and web chat page for atb_llm"
     )
-    p.add_argument("--model_path", "-m", default=None, help="Hugging Face weight folder (default: the default model)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--served_model_name", default=None, help="name in /v1/models (default: the folder's name)")
-    p.add_argument("--max_batch_size", type=int, default=8, help="sequences per step; more requests wait their turn")
-    p.add_argument("--max_input_length", type=int, default=2048)
-    p.add_argument("--max_output_length", type=int, default=512, help="the largest max_tokens a request may ask")
-    p.add_argument("--max_prefill_tokens", type=int, default=8192)
-    p.add_argument("--block_size", type=int, default=128)
-    p.add_argument("--num_blocks", type=int, default=None, help="cache blocks (default: fit max_batch_size sequences)")
-    p.add_argument("--cache_memory_gb", type=float, default=None, help="cache memory budget instead of --num_blocks")
-    p.add_argument("--dtype", default=None, choices=["bf16", "fp16", "fp32"], help="default: the checkpoint's")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--mlgc", default="off", help="KV compression: off | auto | PLAN.json | streaming | random")
     p.add_argument("--log_level", default="info", choices=["debug", "info", "warning", "error"])
+    EngineConfig.add_cli_args(p, max_output_length=512)  # max_output_length: the largest max_tokens a request may ask
     return p.parse_args(argv)
 
 
 def engine_config(args: argparse.Namespace, progress: bool = True) -> EngineConfig:
-    return EngineConfig(
-        model_path=str(resolve_model_path(args.model_path)),
-        dtype=args.dtype,
-        device=args.device,
-        max_batch_size=args.max_batch_size,
-        max_input_length=args.max_input_length,
-        max_output_length=args.max_output_length,
-        max_prefill_tokens=args.max_prefill_tokens,
-        block_size=args.block_size,
-        num_blocks=args.num_blocks,
-        cache_memory_gb=args.cache_memory_gb,
-        mlgc=args.mlgc,
-        progress=progress,
-    )
+    return EngineConfig.from_cli_args(args, model_path=str(resolve_model_path(args.model_path)), progress=progress)
 
 
 def start_engine_loop(cfg: EngineConfig) -> EngineLoop:

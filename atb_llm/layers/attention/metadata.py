@@ -53,9 +53,7 @@ class AttentionMetadata:
             mask = torch.zeros(len(n), nb * self.block_size, dtype=self.dtype, device=n.device)
             mask.masked_fill_(pos[None, :] >= read[:, None], float("-inf"))
             if level.comp_slot is not None and level.comp_slot < mask.shape[1]:
-                e = level.evicted(n).to(torch.float32)
-                bias = torch.where(e > 0, e.clamp(min=1).log(), float("-inf"))
-                mask[:, level.comp_slot] = bias.to(self.dtype)
+                mask[:, level.comp_slot] = level.comp_bias(n).to(self.dtype)
             self._views[level] = (nb, mask[:, None, None, :])
         return self._views[level]
 

@@ -16,7 +16,7 @@ import torch
 import triton
 
 from atb_llm.cache.kv_cache import KVCache, KVPool
-from atb_llm.cache.layout import Run
+from atb_llm.compression.layout import Run
 from atb_llm.layers.attention.backend import AttentionBackend
 from atb_llm.layers.attention.metadata import AttentionMetadata
 from atb_llm.layers.attention.torch_backend import TorchBackend
@@ -114,7 +114,7 @@ def _rows_contiguous(x: torch.Tensor) -> torch.Tensor:
 
 def _fold_prompts(kv_cache: KVCache, run: Run, groups: torch.Tensor, k, v, meta: AttentionMetadata) -> None:
     """Prefill of a window run: each compensation slot gets the mean K and V of its prompt's
-    evicted middle (tokens sink .. sink + evicted), as `KVCache.store` does."""
+    evicted middle (the level's `fold_prompt`, as `KVCache.store` uses)."""
     level = run.level
     evicted = level.evicted(meta.input_lengths)
     rows = (evicted > 0).nonzero().flatten()
@@ -123,10 +123,8 @@ def _fold_prompts(kv_cache: KVCache, run: Run, groups: torch.Tensor, k, v, meta:
     heads = list(run.heads)
     comp = kv_cache.flat_slots(meta.block_tables[groups], rows, torch.full_like(rows, level.comp_slot)).T  # [R, h]
     for i, (b, e) in enumerate(zip(rows.tolist(), evicted[rows].tolist())):
-        start = int(meta.cu_seqlens[b]) + level.sink
-        kv_cache.pools[run.pool].write(
-            comp[i], k[start : start + e, heads].float().mean(0), v[start : start + e, heads].float().mean(0)
-        )
+        start = int(meta.cu_seqlens[b])
+        kv_cache.pools[run.pool].write(comp[i], *level.fold_prompt(k[start:, heads], v[start:, heads], e))
 
 
 def tile_size(block_size: int, head_dim: int) -> int:

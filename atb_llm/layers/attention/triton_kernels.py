@@ -183,7 +183,7 @@ def _load_row(data_ptr, scale_ptr, slot, ok, D: tl.constexpr, D_PAD: tl.constexp
 @triton.jit
 def _store_row(data_ptr, scale_ptr, slot, x, ok, D: tl.constexpr, D_PAD: tl.constexpr, INT8: tl.constexpr):
     """Writes fp32 `x` [D_PAD] into row `slot` if `ok`; int8 pools get symmetric per-token
-    quantization, as `quantize_int8` (IEEE division, not the approximate default, so the codes
+    quantization, as `Storage.quantize` (IEEE division, not the approximate default, so the codes
     and scales are the reference's)."""
     dims = tl.arange(0, D_PAD)
     mask = _row_mask(ok, D, D_PAD)

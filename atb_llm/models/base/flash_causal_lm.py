@@ -7,17 +7,19 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from atb_llm.config import ModelConfig
 from atb_llm.layers.attention.backend import AttentionBackend
 from atb_llm.layers.linear import LinearBase, default_weight_loader
-from atb_llm.models.base.config import ModelConfig
 from atb_llm.models.base.weights import WeightFiles
+from atb_llm.quantization.config import QuantConfig
 
 
 class FlashForCausalLM(nn.Module):
     # Hugging Face name fragment -> (our fused parameter fragment, shard id)
     packed_modules_mapping: dict[str, tuple[str, object]] = {}
-    # checkpoint names that carry nothing the model needs
-    ignored_weights: tuple[str, ...] = ("rotary_emb.inv_freq",)
+    # checkpoint names that carry nothing the model needs; C8's static K/V scales are calibrated on K
+    # before RoPE and the cache holds K after it, so the int8 cache computes its own scales (README)
+    ignored_weights: tuple[str, ...] = ("rotary_emb.inv_freq", "kv_cache_scale", "kv_cache_offset")
 
     def __init__(self, config: ModelConfig, backend: AttentionBackend):
         super().__init__()
@@ -26,14 +28,20 @@ class FlashForCausalLM(nn.Module):
 
     @classmethod
     def build(
-        cls, config: ModelConfig, backend: AttentionBackend, dtype: torch.dtype, device: torch.device | str = "cpu"
+        cls,
+        config: ModelConfig,
+        backend: AttentionBackend,
+        dtype: torch.dtype,
+        device: torch.device | str = "cpu",
+        quant: QuantConfig | None = None,
     ) -> FlashForCausalLM:
-        """Parameters are allocated uninitialized in `dtype` on `device`; load or randomize them next."""
+        """Parameters are allocated uninitialized in `dtype` on `device` (quantized ones in their
+        storage dtype, as `quant` picks per linear); load them next."""
         previous = torch.get_default_dtype()
         torch.set_default_dtype(dtype)
         try:
             with torch.device(device):
-                return cls(config, backend)
+                return cls(config, backend, quant)
         finally:
             torch.set_default_dtype(previous)
 
@@ -54,8 +62,8 @@ class FlashForCausalLM(nn.Module):
             param = params.get(target)
             if param is None:
                 raise ValueError(
-                    f"checkpoint tensor {name} has no place in {type(self).__name__}; "
-                    "is this folder a different architecture than its config.json says?"
+                    f"checkpoint tensor {name} has no place in {type(self).__name__} as config.json (and "
+                    "quant_model_description.json, if any) describe it; the folder and its descriptions disagree"
                 )
             getattr(param, "weight_loader", default_weight_loader)(param, tensor, name, shard_id)
             loaded.add(f"{target}:{shard_id}")
@@ -74,16 +82,6 @@ class FlashForCausalLM(nn.Module):
             shards = [(hf, s) for hf, (ours, s) in self.packed_modules_mapping.items() if ours in pname]
             out.extend((pname, s) for _, s in shards) if shards else out.append((pname, None))
         return out
-
-    def init_random_weights(self, seed: int = 0, std: float = 0.02) -> None:
-        """Random weights of the real shapes, for benchmarks where values do not matter."""
-        gen = torch.Generator().manual_seed(seed)
-        for name, p in self.named_parameters():
-            if name.endswith("norm.weight"):
-                p.data.fill_(1.0)
-            else:
-                p.data.copy_(torch.randn(p.shape, generator=gen) * std)
-        self.process_weights_after_loading()
 
     def process_weights_after_loading(self) -> None:
         for m in self.modules():

@@ -5,7 +5,8 @@ from __future__ import annotations
 import importlib
 from pathlib import Path
 
-from atb_llm.models.base.config import read_config_json
+from atb_llm.config import read_config_json
+from atb_llm.quantization.config import QuantConfig, read_quant_config
 
 ROUTERS = {"qwen2": "atb_llm.models.qwen2_mlgc.router_qwen2_mlgc:Qwen2MlgcRouter"}
 
@@ -21,6 +22,10 @@ class BaseRouter:
 
     def get_model_cls(self):
         raise NotImplementedError
+
+    def get_quant_config(self, on_load: str | None = None) -> QuantConfig:
+        """The folder's quantization (msModelSlim description), or `on_load` (w8a16 | w4a16) for a float folder."""
+        return read_quant_config(self.weight_dir, read_config_json(self.weight_dir), on_load)
 
     def get_tokenizer(self):
         from transformers import AutoTokenizer

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-INDEX_NAME = "model.safetensors.index.json"
+INDEX_NAMES = ("model.safetensors.index.json", "quant_model_weights.safetensors.index.json")  # float, msModelSlim
 
 
 class WeightFiles:
@@ -19,8 +19,8 @@ class WeightFiles:
         self.weight_dir = Path(weight_dir)
         if not self.weight_dir.is_dir():
             raise FileNotFoundError(f"weight directory {str(self.weight_dir)!r} does not exist")
-        index = self.weight_dir / INDEX_NAME
-        if index.is_file():
+        index = next((self.weight_dir / n for n in INDEX_NAMES if (self.weight_dir / n).is_file()), None)
+        if index is not None:
             weight_map = json.loads(index.read_text()).get("weight_map", {})
             names = sorted(set(weight_map.values()))
             missing = [n for n in names if not (self.weight_dir / n).is_file()]
@@ -36,13 +36,6 @@ class WeightFiles:
             raise FileNotFoundError(
                 f"no *.safetensors in {self.weight_dir}; the engine loads Hugging Face safetensors checkpoints"
             )
-
-    def names(self) -> list[str]:
-        out = []
-        for f in self.files:
-            with safe_open(str(f), framework="pt") as sf:
-                out.extend(sf.keys())
-        return out
 
     def __iter__(self) -> Iterator[tuple[str, torch.Tensor]]:
         for f in self.files:

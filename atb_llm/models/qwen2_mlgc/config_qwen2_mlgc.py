@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from atb_llm.models.base.config import ModelConfig, read_config_json
+from atb_llm.config import ModelConfig, read_config_json
 
 
 def _eos_ids(value) -> tuple[int, ...]:

@@ -12,28 +12,30 @@ import torch.nn.functional as F
 from torch import nn
 
 from atb_llm.cache.kv_cache import KVCache
+from atb_llm.config import ModelConfig
 from atb_llm.layers.attention.backend import AttentionBackend
 from atb_llm.layers.attention.metadata import AttentionMetadata
+from atb_llm.layers.attention.paged_attention import PagedAttention
 from atb_llm.layers.embedding import LMHead, VocabEmbedding
 from atb_llm.layers.linear import MergedLinear, ReplicatedLinear
 from atb_llm.layers.norm import RMSNorm
 from atb_llm.layers.rotary import RotaryEmbedding, apply_rotary
-from atb_llm.models.base.config import ModelConfig
 from atb_llm.models.base.flash_causal_lm import FlashForCausalLM
+from atb_llm.quantization.config import QuantConfig
 
 
 class Qwen2Attention(nn.Module):
-    def __init__(self, config: ModelConfig, layer_idx: int, backend: AttentionBackend):
+    def __init__(self, config: ModelConfig, layer_idx: int, backend: AttentionBackend, quant: QuantConfig):
         super().__init__()
-        self.layer_idx = layer_idx
         self.num_heads, self.num_kv_heads = config.num_attention_heads, config.num_key_value_heads
         self.head_dim = config.head_dim
         self.q_size, self.kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-        self.scale = self.head_dim**-0.5
+        prefix = f"model.layers.{layer_idx}.self_attn"
         shards = {"q": self.q_size, "k": self.kv_size, "v": self.kv_size}
-        self.qkv_proj = MergedLinear(config.hidden_size, shards, bias=True)
-        self.o_proj = ReplicatedLinear(self.q_size, config.hidden_size, bias=False)
-        self.backend = backend
+        qkv_method = quant.method(prefix, ("q_proj", "k_proj", "v_proj"))
+        self.qkv_proj = MergedLinear(config.hidden_size, shards, bias=True, method=qkv_method)
+        self.o_proj = ReplicatedLinear(self.q_size, config.hidden_size, False, quant.method(f"{prefix}.o_proj"))
+        self.attn = PagedAttention(layer_idx, self.head_dim**-0.5, backend)
 
     def forward(
         self, rope: tuple[torch.Tensor, torch.Tensor], hidden: torch.Tensor, kv_cache: KVCache, meta: AttentionMetadata
@@ -42,12 +44,7 @@ class Qwen2Attention(nn.Module):
         qk = apply_rotary(rope, qkv[:, : self.num_heads + self.num_kv_heads])  # q and k rotated in one pass
         q, k = qk.split([self.num_heads, self.num_kv_heads], dim=1)
         v = qkv[:, self.num_heads + self.num_kv_heads :]
-        self.backend.store(kv_cache, self.layer_idx, k, v, meta)
-        if meta.is_prefill:
-            o = self.backend.prefill(q, k, v, self.layer_idx, meta, self.scale)
-        else:
-            o = self.backend.decode(q, kv_cache, self.layer_idx, meta, self.scale)
-        return self.o_proj(o.flatten(1))
+        return self.o_proj(self.attn(q, k, v, kv_cache, meta).flatten(1))
 
 
 class Qwen2MLP(nn.Module):
@@ -55,12 +52,12 @@ class Qwen2MLP(nn.Module):
     # on CPU, keeps it in cache (2K tokens of the 0.5B model: 30 ms instead of 45 ms per layer).
     chunk_tokens = 256
 
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, layer_idx: int, quant: QuantConfig):
         super().__init__()
-        self.gate_up_proj = MergedLinear(
-            config.hidden_size, {0: config.intermediate_size, 1: config.intermediate_size}, bias=False
-        )
-        self.down_proj = ReplicatedLinear(config.intermediate_size, config.hidden_size, bias=False)
+        prefix, inter = f"model.layers.{layer_idx}.mlp", config.intermediate_size
+        up_method = quant.method(prefix, ("gate_proj", "up_proj"))
+        self.gate_up_proj = MergedLinear(config.hidden_size, {0: inter, 1: inter}, bias=False, method=up_method)
+        self.down_proj = ReplicatedLinear(inter, config.hidden_size, False, quant.method(f"{prefix}.down_proj"))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[0] > self.chunk_tokens:
@@ -70,12 +67,12 @@ class Qwen2MLP(nn.Module):
 
 
 class Qwen2DecoderLayer(nn.Module):
-    def __init__(self, config: ModelConfig, layer_idx: int, backend: AttentionBackend):
+    def __init__(self, config: ModelConfig, layer_idx: int, backend: AttentionBackend, quant: QuantConfig):
         super().__init__()
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.self_attn = Qwen2Attention(config, layer_idx, backend)
+        self.self_attn = Qwen2Attention(config, layer_idx, backend, quant)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.mlp = Qwen2MLP(config)
+        self.mlp = Qwen2MLP(config, layer_idx, quant)
 
     def forward(self, rope, hidden, residual, kv_cache, meta) -> tuple[torch.Tensor, torch.Tensor]:
         if residual is None:
@@ -88,11 +85,13 @@ class Qwen2DecoderLayer(nn.Module):
 
 
 class Qwen2Model(nn.Module):
-    def __init__(self, config: ModelConfig, backend: AttentionBackend):
+    def __init__(self, config: ModelConfig, backend: AttentionBackend, quant: QuantConfig):
         super().__init__()
         self.embed_tokens = VocabEmbedding(config.vocab_size, config.hidden_size)
         self.rotary = RotaryEmbedding(config.head_dim, config.max_position_embeddings, config.rope_theta)
-        self.layers = nn.ModuleList(Qwen2DecoderLayer(config, i, backend) for i in range(config.num_hidden_layers))
+        self.layers = nn.ModuleList(
+            Qwen2DecoderLayer(config, i, backend, quant) for i in range(config.num_hidden_layers)
+        )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
     def forward(self, input_ids, positions, kv_cache, meta) -> torch.Tensor:
@@ -113,9 +112,9 @@ class FlashQwen2MlgcForCausalLM(FlashForCausalLM):
         "up_proj": ("gate_up_proj", 1),
     }
 
-    def __init__(self, config: ModelConfig, backend: AttentionBackend):
+    def __init__(self, config: ModelConfig, backend: AttentionBackend, quant: QuantConfig | None = None):
         super().__init__(config, backend)
-        self.model = Qwen2Model(config, backend)
+        self.model = Qwen2Model(config, backend, quant or QuantConfig())
         self.lm_head = LMHead(config.vocab_size, config.hidden_size)
         if config.tie_word_embeddings:
             self.lm_head.tie_to(self.model.embed_tokens)

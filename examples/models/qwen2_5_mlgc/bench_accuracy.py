@@ -23,11 +23,11 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from atb_llm.cache.layout import GroupLayout
-from atb_llm.compression.calibration import CalibrationConfig, calibrate
+from atb_llm.compression.layout import GroupLayout
 from atb_llm.compression.memory import kv_bytes
 from atb_llm.compression.plan import MlgcPlan, baseline_plan
 from atb_llm.models.base.router import get_router
+from atb_llm.runtime.calibration import CalibrationConfig, calibrate
 from atb_llm.runtime.engine import EngineConfig, LLMEngine
 from atb_llm.runtime.sequence import SamplingParams
 from atb_llm.utils.default_model import resolve_model_path
@@ -129,7 +129,7 @@ def main(argv=None) -> str:
     ap.add_argument("--model_path", default=None)
     ap.add_argument("--tasks", nargs="+", default=["passkey", "ppl"], choices=["passkey", "ppl"])
     ap.add_argument("--contexts", nargs="+", type=int, default=[2048, 4096, 8192])
-    ap.add_argument("--block-size", type=int, default=128)
+    ap.add_argument("--block_size", "--block-size", type=int, default=128)
     ap.add_argument("--sink", type=int, default=64)
     ap.add_argument("--recent", type=int, default=1024)
     ap.add_argument("--ratios", nargs="+", type=float, default=[0.25, 0.5], help="full ratios of calibrated plans")

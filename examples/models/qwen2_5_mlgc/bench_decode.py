@@ -43,7 +43,7 @@ def main(argv=None) -> str:
     ap.add_argument("--context", type=int, default=8192)
     ap.add_argument("--batch", nargs="+", type=int, default=[1, 4])
     ap.add_argument("--steps", type=int, default=16)
-    ap.add_argument("--block-size", type=int, default=128)
+    ap.add_argument("--block_size", "--block-size", type=int, default=128)
     ap.add_argument(
         "--plans",
         nargs="*",

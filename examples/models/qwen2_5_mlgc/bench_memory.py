@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from atb_llm.cache.layout import GroupLayout
+from atb_llm.compression.layout import GroupLayout
 from atb_llm.compression.memory import kv_bytes, kv_bytes_by_level
 from atb_llm.compression.plan import baseline_plan
 from atb_llm.models.qwen2_mlgc.config_qwen2_mlgc import load_qwen2_config
@@ -84,7 +84,7 @@ def plot(per_level: dict[str, dict[str, float]], path: Path) -> None:
 
 def main(argv=None) -> str:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--block-size", type=int, default=128)
+    ap.add_argument("--block_size", "--block-size", type=int, default=128)
     ap.add_argument("--sink", type=int, default=64)
     ap.add_argument("--recent", type=int, default=1024)
     ap.add_argument("--out", type=Path, default=HERE / "results")

@@ -1,7 +1,7 @@
 """Make an MLGC plan for a model: which groups keep their whole history.
 
-    bash examples/models/qwen2_5_mlgc/calibrate.sh -m WEIGHT_DIR [--full-ratio 0.25] [--sink 64]
-        [--recent 1024] [--int8] [--block-size 128] [-o PLAN]
+    bash examples/models/qwen2_5_mlgc/calibrate.sh -m WEIGHT_DIR [--full_ratio 0.25] [--sink 64]
+        [--recent 1024] [--int8] [--block_size 128] [-o PLAN]
 
 Writes WEIGHT_DIR/mlgc_plan.json by default (what `--mlgc auto` loads), prints the plan as a
 layer x group grid and the KV bytes per token it leads to.
@@ -14,22 +14,22 @@ from pathlib import Path
 
 import torch
 
-from atb_llm.compression.calibration import CalibrationConfig, calibrate
 from atb_llm.compression.memory import kv_bytes
 from atb_llm.compression.plan import PLAN_NAME, baseline_plan, describe
-from atb_llm.models.base.config import parse_dtype
+from atb_llm.config import parse_dtype
 from atb_llm.models.base.router import get_router
+from atb_llm.runtime.calibration import CalibrationConfig, calibrate
 from atb_llm.utils.default_model import resolve_model_path
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("-m", "--model_path", default=None, help="weight folder (default: the default model)")
-    ap.add_argument("--full-ratio", type=float, default=0.25, help="fraction of groups kept full")
+    ap.add_argument("--full_ratio", "--full-ratio", type=float, default=0.25, help="fraction of groups kept full")
     ap.add_argument("--sink", type=int, default=64)
     ap.add_argument("--recent", type=int, default=1024, help="recent window (extended to fill its last block)")
     ap.add_argument("--int8", action="store_true", help="int8 variants: full_int8 and window_int8")
-    ap.add_argument("--block-size", type=int, default=128)
+    ap.add_argument("--block_size", "--block-size", type=int, default=128)
     ap.add_argument(
         "--method",
         default="razor",

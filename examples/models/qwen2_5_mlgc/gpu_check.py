@@ -1,7 +1,7 @@
 """The Triton backend on a CUDA GPU at Qwen2.5-7B shapes: equality with the torch reference, then
 decode-attention time per MLGC level.
 
-    python examples/models/qwen2_5_mlgc/gpu_check.py [--batch 1 8] [--contexts 8192 32768] [--block-size 128]
+    python examples/models/qwen2_5_mlgc/gpu_check.py [--batch 1 8] [--contexts 8192 32768] [--block_size 128]
 
 Check (bf16; 28 layers x 4 KV heads, head_dim 128, 28 query heads; every group at a random level,
 windows of sink 64 + recent 1024): one decode step's cache write and the attention of every layer
@@ -19,7 +19,7 @@ import torch
 from triton.testing import do_bench
 
 from atb_llm.cache.cache_manager import CacheConfig, CacheManager
-from atb_llm.cache.layout import GroupLayout
+from atb_llm.compression.layout import GroupLayout
 from atb_llm.compression.levels import make_level
 from atb_llm.layers.attention.metadata import AttentionMetadata
 from atb_llm.layers.attention.torch_backend import TorchBackend
@@ -41,11 +41,9 @@ def decode_step(levels, lengths, block_size, dtype=torch.bfloat16):
     for n in lengths:
         seqs.append(Sequence(list(range(n - 1)), SamplingParams()))
         seqs[-1].output_token_ids.append(0)
-        cm.block_manager.allocate(seqs[-1])
+        cm.block_manager.allocate(seqs[-1].block_table, seqs[-1].num_tokens)
     a = ModelRunner(None, cm).prepare(seqs, is_prefill=False)
-    meta = AttentionMetadata.build(
-        False, a["block_tables"], a["slots"], a["input_lengths"], a["max_seq_len"], block_size, dtype
-    )
+    meta = AttentionMetadata.build(False, a.block_tables, a.slots, a.input_lengths, a.max_seq_len, block_size, dtype)
     for pool in cm.kv_cache.pools.values():
         if pool.is_int8:
             for codes in (pool.k, pool.v):
@@ -105,7 +103,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--contexts", type=int, nargs="+", default=[8192, 32768])
     ap.add_argument("--batch", type=int, nargs="+", default=[1, 8])
-    ap.add_argument("--block-size", type=int, default=128)
+    ap.add_argument("--block_size", "--block-size", type=int, default=128)
     args = ap.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("gpu_check needs a CUDA GPU: torch.cuda.is_available() is False")

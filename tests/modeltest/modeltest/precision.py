@@ -12,7 +12,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from atb_llm.models.base.config import parse_dtype
+from atb_llm.config import parse_dtype
 from atb_llm.models.base.router import get_router
 from atb_llm.runtime.engine import EngineConfig, LLMEngine
 from atb_llm.utils.default_model import resolve_model_path

@@ -6,13 +6,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from atb_llm.compression.levels import Level
-
-MODEL_POOL, INT8_POOL = "model", "int8"
-
-
-def pool_of(level: Level) -> str:
-    return INT8_POOL if level.int8 else MODEL_POOL
+from atb_llm.compression.levels import Level, Storage
 
 
 @dataclass(frozen=True)
@@ -25,7 +19,7 @@ class Run:
 
     @property
     def pool(self) -> str:
-        return pool_of(self.level)
+        return self.level.pool
 
     def all_heads(self, num_kv_heads: int) -> bool:
         return self.heads == tuple(range(num_kv_heads))
@@ -68,6 +62,10 @@ class GroupLayout:
     def uniform(cls, num_layers: int, num_kv_heads: int, level: Level | None = None) -> GroupLayout:
         return cls(num_layers, num_kv_heads, (level or Level(),) * (num_layers * num_kv_heads))
 
+    def as_int8(self) -> GroupLayout:
+        """Every group at its level's int8 variant (same geometry, half the bytes)."""
+        return GroupLayout(self.num_layers, self.num_kv_heads, tuple(lv.as_int8() for lv in self.levels))
+
     @property
     def num_groups(self) -> int:
         return len(self.levels)
@@ -83,7 +81,8 @@ class GroupLayout:
         return self._by_level
 
     def pools(self) -> set[str]:
-        return {pool_of(lv) for lv in self.levels}
+        return {lv.pool for lv in self.levels}
 
-    def is_uncompressed(self) -> bool:
-        return all(type(lv) is Level for lv in self.levels)
+    def storages(self) -> dict[str, Storage]:
+        """Pool name -> how that pool stores K/V."""
+        return {lv.pool: lv.storage for lv in self.levels}

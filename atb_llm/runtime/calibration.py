@@ -15,6 +15,9 @@ import torch
 
 from atb_llm.compression.plan import MlgcPlan, num_full_groups, plan_from_selection, select_full
 from atb_llm.layers.attention.torch_backend import TorchBackend
+from atb_llm.models.base.router import get_router
+from atb_llm.runtime.engine import EngineConfig, LLMEngine
+from atb_llm.runtime.sequence import SamplingParams
 
 ECHO_SHARE = 0.01 / (0.01 + 0.14)  # RazorAttention keeps ~1% echo and ~14% induction heads
 
@@ -95,10 +98,6 @@ def choose_full(echo: list[float], induction: list[float], num_full: int) -> set
 
 def calibrate(model_path: str, cfg: CalibrationConfig, dtype: str | None = None, progress: bool = True) -> MlgcPlan:
     """Probe the model at `model_path` and return its plan."""
-    from atb_llm.models.base.router import get_router
-    from atb_llm.runtime.engine import EngineConfig, LLMEngine
-    from atb_llm.runtime.sequence import SamplingParams
-
     config = get_router(model_path).get_config()
     probe = ProbeBackend(config.num_hidden_layers, config.num_attention_heads, cfg.period)
     seq_len = cfg.period * cfg.repeats

@@ -78,7 +78,3 @@ class ModelConfig:
         )  # fmt: skip
         fields = {k: asdict(self)[k] for k in keys}
         return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
-
-    def kv_bytes_per_token(self, dtype: torch.dtype) -> int:
-        """Bytes of K and V one token takes in an uncompressed cache of `dtype`."""
-        return 2 * self.num_groups * self.head_dim * torch.empty(0, dtype=dtype).element_size()

@@ -1,0 +1,17 @@
+"""The common ground of the quantized linear methods."""
+
+from __future__ import annotations
+
+from atb_llm.layers.linear import LinearMethod
+
+
+class QuantMethod(LinearMethod):
+    """group_size: the checkpoint's (0 = per channel); from_float: the layer loads a float weight
+    and quantizes it once loaded (`--quantize`), where the format allows."""
+
+    supports_from_float = False
+
+    def __init__(self, group_size: int = 0, from_float: bool = False):
+        if from_float and not self.supports_from_float:
+            raise ValueError(f"{type(self).__name__} needs calibrated activation scales; it cannot be made at load")
+        self.group_size, self.from_float = group_size, from_float

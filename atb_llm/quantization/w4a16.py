@@ -1,0 +1,105 @@
+"""W4A16: int4 weights, asymmetric, with a scale and offset per group of input channels.
+
+Checkpoint (msModelSlim): two signed int4 values (-8..7) per int8 byte, low nibble first. Per
+group (`group_size` > 0): weight [N/2, K] packed along the output dimension (rows 2i, 2i+1),
+scale and offset [N, K/group_size]. Per channel (`group_size` 0): weight [N, K/2] packed along
+the input dimension, scale and offset [N, 1]. W = (q - offset) * scale.
+
+On CPU the weight is repacked once for torch's int4 kernel (`_weight_int4pack_mm_for_cpu`), which
+computes with W = (u - 8) * scale + zero for u = q + 8 in 0..15, so zero = -offset * scale.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from atb_llm.layers.linear import LinearBase
+from atb_llm.quantization.base import QuantMethod
+
+KERNEL_GROUPS = (256, 128, 64, 32)  # group sizes the CPU int4 kernel takes
+
+
+def unpack_int4(packed: torch.Tensor, dim: int) -> torch.Tensor:
+    """int8 bytes holding two signed int4 (low nibble first) -> int8 values -8..7, `dim` doubled."""
+    b = packed.to(torch.int16)
+    lo, hi = b & 0xF, (b >> 4) & 0xF
+    both = torch.stack([lo, hi], dim + 1).flatten(dim, dim + 1)
+    return torch.where(both > 7, both - 16, both).to(torch.int8)
+
+
+def dequantize_w4(q: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
+    """q [N, K] int4 values, scale/offset [N, G] -> fp32 W [N, K] (groups of K // G channels)."""
+    g = q.shape[1] // scale.shape[1]
+    return (q.float() - offset.float().repeat_interleave(g, 1)) * scale.float().repeat_interleave(g, 1)
+
+
+def quantize_w4_groups(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Round to nearest, asymmetric per group: w [N, K] -> (int4 values int8 [N, K], scale, offset [N, K/g])."""
+    n, k = w.shape
+    wg = w.float().view(n, k // group_size, group_size)
+    lo, hi = wg.amin(-1), wg.amax(-1)
+    scale = ((hi - lo) / 15).clamp(min=1e-8)
+    offset = torch.round(-8 - lo / scale)
+    q = torch.round(wg / scale[..., None] + offset[..., None]).clamp(-8, 7)
+    return q.view(n, k).to(torch.int8), scale, offset
+
+
+def kernel_group(k: int, group_size: int) -> int:
+    """The kernel's group: the checkpoint's, or for per-channel scales the largest that divides K."""
+    if group_size:
+        return group_size
+    for g in KERNEL_GROUPS:
+        if k % g == 0:
+            return g
+    raise ValueError(f"W4A16 needs in_features={k} divisible by one of {KERNEL_GROUPS}")
+
+
+class W4A16Method(QuantMethod):
+    supports_from_float = True
+
+    def create_weights(self, layer: LinearBase, bias: bool) -> None:
+        n, k, g = layer.output_size, layer.input_size, self.group_size
+        if g and k % g:
+            raise ValueError(f"W4A16 group_size={g} does not divide in_features={k}")
+        if self.from_float:  # quantized once loaded (--quantize w4a16)
+            layer.add_param("weight", (n, k))
+        elif g:
+            layer.add_param("weight", (n // 2, k), torch.int8, pack=2)
+            layer.add_param("weight_scale", (n, k // g), torch.float32)
+            layer.add_param("weight_offset", (n, k // g), torch.float32)
+        else:
+            layer.add_param("weight", (n, k // 2), torch.int8)
+            layer.add_param("weight_scale", (n, 1), torch.float32)
+            layer.add_param("weight_offset", (n, 1), torch.float32)
+        if bias:
+            layer.add_param("bias", (n,))
+
+    def int4_values(self, layer: LinearBase) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(q [N, K] int4 values, scale, offset [N, K/g]) of the loaded layer."""
+        if self.from_float:
+            return quantize_w4_groups(layer.weight.data, self.group_size)
+        q = unpack_int4(layer.weight.data, 0 if self.group_size else 1)
+        return q, layer.weight_scale.data, layer.weight_offset.data
+
+    def process_weights_after_loading(self, layer: LinearBase) -> None:
+        q, scale, offset = self.int4_values(layer)
+        n, k = q.shape
+        g = kernel_group(k, self.group_size)
+        if scale.shape[1] != k // g:  # per-channel scales: the same value in each of the kernel's groups
+            scale, offset = scale.expand(n, k // g), offset.expand(n, k // g)
+        scale, offset = scale.float(), offset.float()
+        layer.group = g
+        layer.packed = torch._convert_weight_to_int4pack_for_cpu((q.to(torch.int32) + 8).contiguous(), 1)
+        zero = -offset * scale
+        layer.scales_and_zeros = torch.stack([scale.T, zero.T], -1).contiguous().to(layer.dtype)  # [K/g, N, 2]
+        layer.weight.data = torch.empty(0, dtype=torch.int8)  # one copy in memory: the packed one
+        for name in ("weight_scale", "weight_offset"):
+            if hasattr(layer, name):
+                delattr(layer, name)
+
+    def apply(self, layer: LinearBase, x: torch.Tensor) -> torch.Tensor:
+        x2 = x.reshape(-1, layer.input_size)
+        y = torch._weight_int4pack_mm_for_cpu(x2, layer.packed, layer.group, layer.scales_and_zeros)
+        if layer.bias is not None:
+            y = y + layer.bias
+        return y.view(*x.shape[:-1], layer.output_size)

@@ -1,0 +1,55 @@
+"""W8A16: int8 weights with a scale and offset per output channel, activations in the model dtype.
+
+Checkpoint: weight int8 [N, K], weight_scale and weight_offset [N, 1]; W = (q - offset) * scale.
+On CPU the product runs in torch's weight-only int8 kernel (`_weight_int8pack_mm`), which reads
+the int8 weight directly: half the bytes of bf16 per decode step.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from atb_llm.layers.linear import LinearBase
+from atb_llm.quantization.base import QuantMethod
+
+
+def quantize_w8_per_channel(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Round to nearest, symmetric: w [N, K] float -> (int8 [N, K], scale [N, 1], offset [N, 1] zeros)."""
+    w = w.float()
+    scale = w.abs().amax(-1, keepdim=True).clamp(min=1e-8) / 127.0
+    return torch.round(w / scale).clamp(-128, 127).to(torch.int8), scale, torch.zeros_like(scale)
+
+
+class W8A16Method(QuantMethod):
+    supports_from_float = True
+
+    def create_weights(self, layer: LinearBase, bias: bool) -> None:
+        n, k = layer.output_size, layer.input_size
+        if self.from_float:  # quantized once loaded (--quantize w8a16)
+            layer.add_param("weight", (n, k))
+        else:
+            layer.add_param("weight", (n, k), torch.int8)
+            layer.add_param("weight_scale", (n, 1), torch.float32)
+            layer.add_param("weight_offset", (n, 1), torch.float32)
+        if bias:
+            layer.add_param("bias", (n,))
+
+    def process_weights_after_loading(self, layer: LinearBase) -> None:
+        if self.from_float:
+            q, scale, offset = quantize_w8_per_channel(layer.weight.data)
+            layer.weight.data = q
+            layer.weight_scale = torch.nn.Parameter(scale, requires_grad=False)
+            layer.weight_offset = torch.nn.Parameter(offset, requires_grad=False)
+        scale, offset = layer.weight_scale.data.flatten(), layer.weight_offset.data.flatten()
+        layer.scales = scale.to(layer.dtype)
+        # W x = s * (q x) - s * o * sum(x): the offset term only where offsets are not all zero
+        layer.zero_term = (scale * offset).to(layer.dtype) if offset.any() else None
+
+    def apply(self, layer: LinearBase, x: torch.Tensor) -> torch.Tensor:
+        x2 = x.reshape(-1, layer.input_size)
+        y = torch._weight_int8pack_mm(x2, layer.weight, layer.scales)
+        if layer.zero_term is not None:
+            y = y - x2.sum(-1, keepdim=True) * layer.zero_term
+        if layer.bias is not None:
+            y = y + layer.bias
+        return y.view(*x.shape[:-1], layer.output_size)

@@ -1,0 +1,77 @@
+"""Every knob of the engine in one place: the dataclass, its command-line flags (MindIE run_pa's
+names) and their checks. Entry points add the flags to their parser and build the config from
+the parsed namespace, so a flag is spelled, documented and validated once."""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass, fields
+
+DTYPE_CHOICES = ("bf16", "fp16", "fp32")
+QUANTIZE_CHOICES = ("w8a16", "w4a16")  # made at load from a float folder
+
+
+@dataclass
+class EngineConfig:
+    """model_path: a Hugging Face Qwen2 folder (bf16/fp16/fp32, or msModelSlim output).
+    dtype: None = the checkpoint's. mlgc: off | auto | PLAN path | streaming | random (see
+    atb_llm.compression.plan). quantize: w8a16 | w4a16 quantizes a float folder at load (round
+    to nearest); a folder written by msModelSlim is read as it is. kv_quant: c8 stores every
+    group's K/V in int8 (a C8 checkpoint turns it on by itself). attention_backend: torch |
+    triton | npu; None = by device."""
+
+    model_path: str
+    dtype: str | None = None
+    device: str = "cpu"
+    max_batch_size: int = 8
+    max_input_length: int = 2048
+    max_output_length: int = 256
+    max_prefill_tokens: int = 8192
+    block_size: int = 128
+    num_blocks: int | None = None
+    cache_memory_gb: float | None = None
+    mlgc: str = "off"
+    quantize: str | None = None
+    kv_quant: str | None = None
+    progress: bool = True
+    attention_backend: str | None = None
+
+    def __post_init__(self):
+        for name in ("max_batch_size", "max_input_length", "max_output_length", "max_prefill_tokens"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)} must be at least 1")
+        if self.dtype is not None and self.dtype not in DTYPE_CHOICES:
+            raise ValueError(f"dtype={self.dtype!r} is not supported; use one of {', '.join(DTYPE_CHOICES)}")
+        if self.quantize not in (None, *QUANTIZE_CHOICES):
+            raise ValueError(f"quantize={self.quantize!r} is not supported; use one of {', '.join(QUANTIZE_CHOICES)}")
+        if self.kv_quant not in (None, "c8"):
+            raise ValueError(f"kv_quant={self.kv_quant!r} is not supported; use c8 (or none)")
+
+    @staticmethod
+    def add_cli_args(parser: argparse.ArgumentParser, **defaults) -> argparse.ArgumentParser:
+        """The engine's flags, MindIE style (`--block_size`); `defaults` overrides a default by field name."""
+        d = {f.name: f.default for f in fields(EngineConfig) if f.name != "model_path"} | defaults
+        g = parser.add_argument_group("engine")
+        g.add_argument(
+            "--model_path", "-m", default=None, help="Hugging Face weight folder (default: the default model)"
+        )
+        g.add_argument("--dtype", default=d["dtype"], choices=DTYPE_CHOICES, help="default: the checkpoint's")
+        g.add_argument("--device", default=d["device"], help="cpu, cuda or npu")
+        g.add_argument("--max_batch_size", type=int, default=d["max_batch_size"], help="sequences per step")
+        g.add_argument("--max_input_length", type=int, default=d["max_input_length"], help="longest prompt, tokens")
+        g.add_argument("--max_output_length", type=int, default=d["max_output_length"], help="most new tokens")
+        g.add_argument("--max_prefill_tokens", type=int, default=d["max_prefill_tokens"], help="tokens per prefill")
+        g.add_argument("--block_size", type=int, default=d["block_size"], help="tokens per cache block (x16)")
+        g.add_argument("--num_blocks", type=int, default=d["num_blocks"], help="cache blocks (default: fit the batch)")
+        g.add_argument("--cache_memory_gb", type=float, default=d["cache_memory_gb"], help="cache budget instead")
+        g.add_argument("--mlgc", default=d["mlgc"], help="KV compression: off | auto | PLAN.json | streaming | random")
+        g.add_argument("--quantize", default=d["quantize"], choices=QUANTIZE_CHOICES, help="quantize at load")
+        g.add_argument("--kv_quant", default=d["kv_quant"], choices=["c8"], help="int8 KV cache")
+        g.add_argument("--attention_backend", default=d["attention_backend"], choices=["torch", "triton", "npu"])
+        return parser
+
+    @classmethod
+    def from_cli_args(cls, args: argparse.Namespace, **overrides) -> EngineConfig:
+        """The config from a namespace parsed with `add_cli_args`; `overrides` win (e.g. a resolved model_path)."""
+        values = {f.name: getattr(args, f.name) for f in fields(cls) if hasattr(args, f.name)}
+        return cls(**(values | overrides))

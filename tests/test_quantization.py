@@ -1,0 +1,275 @@
+"""Quantized checkpoints written by msModelSlim itself (run here on the CPU on a tiny random Qwen2),
+read through the engine's linear methods and compared with fp32 references computed in this file
+from the raw tensors: the format (packing, offsets, scales), each kernel, and whole-model logits."""
+
+import importlib.util
+import json
+import shutil
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from tiny import build_tiny_qwen2
+
+from atb_llm.quantization.w8a8 import deq_scale_as_float
+from atb_llm.runtime.engine import EngineConfig, LLMEngine
+from atb_llm.runtime.sequence import SamplingParams
+from examples.models.qwen2_5_mlgc.convert_quant_weight import convert
+
+# msmodelslim runs in a subprocess only: importing it here would patch pydantic for the whole
+# test session (it turns validation errors into its own exception type)
+if importlib.util.find_spec("msmodelslim") is None:
+    pytest.skip("pip install msmodelslim==26.1.0 (setup.sh does)", allow_module_level=True)
+
+KINDS = {  # variant -> (converter type, W4A16 group size)
+    "w8a16": ("w8a16", 128),
+    "w4a16": ("w4a16", 128),
+    "w4a16_per_channel": ("w4a16", 0),
+    "w8a8": ("w8a8", 128),
+    "w8a8_dynamic": ("w8a8_dynamic", 128),
+}
+LINEARS = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj"]
+LINEARS += ["mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]
+PROMPT = list(range(5, 45))
+
+
+@pytest.fixture(scope="module")
+def float_model(tmp_path_factory):
+    # hidden 256, intermediate 512: W4A16 groups of 128 give 2 and 4 groups per row
+    return build_tiny_qwen2(tmp_path_factory.mktemp("float"), hidden=256, dtype=torch.bfloat16)
+
+
+@pytest.fixture(scope="module")
+def quantized(float_model, tmp_path_factory):
+    """quantized(variant) -> folder written by msModelSlim, made once per variant."""
+    made = {}
+
+    def get(variant):
+        if variant not in made:
+            kind, group = KINDS[variant]
+            dst = tmp_path_factory.mktemp("q") / variant
+            made[variant] = convert(float_model, dst, kind, None, 2, "cpu", group)
+        return made[variant]
+
+    return get
+
+
+def tensors(folder):
+    out = {}
+    for f in sorted(folder.glob("*.safetensors")):
+        out.update(load_file(str(f)))
+    return out
+
+
+def signed_nibbles(packed):
+    """int8 bytes -> (low, high) signed int4 values."""
+    b = packed.to(torch.int32) & 0xFF
+    lo, hi = b & 0xF, b >> 4
+    return torch.where(lo > 7, lo - 16, lo), torch.where(hi > 7, hi - 16, hi)
+
+
+def reference_weight(t, name, kind, group):
+    """fp32 W of linear `name` from the raw checkpoint tensors, by msModelSlim's formulas."""
+    q, scale, offset = t[f"{name}.weight"], t[f"{name}.weight_scale"].float(), t[f"{name}.weight_offset"].float()
+    if kind == "w4a16":
+        lo, hi = signed_nibbles(q)
+        if group:  # [N/2, K]: output rows 2i (low nibble) and 2i + 1 (high nibble)
+            q = torch.stack([lo, hi], 1).reshape(-1, q.shape[1])
+        else:  # [N, K/2]: input columns 2j and 2j + 1
+            q = torch.stack([lo, hi], 2).reshape(q.shape[0], -1)
+        reps = q.shape[1] // scale.shape[1]
+        scale, offset = scale.repeat_interleave(reps, 1), offset.repeat_interleave(reps, 1)
+    return (q.float() - offset) * scale
+
+
+def reference_linear(t, names, kind, x):
+    """fp32 output of the (fused) linears `names` for input x [M, K]."""
+    outs = []
+    for name in names:
+        w = reference_weight(t, name, *KINDS[kind]) if f"{name}.weight_scale" in t else t[f"{name}.weight"].float()
+        bias = t.get(f"{name}.bias")
+        if kind == "w8a8" and f"{name}.quant_bias" in t:
+            xq = torch.clamp(
+                torch.round(x / t[f"{name}.input_scale"].float()) + t[f"{name}.input_offset"].float(), -128, 127
+            )
+            acc = xq @ t[f"{name}.weight"].float().T + t[f"{name}.quant_bias"].float()
+            outs.append(acc * deq_scale_as_float(t[f"{name}.deq_scale"]))
+            continue
+        if kind == "w8a8_dynamic" and f"{name}.weight_scale" in t:
+            s = x.abs().amax(-1, keepdim=True) / 127
+            w = t[f"{name}.weight"].float() * t[f"{name}.weight_scale"].float()
+            x_used = torch.round(x / s).clamp(-127, 127) * s
+        else:
+            x_used = x
+        outs.append(x_used @ w.T + (bias.float() if bias is not None else 0))
+    return torch.cat(outs, -1)
+
+
+def engine(path, **kw):
+    return LLMEngine(
+        EngineConfig(str(path), block_size=16, max_input_length=64, max_output_length=8, progress=False, **kw)
+    )
+
+
+def prompt_logits(eng):
+    eng.add_request(PROMPT, SamplingParams(max_tokens=1))
+    seqs, is_prefill = eng.scheduler.schedule()
+    return eng.runner.logits(seqs, is_prefill)[0]
+
+
+@pytest.mark.parametrize("variant", KINDS)
+def test_checkpoint_dequantizes_to_the_float_weights(float_model, quantized, variant):
+    kind, group = KINDS[variant]
+    folder = quantized(variant)
+    desc = json.loads((folder / "quant_model_description.json").read_text())
+    assert desc["model_quant_type"] == kind.upper()
+    assert json.loads((folder / "config.json").read_text())["quantize"] == kind
+    t, orig = tensors(folder), tensors(float_model)
+    for name in (f"model.layers.1.{lin}" for lin in LINEARS):
+        if kind.startswith("w8a8") and name.endswith("down_proj"):  # disable_names: every down_proj stays float
+            assert desc[f"{name}.weight"] == "FLOAT" and t[f"{name}.weight"].dtype == torch.bfloat16
+            continue
+        assert desc[f"{name}.weight"] == kind.upper()
+        w, ref = reference_weight(t, name, kind, group), orig[f"{name}.weight"].float()
+        scale = t[f"{name}.weight_scale"].float()
+        step = scale.repeat_interleave(w.shape[1] // scale.shape[1], 1)
+        # half a step of rounding, plus the bf16 rounding of a stored scale times up to 127 levels
+        assert torch.all((w - ref).abs() <= step * 0.8), name
+
+
+@pytest.mark.parametrize("variant", KINDS)
+def test_linear_methods_equal_the_fp32_reference(quantized, variant):
+    folder = quantized(variant)
+    t, model = tensors(folder), engine(folder).model
+    layer = model.model.layers[0]
+    pre = "model.layers.0"
+    torch.manual_seed(0)
+    cases = [
+        (layer.self_attn.qkv_proj, [f"{pre}.self_attn.{p}_proj" for p in "qkv"]),
+        (layer.self_attn.o_proj, [f"{pre}.self_attn.o_proj"]),
+        (layer.mlp.gate_up_proj, [f"{pre}.mlp.gate_proj", f"{pre}.mlp.up_proj"]),
+        (layer.mlp.down_proj, [f"{pre}.mlp.down_proj"]),
+    ]
+    for module, names in cases:
+        x = torch.randn(7, module.input_size).to(torch.bfloat16)
+        got = module(x).float()
+        want = reference_linear(t, names, variant, x.float())
+        assert (got - want).abs().max() <= 0.02 * want.abs().max(), names[0]
+
+
+@pytest.mark.parametrize("variant", ["w8a16", "w4a16", "w4a16_per_channel"])
+def test_weight_only_model_equals_its_dequantized_float_model(float_model, quantized, variant, tmp_path):
+    """The whole model on int8/int4 weights against the float engine on the dequantized weights, both in
+    fp32 so that only the kernels' summation order differs."""
+    folder = quantized(variant)
+    t, kind = tensors(folder), KINDS[variant][0]
+    dequant = tmp_path / "dequant"
+    shutil.copytree(float_model, dequant)
+    weights = load_file(str(dequant / "model.safetensors"))
+    for name in list(weights):
+        base = name.removesuffix(".weight")
+        if f"{base}.weight_scale" in t:
+            weights[name] = reference_weight(t, base, kind, KINDS[variant][1])
+    save_file({k: v.float() for k, v in weights.items()}, str(dequant / "model.safetensors"))
+    got, want = prompt_logits(engine(folder, dtype="fp32")), prompt_logits(engine(dequant, dtype="fp32"))
+    assert F.cosine_similarity(got, want, dim=0) > 0.99999
+    assert (got - want).abs().max() < 1e-3 * want.abs().max()
+    assert got.argmax() == want.argmax()
+
+
+@pytest.mark.parametrize("variant", ["w8a8", "w8a8_dynamic"])
+def test_activation_quantized_model_stays_near_float(float_model, quantized, variant):
+    got, want = prompt_logits(engine(quantized(variant))), prompt_logits(engine(float_model))
+    assert F.cosine_similarity(got, want, dim=0) > 0.98  # 8-bit activations of a random model (~0.99 seen)
+
+
+def test_fp32_checkpoint_stores_deq_scale_as_float_bits(tmp_path):
+    src = build_tiny_qwen2(tmp_path / "fp32", hidden=128, dtype=torch.float32)
+    folder = convert(src, tmp_path / "w8a8", "w8a8", None, 2, "cpu")
+    t = tensors(folder)
+    deq = t["model.layers.0.self_attn.q_proj.deq_scale"]
+    assert deq.dtype == torch.int64
+    scale = deq_scale_as_float(deq)
+    assert torch.all(scale > 0) and torch.all(scale < 1)  # bits read as fp32, not the integer value
+    layer = engine(folder).model.model.layers[0]
+    x = torch.randn(3, 128)
+    names = [f"model.layers.0.self_attn.{p}_proj" for p in "qkv"]
+    want = reference_linear(t, names, "w8a8", x)
+    assert (layer.self_attn.qkv_proj(x) - want).abs().max() <= 0.02 * want.abs().max()
+
+
+@pytest.mark.parametrize("kind", ["w8a16", "w4a16"])
+def test_quantize_at_load_from_a_float_folder(float_model, kind):
+    eng = engine(float_model, quantize=kind)
+    assert eng.quant.name == kind
+    w = tensors(float_model)["model.layers.0.mlp.down_proj.weight"].float()
+    x = torch.randn(4, w.shape[1]).to(torch.bfloat16)
+    got = eng.model.model.layers[0].mlp.down_proj(x).float()
+    want = x.float() @ w.T
+    tol = 0.02 if kind == "w8a16" else 0.2  # round to nearest: int8 per channel, int4 per group of 128
+    assert (got - want).abs().max() <= tol * want.abs().max()
+    gen = eng.generate([PROMPT], SamplingParams(max_tokens=4, ignore_eos=True))[0]
+    assert len(gen.token_ids) == 4
+
+
+def test_c8_checkpoint_runs_every_group_in_int8(quantized, float_model, tmp_path):
+    folder = convert(float_model, tmp_path / "c8", "w8a8c8", None, 2, "cpu")
+    desc = json.loads((folder / "quant_model_description.json").read_text())
+    assert desc["kv_quant_type"] == "C8"
+    eng = engine(folder)
+    assert all(level.int8 for level in eng.layout.levels)
+    plain = engine(quantized("w8a8"))
+    assert not any(level.int8 for level in plain.layout.levels)
+    got, want = prompt_logits(eng), prompt_logits(plain)  # prefill attends over the prompt itself: same logits
+    assert torch.allclose(got, want, atol=1e-3)
+    a = eng.generate([PROMPT], SamplingParams(max_tokens=6, ignore_eos=True))[0]
+    assert len(a.token_ids) == 6
+    assert eng.cache_manager.kv_cache.pools.keys() == {"int8"}
+
+
+def edited_copy(src, dst, config=None, description=None, tensor_edit=None):
+    shutil.copytree(src, dst)
+    if config:
+        cfg = json.loads((dst / "config.json").read_text()) | config
+        (dst / "config.json").write_text(json.dumps(cfg))
+    if description:
+        desc = json.loads((dst / "quant_model_description.json").read_text()) | description
+        (dst / "quant_model_description.json").write_text(json.dumps(desc))
+    if tensor_edit:
+        f = next(dst.glob("*.safetensors"))
+        t = load_file(str(f))
+        tensor_edit(t)
+        save_file(t, str(f))
+    return dst
+
+
+def test_bad_quantized_folders_name_the_problem(quantized, tmp_path):
+    w8 = quantized("w8a16")
+    missing = edited_copy(w8, tmp_path / "missing")
+    (missing / "quant_model_description.json").unlink()
+    with pytest.raises(FileNotFoundError, match="quantize='w8a16' but quant_model_description.json is missing"):
+        engine(missing)
+    with pytest.raises(ValueError, match="'W2A16'"):
+        engine(edited_copy(w8, tmp_path / "unknown", description={"model.layers.0.mlp.up_proj.weight": "W2A16"}))
+    with pytest.raises(ValueError, match="quantize='w4a16' but .* model_quant_type='W8A16'"):
+        engine(edited_copy(w8, tmp_path / "disagree", config={"quantize": "w4a16"}))
+    with pytest.raises(ValueError, match="must share a quantization type"):
+        engine(edited_copy(w8, tmp_path / "mixed", description={"model.layers.0.self_attn.k_proj.weight": "FLOAT"}))
+
+    def bad_shape(t):
+        t["model.layers.1.mlp.down_proj.weight_scale"] = torch.ones(3, 1)
+
+    with pytest.raises(ValueError, match=r"down_proj.weight_scale has shape \(3, 1\)"):
+        engine(edited_copy(w8, tmp_path / "shape", tensor_edit=bad_shape))
+    with pytest.raises(ValueError, match="already quantized"):
+        engine(w8, quantize="w8a16")
+
+
+def test_fused_shards_must_share_the_activation_scale(quantized, tmp_path):
+    def split_scale(t):
+        t["model.layers.0.self_attn.k_proj.input_scale"] = t["model.layers.0.self_attn.k_proj.input_scale"] * 2
+
+    bad = edited_copy(quantized("w8a8"), tmp_path / "split", tensor_edit=split_scale)
+    with pytest.raises(ValueError, match=r"self_attn\.[qv]_proj\.input_scale = .* differs from shard 'k'"):
+        engine(bad)
