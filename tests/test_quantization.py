@@ -273,3 +273,23 @@ def test_fused_shards_must_share_the_activation_scale(quantized, tmp_path):
     bad = edited_copy(quantized("w8a8"), tmp_path / "split", tensor_edit=split_scale)
     with pytest.raises(ValueError, match=r"self_attn\.[qv]_proj\.input_scale = .* differs from shard 'k'"):
         engine(bad)
+
+
+@pytest.mark.parametrize("variant", ["w4a16", "w8a16"])
+def test_all_zero_group_is_read_as_zero_not_nan(quantized, variant, tmp_path):
+    """msModelSlim writes a group of all-zero weights as scale 0, offset NaN (seen on the default
+    model's layer 2 down_proj in W4A16)."""
+    name = "model.layers.0.mlp.down_proj"
+
+    def zero_group(t):
+        t[f"{name}.weight_scale"][3, 0] = 0.0
+        t[f"{name}.weight_offset"][3, 0] = float("nan")
+
+    folder = edited_copy(quantized(variant), tmp_path / "zero", tensor_edit=zero_group)
+    down = engine(folder).model.model.layers[0].mlp.down_proj
+    x = torch.randn(2, down.input_size).to(torch.bfloat16)
+    got = down(x).float()
+    assert torch.isfinite(got).all()
+    t = tensors(folder)
+    w = reference_weight(t, name, *KINDS[variant]).nan_to_num(0.0)  # the group reads as zeros
+    assert (got - x.float() @ w.T).abs().max() <= 0.02 * got.abs().max()

@@ -2,7 +2,15 @@
 
 from __future__ import annotations
 
+import torch
+
 from atb_llm.layers.linear import LinearMethod
+
+
+def constant_zero_groups(scale: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
+    """msModelSlim writes a group whose weights are all zero with scale 0 and offset NaN (0 / 0):
+    read it as zero (offset 0) so that (q - offset) * scale does not make NaN."""
+    return torch.where(scale == 0, torch.zeros_like(offset), offset)
 
 
 class QuantMethod(LinearMethod):

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 
 from atb_llm.layers.linear import LinearBase
-from atb_llm.quantization.base import QuantMethod
+from atb_llm.quantization.base import QuantMethod, constant_zero_groups
 
 KERNEL_GROUPS = (256, 128, 64, 32)  # group sizes the CPU int4 kernel takes
 
@@ -79,7 +79,7 @@ class W4A16Method(QuantMethod):
         if self.from_float:
             return quantize_w4_groups(layer.weight.data, self.group_size)
         q = unpack_int4(layer.weight.data, 0 if self.group_size else 1)
-        return q, layer.weight_scale.data, layer.weight_offset.data
+        return q, layer.weight_scale.data, constant_zero_groups(layer.weight_scale.data, layer.weight_offset.data)
 
     def process_weights_after_loading(self, layer: LinearBase) -> None:
         q, scale, offset = self.int4_values(layer)

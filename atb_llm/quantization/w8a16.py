@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from atb_llm.layers.linear import LinearBase
-from atb_llm.quantization.base import QuantMethod
+from atb_llm.quantization.base import QuantMethod, constant_zero_groups
 
 
 def quantize_w8_per_channel(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -40,7 +40,8 @@ class W8A16Method(QuantMethod):
             layer.weight.data = q
             layer.weight_scale = torch.nn.Parameter(scale, requires_grad=False)
             layer.weight_offset = torch.nn.Parameter(offset, requires_grad=False)
-        scale, offset = layer.weight_scale.data.flatten(), layer.weight_offset.data.flatten()
+        scale = layer.weight_scale.data.flatten()
+        offset = constant_zero_groups(scale, layer.weight_offset.data.flatten())
         layer.scales = scale.to(layer.dtype)
         # W x = s * (q x) - s * o * sum(x): the offset term only where offsets are not all zero
         layer.zero_term = (scale * offset).to(layer.dtype) if offset.any() else None
