@@ -67,9 +67,8 @@ class KVPool:
         d = self.k.shape[-1]
         k, v = self.k.view(-1, d)[slots], self.v.view(-1, d)[slots]
         if self.is_int8:
-            return Storage.dequantize(k, self.k_scale.view(-1)[slots], dtype), Storage.dequantize(
-                v, self.v_scale.view(-1)[slots], dtype
-            )
+            ks, vs = self.k_scale.view(-1)[slots], self.v_scale.view(-1)[slots]
+            return Storage.dequantize(k, ks, dtype), Storage.dequantize(v, vs, dtype)
         return k.to(dtype), v.to(dtype)
 
     def gather(self, tables: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
