@@ -17,7 +17,6 @@ share of values outside the int8 range and the relative error of the int8 round 
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 from pathlib import Path
 
@@ -25,6 +24,7 @@ import torch
 from safetensors import safe_open
 
 from atb_llm.utils.perf import markdown_table
+from examples.models.qwen2_5_mlgc.convert_quant_weight import boolq_passages
 
 HERE = Path(__file__).parent
 
@@ -45,9 +45,7 @@ def c8_scales(folder: Path) -> dict[int, torch.Tensor]:
 
 
 def texts(samples: int) -> list[str]:
-    spec = importlib.util.find_spec("msmodelslim")
-    path = Path(spec.origin).parent / "lab_calib" / "boolq.jsonl"
-    rows = [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+    rows = [json.loads(x) for x in boolq_passages().read_text().splitlines() if x.strip()]
     return [r.get("inputs_pretokenized") or r.get("text") for r in rows[-samples:]]  # not the calibration head
 
 

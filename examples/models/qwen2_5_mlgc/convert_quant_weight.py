@@ -49,12 +49,14 @@ def ensure_msmodelslim(install: bool) -> None:
     subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", MSMODELSLIM], check=True)
 
 
+def boolq_passages() -> Path:
+    """The BoolQ calibration file msModelSlim ships (found without importing msmodelslim)."""
+    return Path(importlib.util.find_spec("msmodelslim").origin).parent / "lab_calib" / "boolq.jsonl"
+
+
 def calibration_file(calib: str | None, samples: int, out: Path) -> Path:
     """The first `samples` lines of `calib` (jsonl with "inputs_pretokenized" or "text" per line)."""
-    if calib is None:
-        spec = importlib.util.find_spec("msmodelslim")
-        calib = str(Path(spec.origin).parent / "lab_calib" / "boolq.jsonl")
-    src = Path(calib)
+    src = Path(calib) if calib is not None else boolq_passages()
     if not src.is_file():
         raise SystemExit(f"--calib {src} does not exist; give a .jsonl file of calibration texts")
     lines = [ln for ln in src.read_text(encoding="utf-8").splitlines() if ln.strip()][:samples]
