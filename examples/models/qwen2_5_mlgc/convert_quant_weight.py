@@ -103,11 +103,13 @@ def convert(
         if dst.exists():
             shutil.rmtree(dst)
         cmd = [
-            sys.executable, "-m", "msmodelslim.cli", "quant", "--model_path", str(src), "--save_path", str(dst),
+            sys.executable, "-m", "msmodelslim.cli", "quant", "--model_path", str(src.resolve()), "--save_path", str(dst.resolve()),
             "--device", device, "--model_type", "Qwen2.5-7B-Instruct", "--config_path", str(yaml),
         ]  # fmt: skip
         print("[convert]", " ".join(cmd), flush=True)
-        done = subprocess.run(cmd, input="y\n", text=True)  # msmodelslim asks before using a non-default practice
+        # msmodelslim asks before using a non-default practice, and leaves scratch files (features.npy)
+        # in its working directory: give it the private temporary one
+        done = subprocess.run(cmd, input="y\n", text=True, cwd=tmp)
         if done.returncode or not (dst / "quant_model_description.json").is_file():
             raise SystemExit(f"msmodelslim failed (exit {done.returncode}); its log is above")
     out_cfg = json.loads((dst / "config.json").read_text())
