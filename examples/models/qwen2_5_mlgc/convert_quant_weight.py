@@ -103,8 +103,9 @@ def convert(
         if dst.exists():
             shutil.rmtree(dst)
         cmd = [
-            sys.executable, "-m", "msmodelslim.cli", "quant", "--model_path", str(src.resolve()), "--save_path", str(dst.resolve()),
-            "--device", device, "--model_type", "Qwen2.5-7B-Instruct", "--config_path", str(yaml),
+            sys.executable, "-m", "msmodelslim.cli", "quant",
+            "--model_path", str(src.resolve()), "--save_path", str(dst.resolve()), "--device", device,
+            "--model_type", "Qwen2.5-7B-Instruct", "--config_path", str(yaml),
         ]  # fmt: skip
         print("[convert]", " ".join(cmd), flush=True)
         # msmodelslim asks before using a non-default practice, and leaves scratch files (features.npy)
