@@ -29,9 +29,8 @@ def deq_scale_as_float(t: torch.Tensor) -> torch.Tensor:
     return t.to(torch.int32).view(torch.float32) if t.dtype == torch.int64 else t.float()
 
 
-def _u8_gemm(u: torch.Tensor, packed: torch.Tensor, n: int) -> torch.Tensor:
-    """u [M, K] uint8, packed int8 weight [N, K] -> fp32 u @ q^T."""
-    ones, zeros = torch.ones(n), torch.zeros(n, dtype=torch.int64)
+def _u8_gemm(u: torch.Tensor, packed: torch.Tensor, ones: torch.Tensor, zeros: torch.Tensor) -> torch.Tensor:
+    """u [M, K] uint8, packed int8 weight [N, K], unit scales and zero points [N] -> fp32 u @ q^T."""
     f32 = torch.float32  # the op's fp32 output path: bf16 / fp16 outputs run a reference kernel, 300x slower
     return torch.ops.onednn.qlinear_pointwise(u, 1.0, 0, packed, ones, zeros, None, 1.0, 0, f32, "none", [], "")
 
@@ -41,23 +40,25 @@ def u8_gemm_is_exact() -> bool:
     """Whether oneDNN sums u8 x s8 products without int16 saturation here (VNNI, AMX)."""
     u = torch.full((1, 64), 255, dtype=torch.uint8)
     q = torch.full((8, 64), 127, dtype=torch.int8)
-    return bool(_u8_gemm(u, torch.ops.onednn.qlinear_prepack(q, [1, 64]), 8)[0, 0] == 64 * 255 * 127)
+    packed = torch.ops.onednn.qlinear_prepack(q, [1, 64])
+    return bool(_u8_gemm(u, packed, torch.ones(8), torch.zeros(8, dtype=torch.int64))[0, 0] == 64 * 255 * 127)
 
 
 class Int8Gemm:
     """x_q q^T for int8 activations x_q [M, K] (values -128..127) and int8 weights q [N, K], in fp32."""
 
     def __init__(self, q: torch.Tensor):
-        self.n = q.shape[0]
+        self.ones, self.zeros = torch.ones(q.shape[0]), torch.zeros(q.shape[0], dtype=torch.int64)
         self.packed = torch.ops.onednn.qlinear_prepack(q, [1, q.shape[1]])
         self.shift = 128 * q.float().sum(1)  # u = x_q + 128 adds 128 * rowsum(q)
 
     def __call__(self, xq: torch.Tensor) -> torch.Tensor:
         u = (xq + 128).to(torch.uint8)
         if u8_gemm_is_exact():
-            acc = _u8_gemm(u, self.packed, self.n)
+            acc = _u8_gemm(u, self.packed, self.ones, self.zeros)
         else:
-            acc = _u8_gemm(u >> 1, self.packed, self.n).mul_(2).add_(_u8_gemm(u & 1, self.packed, self.n))
+            hi, lo = (_u8_gemm(v, self.packed, self.ones, self.zeros) for v in (u >> 1, u & 1))
+            acc = hi.mul_(2).add_(lo)
         return acc.sub_(self.shift)
 
 
