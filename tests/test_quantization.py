@@ -138,10 +138,11 @@ def test_checkpoint_dequantizes_to_the_float_weights(float_model, quantized, var
         assert torch.all((w - ref).abs() <= step * 0.8), name
 
 
+@pytest.mark.parametrize("dtype", ["bf16", "fp32"])  # bf16: torch's int kernels; fp32: dequantize + matmul
 @pytest.mark.parametrize("variant", KINDS)
-def test_linear_methods_equal_the_fp32_reference(quantized, variant):
+def test_linear_methods_equal_the_fp32_reference(quantized, variant, dtype):
     folder = quantized(variant)
-    t, model = tensors(folder), engine(folder).model
+    t, model = tensors(folder), engine(folder, dtype=dtype).model
     layer = model.model.layers[0]
     pre = "model.layers.0"
     torch.manual_seed(0)
@@ -152,10 +153,11 @@ def test_linear_methods_equal_the_fp32_reference(quantized, variant):
         (layer.mlp.down_proj, [f"{pre}.mlp.down_proj"]),
     ]
     for module, names in cases:
-        x = torch.randn(7, module.input_size).to(torch.bfloat16)
+        x = torch.randn(7, module.input_size).to(module.dtype)
         got = module(x).float()
         want = reference_linear(t, names, variant, x.float())
-        assert (got - want).abs().max() <= 0.02 * want.abs().max(), names[0]
+        tol = 1e-5 if dtype == "fp32" and variant in ("w8a16", "w4a16", "w4a16_per_channel") else 0.02
+        assert (got - want).abs().max() <= tol * want.abs().max(), names[0]
 
 
 @pytest.mark.parametrize("variant", ["w8a16", "w4a16", "w4a16_per_channel"])

@@ -7,6 +7,8 @@ the input dimension, scale and offset [N, 1]. W = (q - offset) * scale.
 
 On CPU the weight is repacked once for torch's int4 kernel (`_weight_int4pack_mm_for_cpu`), which
 computes with W = (u - 8) * scale + zero for u = q + 8 in 0..15, so zero = -offset * scale.
+That kernel is fast for bf16/fp16 activations only; fp32 models keep the int4 values two per byte
+and dequantize per call (see `QuantMethod.dense_fp32`).
 """
 
 from __future__ import annotations
@@ -21,10 +23,8 @@ KERNEL_GROUPS = (256, 128, 64, 32)  # group sizes the CPU int4 kernel takes
 
 def unpack_int4(packed: torch.Tensor, dim: int) -> torch.Tensor:
     """int8 bytes holding two signed int4 (low nibble first) -> int8 values -8..7, `dim` doubled."""
-    b = packed.to(torch.int16)
-    lo, hi = b & 0xF, (b >> 4) & 0xF
-    both = torch.stack([lo, hi], dim + 1).flatten(dim, dim + 1)
-    return torch.where(both > 7, both - 16, both).to(torch.int8)
+    lo, hi = (packed << 4) >> 4, packed >> 4  # arithmetic shifts of int8 sign-extend each nibble
+    return torch.stack([lo, hi], dim + 1).flatten(dim, dim + 1)
 
 
 def dequantize_w4(q: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
@@ -89,15 +89,27 @@ class W4A16Method(QuantMethod):
             scale, offset = scale.expand(n, k // g), offset.expand(n, k // g)
         scale, offset = scale.float(), offset.float()
         layer.group = g
-        layer.packed = torch._convert_weight_to_int4pack_for_cpu((q.to(torch.int32) + 8).contiguous(), 1)
         zero = -offset * scale
-        layer.scales_and_zeros = torch.stack([scale.T, zero.T], -1).contiguous().to(layer.dtype)  # [K/g, N, 2]
+        if self.dense_fp32(layer):
+            layer.nibbles = ((q[:, 0::2] & 0xF) | (q[:, 1::2] << 4)).contiguous()  # [N, K/2], low nibble first
+            layer.scale_zero = (scale[..., None], zero[..., None])  # [N, K/g, 1] each
+        else:
+            layer.packed = torch._convert_weight_to_int4pack_for_cpu((q.to(torch.int32) + 8).contiguous(), 1)
+            layer.scales_and_zeros = torch.stack([scale.T, zero.T], -1).contiguous().to(layer.dtype)  # [K/g, N, 2]
         layer.weight.data = torch.empty(0, dtype=torch.int8)  # one copy in memory: the packed one
         for name in ("weight_scale", "weight_offset"):
             if hasattr(layer, name):
                 delattr(layer, name)
 
+    def dequantize(self, layer: LinearBase) -> torch.Tensor:
+        q = unpack_int4(layer.nibbles, 1)
+        n, k = q.shape
+        scale, zero = layer.scale_zero
+        return (q.view(n, k // layer.group, layer.group) * scale + zero).view(n, k)
+
     def apply(self, layer: LinearBase, x: torch.Tensor) -> torch.Tensor:
+        if self.dense_fp32(layer):
+            return torch.nn.functional.linear(x, self.dequantize(layer), layer.bias)
         x2 = x.reshape(-1, layer.input_size)
         y = torch._weight_int4pack_mm_for_cpu(x2, layer.packed, layer.group, layer.scales_and_zeros)
         if layer.bias is not None:
