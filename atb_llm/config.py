@@ -28,6 +28,14 @@ def parse_dtype(name: str | torch.dtype) -> torch.dtype:
         raise ValueError(f"dtype={name!r} is not supported; use one of bf16, fp16, fp32") from None
 
 
+def read_json(path: Path, fix: str):
+    """A JSON file, or a ValueError that names the file, what is wrong and `fix`."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path} is not valid JSON ({err}); {fix}") from None
+
+
 def read_config_json(weight_dir: str | Path) -> dict:
     weight_dir = Path(weight_dir)
     if not weight_dir.is_dir():
@@ -38,7 +46,10 @@ def read_config_json(weight_dir: str | Path) -> dict:
     path = weight_dir / "config.json"
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing; a Hugging Face model folder needs its config.json")
-    return json.loads(path.read_text())
+    config = read_json(path, "restore it from the original model folder")
+    if not isinstance(config, dict):
+        raise ValueError(f"{path} holds a {type(config).__name__}, not a JSON object; restore it from the model folder")
+    return config
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,7 @@ from atb_llm.compression.layout import GroupLayout
 from atb_llm.compression.memory import kv_bytes
 from atb_llm.runtime.engine import EngineConfig, LLMEngine
 from atb_llm.runtime.sequence import SamplingParams
+from atb_llm.utils.cli import run_main
 from atb_llm.utils.default_model import resolve_model_path
 
 
@@ -88,9 +89,6 @@ def kv_report(engine: LLMEngine, outputs: list) -> str:
 def main(argv: list[str] | None = None) -> list:
     args = parse_args(argv)
     prompts = read_prompts(args)
-    cfg = EngineConfig.from_cli_args(args, model_path=str(resolve_model_path(args.model_path)))
-    engine = LLMEngine(cfg)
-    engine.warmup()
     params = SamplingParams(
         max_tokens=args.max_output_length,
         temperature=args.temperature,
@@ -99,6 +97,9 @@ def main(argv: list[str] | None = None) -> list:
         seed=args.seed,
         ignore_eos=args.ignore_eos,
     )
+    cfg = EngineConfig.from_cli_args(args, model_path=str(resolve_model_path(args.model_path)))
+    engine = LLMEngine(cfg)
+    engine.warmup()
     token_ids = [encode(engine, p, args.is_chat_model) for p in prompts]
     start = time.perf_counter()
     outputs = engine.generate(token_ids, params, use_tqdm=len(prompts) > 1)
@@ -107,12 +108,12 @@ def main(argv: list[str] | None = None) -> list:
         n = len(out.token_ids)
         ttft = (out.ttft_s or 0) * 1000
         tpot = (out.tpot_s or 0) * 1000
-        rate = (n - 1) / (out.tpot_s * (n - 1)) if out.tpot_s else float("nan")
+        rate = f"{1 / out.tpot_s:.2f} tokens/s" if out.tpot_s else "n/a tokens/s"
         print(f"\nQuestion[{i}]: {prompt if isinstance(prompt, str) else prompt[-1]['content']}")
         print(f"Answer[{i}]: {out.text}")
         print(
             f"Generate[{i}]: {n} tokens, first token {ttft:.1f} ms, mean per output token {tpot:.1f} ms, "
-            f"{rate:.2f} tokens/s (decode), finish_reason={out.finish_reason}"
+            f"{rate} (decode), finish_reason={out.finish_reason}"
         )
     if args.mlgc != "off":
         print(kv_report(engine, outputs))
@@ -125,4 +126,4 @@ def main(argv: list[str] | None = None) -> list:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main, "run_pa")

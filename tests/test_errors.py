@@ -130,3 +130,59 @@ def test_bad_requests_leave_the_engine_usable(tiny_models):
 def test_block_size_must_be_a_multiple_of_16(tiny_models):
     with pytest.raises(ValueError, match="block_size=100 must be a positive multiple of 16"):
         LLMEngine(EngineConfig(str(tiny_models()), block_size=100, max_input_length=64, progress=False))
+
+
+@pytest.mark.parametrize(
+    "kw, message",
+    [
+        (dict(seed=2**64), r"seed=18446744073709551616 is outside \[0, 2\*\*64 - 1\]"),
+        (dict(seed=-1), r"seed=-1 is outside"),
+    ],
+)
+def test_seeds_outside_64_bits_are_refused_up_front(kw, message):
+    with pytest.raises(ValueError, match=message):
+        SamplingParams(**kw)
+    SamplingParams(seed=2**64 - 1, temperature=0.7)  # the largest seed is fine
+
+
+def test_tiny_temperature_samples_greedily(tiny_models):
+    e = engine(tiny_models())
+    greedy, tiny = e.generate(
+        [[5, 6, 7]] * 2, [SamplingParams(max_tokens=6, ignore_eos=True, temperature=t) for t in (0, 1e-40)]
+    )
+    assert tiny.token_ids == greedy.token_ids and tiny.finish_reason == "length"
+
+
+def test_a_failing_sequence_is_ended_alone(tiny_models, monkeypatch):
+    """Sampling that fails for one sequence (non-finite logits) ends that sequence with "error"; the
+    batch's other sequence goes on exactly as it would alone, and every block is freed."""
+    e = engine(tiny_models())
+    alone = e.generate([[5, 6, 7]], SamplingParams(max_tokens=6, ignore_eos=True))[0].token_ids
+    real = e.runner.logits
+
+    def poisoned(seqs, is_prefill):
+        logits = real(seqs, is_prefill).clone()
+        for i, s in enumerate(seqs):
+            if s.request_id == "bad" and len(s.output_token_ids) == 2:
+                logits[i] = float("nan")
+        return logits
+
+    monkeypatch.setattr(e.runner, "logits", poisoned)
+    params = SamplingParams(max_tokens=6, ignore_eos=True, temperature=0.7, seed=1)
+    bad = e.add_request([8, 9], params, request_id="bad")
+    good = e.add_request([5, 6, 7], SamplingParams(max_tokens=6, ignore_eos=True), request_id="good")
+    while e.has_unfinished():
+        e.step()
+    assert (bad.finish_reason, len(bad.output_token_ids)) == ("error", 2)
+    assert "sampling failed" in bad.error
+    assert good.output_token_ids == alone and good.finish_reason == "length"
+    assert all(n == 0 for n in e.cache_manager.block_manager.num_used().values())
+
+
+def test_folder_without_tokenizer_files(tiny_models, tmp_path):
+    path = copy_model(tiny_models(), tmp_path / "m")
+    for f in path.iterdir():
+        if f.name.startswith(("tokenizer", "vocab", "merges", "special_tokens", "added_tokens")):
+            f.unlink()
+    with pytest.raises(FileNotFoundError, match=f"{path} has no tokenizer files.*copy them"):
+        engine(path)

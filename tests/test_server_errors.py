@@ -2,6 +2,8 @@
 and the server keeps serving. Tiny random model: the errors do not depend on the model."""
 
 import json
+import threading
+import time
 
 import httpx
 import openai
@@ -58,6 +60,27 @@ CASES = [
     (CHAT, {"messages": []}, 422, "invalid_value", "messages", "at least 1 item"),
     (CHAT, {"messages": [{"role": "robot", "content": "hi"}]}, 422, "invalid_value", "messages.0.role", "'robot'"),
     (CHAT, {"messages": [{"role": "user", "content": "hi"}]}, 422, "invalid_value", "messages", "no chat template"),
+    (COMPLETIONS, {**OK, "temperature": 0.7, "seed": 2**64}, 422, "invalid_value", "", "seed=18446744073709551616"),
+    (COMPLETIONS, b'{"prompt": "a\\ud800b", "max_tokens": 2}', 400, "invalid_text", "prompt", "lone UTF-16 surrogate"),
+    (
+        CHAT,
+        b'{"messages": [{"role": "user", "content": "\\udfff"}]}',
+        400,
+        "invalid_text",
+        "messages.0.content",
+        "at character 0",
+    ),
+    (COMPLETIONS, {**OK, "logprobs": 5}, 400, "unsupported_parameter", "logprobs", "logprobs is not supported"),
+    (COMPLETIONS, {**OK, "echo": True}, 400, "unsupported_parameter", "echo", "leave it out"),
+    (COMPLETIONS, {**OK, "best_of": 3}, 400, "unsupported_parameter", "best_of", "best_of=3"),
+    (
+        CHAT,
+        {"messages": [{"role": "user", "content": "hi"}], "response_format": {"type": "json_object"}},
+        400,
+        "unsupported_parameter",
+        "response_format",
+        "response_format is not supported",
+    ),
 ]
 
 
@@ -122,7 +145,79 @@ def test_engine_failure_ends_the_stream_with_an_error_event(server, monkeypatch)
     with httpx.stream("POST", server.url + COMPLETIONS, json={**OK, "stream": True}, timeout=30) as r:
         lines = [ln for ln in r.iter_lines() if ln]
     assert r.status_code == 200
-    assert json.loads(lines[-1].removeprefix("data: "))["error"]["message"].endswith("simulated device error")
+    assert json.loads(lines[-2].removeprefix("data: "))["error"]["message"].endswith("simulated device error")
+    assert lines[-1] == "data: [DONE]"
     r = httpx.post(server.url + COMPLETIONS, json=OK, timeout=30)
     assert r.status_code == 200 and r.json()["choices"][0]["finish_reason"] in ("stop", "length")
     wait_until(lambda: server.loop.stats.blocks_used == 0, 10, "all blocks to be free")
+
+
+def test_neutral_values_of_unsupported_fields_are_accepted(server):
+    body = {**OK, "logprobs": None, "echo": False, "best_of": 1, "response_format": {"type": "text"}}
+    assert httpx.post(server.url + COMPLETIONS, json=body, timeout=30).status_code == 200
+
+
+def encoder(server):
+    return server.server.config.app.state.served.encoder
+
+
+def test_body_and_prompt_size_are_bounded_before_tokenizing(server, monkeypatch):
+    enc = encoder(server)
+    monkeypatch.setattr(enc, "_tokenize", lambda prompt: pytest.fail("tokenized a prompt that cannot fit"))
+    limit = enc.max_body_bytes()
+    t0 = time.monotonic()
+    r = httpx.post(server.url + COMPLETIONS, json={**OK, "prompt": "x" * (limit + 10)}, timeout=60)
+    assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large", r.text
+    assert f"over the limit of {limit} bytes" in r.json()["error"]["message"]
+    chunks = [b'{"prompt": "'] + [b"x" * 2**16] * (limit // 2**16 + 1) + [b'"}']  # no Content-Length: counted
+    r = httpx.post(server.url + COMPLETIONS, content=iter(chunks), headers={"content-type": "application/json"})
+    assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large", r.text
+    chars = MAX_INPUT * enc.max_token_chars + 1  # under the body limit, over what 16 tokens can hold
+    r = httpx.post(server.url + COMPLETIONS, json={**OK, "prompt": "x" * chars}, timeout=60)
+    assert r.status_code == 413 and f"the prompt has {chars} characters" in r.json()["error"]["message"]
+    assert time.monotonic() - t0 < 10
+
+
+def stream_time(url: str, body: dict) -> tuple[float, str]:
+    """Stream one completion -> (seconds from sending to [DONE], finish reason)."""
+    t0, finish = time.monotonic(), None
+    with httpx.stream("POST", url + COMPLETIONS, json={**body, "stream": True}, timeout=60) as r:
+        for line in r.iter_lines():
+            if line.startswith("data: {"):
+                finish = json.loads(line[6:])["choices"][0]["finish_reason"] or finish
+    return time.monotonic() - t0, finish
+
+
+def test_slow_tokenization_and_bad_requests_leave_other_streams_alone(server, monkeypatch):
+    """Tokenizing happens off the engine thread: while one prompt takes 3 s to tokenize, another
+    request streams its whole answer. Requests refused up front (an out-of-range seed, a lone
+    surrogate) and one with a tiny temperature (sampled greedily) do not touch it either."""
+    enc, real = encoder(server), encoder(server)._tokenize
+
+    def slow(prompt):
+        if prompt == "slow":
+            time.sleep(3)
+        return real(prompt)
+
+    monkeypatch.setattr(enc, "_tokenize", slow)
+    others = [
+        ({**OK, "prompt": "slow"}, 200),
+        ({**OK, "temperature": 0.7, "seed": 2**64}, 422),
+        ({**OK, "temperature": 1e-40, "max_tokens": 3, "ignore_eos": True}, 200),
+    ]
+    responses = [None] * len(others)
+
+    def send(i):
+        responses[i] = httpx.post(server.url + COMPLETIONS, json=others[i][0], timeout=60)
+
+    threads = [threading.Thread(target=send, args=(i,)) for i in range(len(others))]
+    for t in threads:
+        t.start()
+    time.sleep(0.5)  # the slow prompt is being tokenized now
+    elapsed, finish = stream_time(server.url, {"prompt": "hello", "max_tokens": MAX_OUTPUT, "ignore_eos": True})
+    for t in threads:
+        t.join(60)
+    assert [r.status_code for r in responses] == [s for _, s in others]
+    assert finish == "length" and elapsed < 2.0
+    greedy = httpx.post(server.url + COMPLETIONS, json={**OK, "max_tokens": 3, "ignore_eos": True}, timeout=30)
+    assert responses[2].json()["choices"][0]["text"] == greedy.json()["choices"][0]["text"]

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from atb_llm.compression.layout import GroupLayout
 from atb_llm.compression.levels import LEVELS, Level, Window, make_level
-from atb_llm.config import ModelConfig
+from atb_llm.config import ModelConfig, read_json
 
 PLAN_NAME = "mlgc_plan.json"
 FORMAT = "mlgc-plan/1"
@@ -59,12 +59,16 @@ class MlgcPlan:
 
     @classmethod
     def load(cls, path: str | Path) -> MlgcPlan:
-        raw = json.loads(Path(path).read_text())
-        if raw.pop("format", None) != FORMAT:
-            raise ValueError(
-                f"{path} is not an MLGC plan ({FORMAT}); make one with {CALIBRATE_HINT.format(model='WEIGHT_DIR')}"
-            )
-        return cls(**raw)
+        path, hint = Path(path), CALIBRATE_HINT.format(model="WEIGHT_DIR")
+        if not path.is_file():
+            raise FileNotFoundError(f"MLGC plan {path} does not exist; make one with {hint}")
+        raw = read_json(path, f"make it again with {hint}")
+        if not isinstance(raw, dict) or raw.pop("format", None) != FORMAT:
+            raise ValueError(f"{path} is not an MLGC plan ({FORMAT}); make one with {hint}")
+        try:
+            return cls(**raw)
+        except TypeError as err:  # a field missing or unknown
+            raise ValueError(f"{path} is not a complete MLGC plan ({err}); make it again with {hint}") from None
 
     # ---- use ------------------------------------------------------------------------------
     def check(self, config: ModelConfig, block_size: int, where: str = "the plan") -> None:

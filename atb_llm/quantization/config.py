@@ -9,10 +9,10 @@ add `"quantize": "w8a8"`, and when it is absent `model_quant_type` decides (as M
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from atb_llm.config import read_json
 from atb_llm.layers.linear import LinearMethod
 from atb_llm.quantization.methods import METHODS, make_method
 
@@ -38,10 +38,7 @@ class QuantDescription:
         path = Path(weight_dir) / DESCRIPTION_NAME
         if not path.is_file():
             return None
-        try:
-            raw = json.loads(path.read_text())
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{path} is not valid JSON ({err}); re-export the checkpoint with msModelSlim") from None
+        raw = read_json(path, "re-export the checkpoint with msModelSlim")
         types = {k: v for k, v in raw.items() if isinstance(v, str) and "." in k}
         mqt = str(raw.get("model_quant_type", "")).upper()
         for name, kind in types.items():

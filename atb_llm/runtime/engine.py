@@ -144,6 +144,11 @@ class LLMEngine:
         tokens, logprobs = self.runner.run(seqs, is_prefill)
         now = time.perf_counter()
         for seq, tok, lp in zip(seqs, tokens, logprobs):
+            if tok is None:  # this sequence alone failed (seq.error says why)
+                seq.finish_time = now
+                self.scheduler.finish(seq, "error")
+                self._seqs.pop(seq.request_id, None)
+                continue
             seq.output_token_ids.append(tok)
             if lp is not None:
                 seq.logprobs.append(lp)
@@ -212,4 +217,5 @@ class LLMEngine:
     @torch.inference_mode()
     def warmup(self) -> None:
         """One short request through prefill and decode, so first-call costs are not timed."""
-        self.generate([[self.tokenizer.eos_token_id or 0] * 4], SamplingParams(max_tokens=2, ignore_eos=True))
+        n = min(2, self.cfg.max_output_length)
+        self.generate([[self.tokenizer.eos_token_id or 0] * 4], SamplingParams(max_tokens=n, ignore_eos=True))

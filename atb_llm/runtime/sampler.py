@@ -22,24 +22,33 @@ def _filter(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
 
 
 class Sampler:
-    def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[int]:
-        """logits: [B, V] fp32 -> one token id per sequence."""
-        tokens = logits.argmax(-1).tolist()
+    def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[int | None]:
+        """logits: [B, V] fp32 -> one token id per sequence. A sequence whose sampling fails (say, its
+        logits are not finite) gets None and its `error` set; the others are not affected."""
+        tokens: list[int | None] = logits.argmax(-1).tolist()
         for i, seq in enumerate(seqs):
             p = seq.params
             if p.force_tokens:
                 tokens[i] = p.force_tokens[len(seq.output_token_ids)]
                 continue
-            if p.temperature == 0:
+            if p.temperature < p.GREEDY_BELOW:
                 continue
-            if p.seed is not None and seq.generator is None:
-                seq.generator = torch.Generator(device=logits.device).manual_seed(p.seed)
-            row = _filter(logits[i] / p.temperature, p.top_k, p.top_p)
-            tokens[i] = int(torch.multinomial(row.softmax(-1), 1, generator=seq.generator))
+            try:
+                tokens[i] = self._sample(logits[i], seq)
+            except (RuntimeError, ValueError) as err:
+                tokens[i], seq.error = None, f"sampling failed: {err}"
         return tokens
 
     @staticmethod
-    def logprobs(logits: torch.Tensor, seqs: list[Sequence], tokens: list[int]) -> list[dict[int, float] | None]:
+    def _sample(logits: torch.Tensor, seq: Sequence) -> int:
+        p = seq.params
+        if p.seed is not None and seq.generator is None:
+            seq.generator = torch.Generator(device=logits.device).manual_seed(p.seed)
+        row = _filter(logits / p.temperature, p.top_k, p.top_p)
+        return int(torch.multinomial(row.softmax(-1), 1, generator=seq.generator))
+
+    @staticmethod
+    def logprobs(logits: torch.Tensor, seqs: list[Sequence], tokens: list[int | None]) -> list[dict[int, float] | None]:
         """Log-softmax of the raw logits at the requested token ids (and at the forced token), per sequence."""
         wanted = {
             i: list(s.params.logprob_token_ids) + ([tokens[i]] if s.params.force_tokens else [])

@@ -17,6 +17,9 @@ class SamplingParams:
     exactly these tokens (teacher forcing) and records each one's log-probability: perplexity
     through the engine's own (possibly compressed) cache."""
 
+    GREEDY_BELOW = 1e-5  # temperatures under this sample greedily (dividing by them overflows)
+    SEED_RANGE = 2**64  # seeds are unsigned 64-bit, as torch.Generator takes them
+
     max_tokens: int = 64
     temperature: float = 0.0
     top_k: int = 0
@@ -36,6 +39,8 @@ class SamplingParams:
             raise ValueError(f"max_tokens={self.max_tokens} must be at least 1")
         if self.temperature < 0:
             raise ValueError(f"temperature={self.temperature} must be >= 0 (0 is greedy)")
+        if self.seed is not None and not 0 <= self.seed < self.SEED_RANGE:
+            raise ValueError(f"seed={self.seed} is outside [0, 2**64 - 1]; use a non-negative 64-bit seed")
         if self.top_k < 0:
             raise ValueError(f"top_k={self.top_k} must be >= 0 (0 disables it)")
         if not 0 < self.top_p <= 1:
@@ -72,6 +77,7 @@ class Sequence:
     first_token_time: float | None = None
     finish_time: float | None = None
     generator: object = None  # torch.Generator for seeded sampling, made by the sampler
+    error: str | None = None  # why the sequence finished with reason "error"
 
     def __post_init__(self):
         self.request_id = self.request_id or f"req-{self.seq_id}"

@@ -1,3 +1,4 @@
+from atb_llm.utils.cli import run_main
 from examples.server.serve import main
 
-main()
+run_main(main, "server")

@@ -13,8 +13,10 @@ from fastapi.staticfiles import StaticFiles
 from starlette.background import BackgroundTask
 
 from examples.server import generation as gen
-from examples.server.engine_loop import EngineLoop, GenerationRequest
+from examples.server.engine_loop import EngineLoop
 from examples.server.errors import APIError, install_error_handlers
+from examples.server.limits import BodyLimit
+from examples.server.prompts import PromptEncoder
 from examples.server.protocol import (
     AssistantMessage,
     ChatChoice,
@@ -33,9 +35,10 @@ router = APIRouter()
 
 @dataclass
 class Served:
-    """What the routes serve: the engine loop and the model's public name."""
+    """What the routes serve: the engine loop, its prompt encoder and the model's public name."""
 
     loop: EngineLoop
+    encoder: PromptEncoder
     model_name: str
     created: int = field(default_factory=lambda: int(time.time()))
 
@@ -61,9 +64,11 @@ class Served:
 
 def create_app(loop: EngineLoop, model_name: str) -> FastAPI:
     """The server around a started EngineLoop; `model_name` is what /v1/models lists."""
+    encoder = PromptEncoder(loop.engine)
     app = FastAPI(title="atb_llm OpenAI-compatible server", docs_url=None, redoc_url=None)
-    app.state.served = Served(loop, model_name)
+    app.state.served = Served(loop, encoder, model_name)
     install_error_handlers(app, loop.metrics)
+    app.add_middleware(BodyLimit, max_bytes=encoder.max_body_bytes())  # 413 before a body no prompt needs is read
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
     app.include_router(router)
     return app
@@ -79,8 +84,7 @@ async def generate(request: Request, body: SamplingFields, prompt, max_tokens: i
     s.check_model(body.model)
     request_id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
     params = gen.sampling_params(body, max_tokens, s.loop.engine.cfg.max_output_length)
-    generation = GenerationRequest(request_id, prompt, params)
-    stream = await gen.submit(s.loop, generation, "messages" if chat else "prompt")
+    stream = await gen.submit(s.loop, s.encoder, request_id, prompt, params, "messages" if chat else "prompt")
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         fmt = gen.ChunkFormat(request_id, s.model_name, chat, include_usage)

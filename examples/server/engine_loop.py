@@ -3,8 +3,8 @@
 The engine is not thread-safe, so one thread owns it and runs: drain the command queue (add /
 abort), `step()`, publish every sequence's new text to its request's asyncio queue with
 `loop.call_soon_threadsafe`. The HTTP layer only puts commands on the queue and awaits its own
-queues, so it never blocks on a forward pass. Tokenization happens here too: the tokenizer is
-shared with the engine and is not safe to call from two threads.
+queues, so it never blocks on a forward pass; it tokenizes prompts itself (examples/server/prompts.py),
+so the engine thread never waits on a tokenizer either.
 """
 
 from __future__ import annotations
@@ -25,16 +25,16 @@ from examples.server.text_stream import TextStream
 log = logging.getLogger("atb_llm.server")
 
 
-class RequestTooLargeError(ValueError):
-    """The prompt is over max_input_length, or prompt + max_tokens can never fit the cache (HTTP 413)."""
+class ShuttingDownError(RuntimeError):
+    """The server is stopping and takes no new request (HTTP 503)."""
 
 
 @dataclass
 class GenerationRequest:
-    """What the HTTP layer asks for: a prompt (text, token ids, or chat messages) and sampling."""
+    """What the HTTP layer asks for: the prompt's token ids and sampling."""
 
     request_id: str
-    prompt: str | list[int] | list[dict[str, str]]
+    prompt_ids: list[int]
     params: SamplingParams
 
 
@@ -93,9 +93,14 @@ class EngineLoop:
     def start(self) -> None:
         self._thread.start()
 
-    def stop(self, timeout: float = 30.0) -> None:
+    def request_stop(self) -> None:
+        """Begin shutting down without waiting: new requests get ShuttingDownError, and the engine
+        thread ends every request in flight (finish_reason "abort") after its current step."""
         self._stopping = True
         self._commands.put(None)
+
+    def stop(self, timeout: float = 30.0) -> None:
+        self.request_stop()
         self._thread.join(timeout)
 
     @property
@@ -104,7 +109,9 @@ class EngineLoop:
 
     async def submit(self, request: GenerationRequest) -> RequestStream:
         """Queue a request; returns its stream once the engine accepted it. Raises the engine's
-        ValueError (or RequestTooLargeError) for a request it rejects."""
+        ValueError for a request it rejects, ShuttingDownError once stopping."""
+        if self._stopping:
+            raise ShuttingDownError("the server is shutting down; retry on another replica or later")
         loop = asyncio.get_running_loop()
         future = loop.create_future()
         self._commands.put(_Add(request, loop, future))
@@ -128,6 +135,14 @@ class EngineLoop:
                 self.stats = cache_stats(self.engine)
         for request_id in list(self._live):
             self._abort(request_id, "abort", "the server is shutting down")
+        while True:  # requests queued while it stopped: tell them, or their clients wait forever
+            try:
+                command = self._commands.get_nowait()
+            except queue.Empty:
+                return
+            if isinstance(command, _Add):
+                error = ShuttingDownError("the server is shutting down; retry on another replica or later")
+                _post(command.loop, _resolve, command.future, None, error)
 
     def _drain(self, block: bool) -> None:
         try:
@@ -147,39 +162,13 @@ class EngineLoop:
     def _add(self, command: _Add) -> None:
         request = command.request
         try:
-            ids = self._encode(request.prompt)
-            self._check_size(ids, request.params)
-            seq = self.engine.add_request(ids, request.params, request.request_id)
+            seq = self.engine.add_request(request.prompt_ids, request.params, request.request_id)
         except Exception as e:  # ValueError for bad input; anything else still answers the client
             _post(command.loop, _resolve, command.future, None, e)
             return
-        stream = RequestStream(request.request_id, len(ids))
+        stream = RequestStream(request.request_id, len(request.prompt_ids))
         self._live[request.request_id] = _Live(seq, stream, command.loop, TextStream(request.params.stop))
         _post(command.loop, _resolve, command.future, stream, None)
-
-    def _encode(self, prompt: str | list[int] | list[dict[str, str]]) -> list[int]:
-        if isinstance(prompt, str) or all(isinstance(t, int) for t in prompt):
-            return self.engine.encode(prompt)
-        tok = self.engine.tokenizer
-        if not getattr(tok, "chat_template", None):
-            raise ValueError(
-                f"the tokenizer of {self.engine.cfg.model_path} has no chat template; "
-                "use /v1/completions with a plain prompt"
-            )
-        return list(tok.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True, return_dict=False))
-
-    def _check_size(self, ids: list[int], params: SamplingParams) -> None:
-        cfg, cache = self.engine.cfg, self.engine.cache_manager
-        if len(ids) > cfg.max_input_length:
-            raise RequestTooLargeError(
-                f"the prompt has {len(ids)} tokens, more than max_input_length={cfg.max_input_length}; "
-                "shorten it or restart the server with a larger --max_input_length"
-            )
-        if not cache.fits_alone(len(ids) + params.max_tokens):
-            raise RequestTooLargeError(
-                f"prompt ({len(ids)} tokens) + max_tokens ({params.max_tokens}) can never fit the KV cache "
-                f"({cache.num_blocks} blocks); lower max_tokens or give the server more cache"
-            )
 
     def _step(self) -> None:
         try:
@@ -203,7 +192,7 @@ class EngineLoop:
         event = GenerationEvent(text, n)
         if seq.is_finished:
             del self._live[seq.request_id]
-            event.finish_reason = seq.finish_reason
+            event.finish_reason, event.error = seq.finish_reason, seq.error
             self.metrics.observe_finished(seq.finish_reason, seq.num_prompt_tokens, n, seq.time_per_output_token())
         _post(live.loop, live.stream.events.put_nowait, event)
 

@@ -2,12 +2,16 @@
 
 400  the body is not JSON, not an object, misses a required field, or has a field of the wrong type
 404  an unknown model (code "model_not_found") or route
+400  a string with a lone UTF-16 surrogate (code "invalid_text"), an unsupported field (code
+     "unsupported_parameter")
 413  the prompt is over max_input_length, or prompt + max_tokens can never fit the KV cache
-     (code "context_length_exceeded")
+     (code "context_length_exceeded"); the body is larger than such a prompt could be (code
+     "request_too_large")
 422  a value out of range or unsupported: temperature < 0 or > 2, top_p outside (0, 1], n != 1,
      max_tokens < 1 or over max_output_length, an empty prompt, a chat request to a model
      without a chat template (code "invalid_value")
-500  a bug; the body still says what failed
+500  a bug, or a failure of the engine (for the requests in flight); the body says what failed
+503  the server is shutting down (code "shutting_down")
 """
 
 from __future__ import annotations
@@ -37,6 +41,9 @@ VALUE_ERROR_TYPES = {
     "literal_error",
     "finite_number",
 }
+
+
+HTTP_CODES = {404: "not_found", 413: "request_too_large"}  # the `code` of errors raised by the framework
 
 
 class APIError(Exception):
@@ -69,6 +76,8 @@ def validation_error(exc: RequestValidationError) -> APIError:
         return APIError(400, f"'{param}' is required", param, "missing_field")
     value = first.get("input")
     shown = f"{param}={value!r}" if not isinstance(value, dict | list) else param
+    if first["type"] == "unsupported":
+        return APIError(400, f"{shown}: {first['msg']}", param, "unsupported_parameter")
     if first["type"] == "value_error":  # our validators' messages already name the value and the fix
         return APIError(422, f"{param}: {first['msg'].removeprefix('Value error, ')}", param, "invalid_value")
     if len(field_path) < len(path):  # a union: say which types would do
@@ -98,7 +107,11 @@ def install_error_handlers(app: FastAPI, metrics: Metrics) -> None:
     @app.exception_handler(HTTPException)
     async def _http_error(request: Request, exc: HTTPException) -> JSONResponse:
         message = f"{request.method} {request.url.path}: {exc.detail}"
-        return respond(APIError(exc.status_code, message, code="not_found" if exc.status_code == 404 else None))
+        if exc.status_code == 413:
+            served = request.app.state.served
+            message += f", over the limit of {served.encoder.max_body_bytes()} bytes (more than a prompt of "
+            message += f"max_input_length={served.loop.engine.cfg.max_input_length} tokens needs); shorten it"
+        return respond(APIError(exc.status_code, message, code=HTTP_CODES.get(exc.status_code)))
 
     @app.exception_handler(Exception)
     async def _bug(request: Request, exc: Exception) -> JSONResponse:

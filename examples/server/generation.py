@@ -15,14 +15,9 @@ from dataclasses import dataclass, field
 from fastapi import Request
 
 from atb_llm.runtime.sequence import SamplingParams
-from examples.server.engine_loop import (
-    EngineLoop,
-    GenerationEvent,
-    GenerationRequest,
-    RequestStream,
-    RequestTooLargeError,
-)
+from examples.server.engine_loop import EngineLoop, GenerationEvent, GenerationRequest, RequestStream, ShuttingDownError
 from examples.server.errors import APIError, error_body
+from examples.server.prompts import BadTextError, Prompt, PromptEncoder, RequestTooLargeError
 from examples.server.protocol import (
     ChatChunkChoice,
     ChatCompletionChunk,
@@ -64,14 +59,22 @@ def sampling_params(body: SamplingFields, max_tokens: int | None, max_output_len
         raise APIError(422, str(e), code="invalid_value") from e
 
 
-async def submit(loop: EngineLoop, request: GenerationRequest, prompt_param: str) -> RequestStream:
-    """Hand the request to the engine thread; its rejections become 413 / 422."""
+async def submit(
+    loop: EngineLoop, encoder: PromptEncoder, request_id: str, prompt: Prompt, params: SamplingParams, param: str
+) -> RequestStream:
+    """Tokenize (off the engine thread), then hand the request to the engine thread; rejections
+    become 400 (text), 413 (size), 422 (value) or 503 (shutting down)."""
     try:
-        return await loop.submit(request)
+        ids = await encoder.encode(prompt, params, param)
+        return await loop.submit(GenerationRequest(request_id, ids, params))
+    except BadTextError as e:
+        raise APIError(400, str(e), e.param, "invalid_text") from e
     except RequestTooLargeError as e:
-        raise APIError(413, str(e), prompt_param, "context_length_exceeded") from e
+        raise APIError(413, str(e), param, "context_length_exceeded") from e
+    except ShuttingDownError as e:
+        raise APIError(503, str(e), code="shutting_down") from e
     except ValueError as e:
-        raise APIError(422, str(e), prompt_param, "invalid_value") from e
+        raise APIError(422, str(e), param, "invalid_value") from e
 
 
 def check_finish(event: GenerationEvent) -> None:
@@ -155,7 +158,8 @@ def sse(data: str) -> str:
 
 
 async def event_stream(loop: EngineLoop, stream: RequestStream, fmt: ChunkFormat) -> AsyncIterator[str]:
-    """Server-sent events until `data: [DONE]`; an engine-side failure ends with an error event."""
+    """Server-sent events until `data: [DONE]`; an engine-side end (failure, shutdown) sends an
+    error event before it."""
     try:
         for chunk in fmt.opening():
             yield chunk
@@ -167,8 +171,9 @@ async def event_stream(loop: EngineLoop, stream: RequestStream, fmt: ChunkFormat
                 break
         try:
             check_finish(event)
-        except APIError as e:
+        except APIError as e:  # the error event, then the end of the stream as always
             yield sse(json.dumps(error_body(e.status, e.message)))
+            yield sse("[DONE]")
             return
         for chunk in fmt.closing(event.finish_reason, Usage.of(stream.num_prompt_tokens, event.num_output_tokens)):
             yield chunk

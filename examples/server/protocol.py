@@ -1,15 +1,33 @@
 """OpenAI request and response bodies (the subset this server implements).
 
-Requests: unknown fields are ignored, as OpenAI clients send fields a server may not know. Values
-are checked here (pydantic) and map to HTTP 422; `top_k` and `ignore_eos` are extensions.
+Requests: unknown fields are ignored, as OpenAI clients send fields a server may not know; the
+OpenAI fields that would change the answer and are not implemented (`UNSUPPORTED`) are refused
+with 400 unless they hold their neutral value, so that no client believes it got what it asked.
+Values are checked here (pydantic) and map to HTTP 422; `top_k` and `ignore_eos` are extensions.
 """
 
 from __future__ import annotations
 
 import time
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic_core import PydanticCustomError
+
+# OpenAI fields this server does not implement -> their neutral values (the ones that are accepted)
+UNSUPPORTED = {
+    "logprobs": (None, False),
+    "top_logprobs": (None,),
+    "echo": (None, False),
+    "best_of": (None, 1),
+    "suffix": (None, ""),
+    "logit_bias": (None, {}),
+    "response_format": (None, {"type": "text"}),
+    "tools": (None, []),
+    "tool_choice": (None, "none"),
+    "functions": (None, []),
+    "function_call": (None, "none"),
+}
 
 
 class StreamOptions(BaseModel):
@@ -34,6 +52,31 @@ class SamplingFields(BaseModel):
     ignore_eos: bool = False
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
+    logprobs: Any = None
+    top_logprobs: Any = None
+    echo: Any = None
+    best_of: Any = None
+    suffix: Any = None
+    logit_bias: Any = None
+    response_format: Any = None
+    tools: Any = None
+    tool_choice: Any = None
+    functions: Any = None
+    function_call: Any = None
+
+    @field_validator(*UNSUPPORTED)
+    @classmethod
+    def _unsupported(cls, value: Any, info) -> Any:
+        if not any(value == neutral and type(value) is type(neutral) for neutral in UNSUPPORTED[info.field_name]):
+            neutral = " or ".join(
+                repr(v).replace("None", "null").replace("False", "false") for v in UNSUPPORTED[info.field_name]
+            )
+            raise PydanticCustomError(
+                "unsupported",
+                "{field} is not supported by this server; leave it out (or send {neutral})",
+                {"field": info.field_name, "neutral": neutral},
+            )
+        return value
 
     @field_validator("n")
     @classmethod

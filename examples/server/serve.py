@@ -46,12 +46,26 @@ def start_engine_loop(cfg: EngineConfig) -> EngineLoop:
     return loop
 
 
+class Server(uvicorn.Server):
+    """uvicorn's server, which on SIGTERM / Ctrl+C first ends every request in flight: streams get an
+    error event and `[DONE]`, waiting non-streaming requests a 503, new requests a 503; then uvicorn
+    closes the connections (they have finished by then) and stops."""
+
+    def __init__(self, config: uvicorn.Config, loop: EngineLoop):
+        super().__init__(config)
+        self.engine_loop = loop
+
+    def handle_exit(self, sig, frame) -> None:
+        self.engine_loop.request_stop()
+        super().handle_exit(sig, frame)
+
+
 @dataclass
 class ServerThread:
     """A server on a background thread (tests, benchmarks): `with ServerThread.start(cfg) as s: s.url`."""
 
     loop: EngineLoop
-    server: uvicorn.Server
+    server: Server
     thread: threading.Thread
     url: str
     model_name: str
@@ -62,7 +76,7 @@ class ServerThread:
         name = name or Path(cfg.model_path).name
         app = create_app(loop, name)
         config = uvicorn.Config(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=5)
-        server = uvicorn.Server(config)
+        server = Server(config, loop)
         thread = threading.Thread(target=server.run, name="uvicorn", daemon=True)
         thread.start()
         deadline = time.monotonic() + 30
@@ -94,8 +108,8 @@ def main(argv: list[str] | None = None) -> None:
     app = create_app(loop, name)
     url = f"http://{args.host}:{args.port}"
     print(f"[server] {name}: open {url}/ in a browser to chat; OpenAI API at {url}/v1", flush=True)
+    config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=5)
     try:
-        # on Ctrl+C / SIGTERM, streams still open get 5 s, then are cut (and their requests aborted)
-        uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=5)
+        Server(config, loop).run()
     finally:
         loop.stop()

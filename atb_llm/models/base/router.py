@@ -8,6 +8,7 @@ from pathlib import Path
 from atb_llm.config import read_config_json
 from atb_llm.quantization.config import QuantConfig, read_quant_config
 
+TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "tokenizer.model")  # fast, byte-level BPE, sentencepiece
 ROUTERS = {"qwen2": "atb_llm.models.qwen2_mlgc.router_qwen2_mlgc:Qwen2MlgcRouter"}
 
 
@@ -30,7 +31,15 @@ class BaseRouter:
     def get_tokenizer(self):
         from transformers import AutoTokenizer
 
-        return AutoTokenizer.from_pretrained(str(self.weight_dir))
+        if not any((self.weight_dir / name).is_file() for name in TOKENIZER_FILES):
+            raise FileNotFoundError(
+                f"{self.weight_dir} has no tokenizer files ({' or '.join(TOKENIZER_FILES)}); copy them from "
+                "the original model folder"
+            )
+        tokenizer = AutoTokenizer.from_pretrained(str(self.weight_dir))
+        if len(tokenizer) == 0:
+            raise ValueError(f"the tokenizer in {self.weight_dir} is empty; copy the tokenizer files again")
+        return tokenizer
 
 
 def get_router(weight_dir: str | Path) -> BaseRouter:

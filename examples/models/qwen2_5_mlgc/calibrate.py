@@ -19,6 +19,7 @@ from atb_llm.compression.plan import PLAN_NAME, baseline_plan, describe
 from atb_llm.config import parse_dtype
 from atb_llm.models.base.router import get_router
 from atb_llm.runtime.calibration import CalibrationConfig, calibrate
+from atb_llm.utils.cli import run_main
 from atb_llm.utils.default_model import resolve_model_path
 
 
@@ -81,4 +82,4 @@ def main(argv=None) -> Path:
 
 if __name__ == "__main__":
     torch.set_grad_enabled(False)
-    main()
+    run_main(main, "calibrate")

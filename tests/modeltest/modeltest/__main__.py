@@ -1,3 +1,4 @@
+from atb_llm.utils.cli import run_main
 from modeltest.cli import main
 
-main()
+run_main(main, "modeltest")
