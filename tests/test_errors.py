@@ -158,16 +158,21 @@ def test_a_failing_sequence_is_ended_alone(tiny_models, monkeypatch):
     batch's other sequence goes on exactly as it would alone, and every block is freed."""
     e = engine(tiny_models())
     alone = e.generate([[5, 6, 7]], SamplingParams(max_tokens=6, ignore_eos=True))[0].token_ids
-    real = e.runner.logits
+    prepare, model, batch = e.runner.prepare, e.runner.model, []
 
-    def poisoned(seqs, is_prefill):
-        logits = real(seqs, is_prefill).clone()
-        for i, s in enumerate(seqs):
+    def remember(seqs, is_prefill):
+        batch[:] = seqs
+        return prepare(seqs, is_prefill)
+
+    def poisoned(*args):  # the model's logits, NaN in the row of "bad" once it has 2 tokens
+        logits = model(*args).clone()
+        for i, s in enumerate(batch):
             if s.request_id == "bad" and len(s.output_token_ids) == 2:
                 logits[i] = float("nan")
         return logits
 
-    monkeypatch.setattr(e.runner, "logits", poisoned)
+    monkeypatch.setattr(e.runner, "prepare", remember)
+    monkeypatch.setattr(e.runner, "model", poisoned)
     params = SamplingParams(max_tokens=6, ignore_eos=True, temperature=0.7, seed=1)
     bad = e.add_request([8, 9], params, request_id="bad")
     good = e.add_request([5, 6, 7], SamplingParams(max_tokens=6, ignore_eos=True), request_id="good")

@@ -29,14 +29,14 @@ def forced_logits(path, layout, prompt, forced, block_size=16):
         EngineConfig(str(path), block_size=block_size, max_input_length=256, max_output_length=64, progress=False),
         layout=layout,
     )
-    rows, logits = [], engine.runner.logits
+    rows, model = [], engine.runner.model
 
-    def spy(seqs, is_prefill):
-        out = logits(seqs, is_prefill)
+    def spy(*args):  # the forward contract: one logits row per sequence here
+        out = model(*args)
         rows.append(out[0].clone())
         return out
 
-    engine.runner.logits = spy
+    engine.runner.model = spy
     engine.generate([prompt], SamplingParams(force_tokens=tuple(forced)))
     return torch.stack(rows)
 

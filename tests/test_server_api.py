@@ -124,3 +124,24 @@ def test_metrics_count_requests_tokens_and_free_blocks(server, client):
         after['atb_llm_cache_blocks_free{pool="model"}'] * server.loop.engine.cache_manager.bytes_per_block("model")
         == total
     )
+
+
+def test_chat_logprobs_through_the_openai_client(server, client, reference):
+    """logprobs / top_logprobs in the client's own types: one entry per generated token of the text,
+    greedy tokens are their position's top alternative, streamed entries equal the whole answer's."""
+    messages = [{"role": "user", "content": QUESTION}]
+    kw = dict(model=server.model_name, messages=messages, max_tokens=MAX_TOKENS, temperature=0)
+    out = client.chat.completions.create(**kw, logprobs=True, top_logprobs=3)
+    content = out.choices[0].logprobs.content
+    assert len(content) == len(reference[0].token_ids) - (reference[0].finish_reason == "stop")
+    assert "".join(t.token for t in content) == out.choices[0].message.content
+    for t in content:
+        assert len(t.top_logprobs) == 3 and t.top_logprobs[0].token == t.token
+        assert t.top_logprobs[0].logprob == t.logprob and t.logprob <= 0
+        assert bytes(t.bytes).decode("utf-8", errors="replace") == t.token
+    streamed = []
+    for chunk in client.chat.completions.create(**kw, logprobs=True, top_logprobs=3, stream=True):
+        if chunk.choices and chunk.choices[0].logprobs:
+            streamed += chunk.choices[0].logprobs.content
+    assert [t.token for t in streamed] == [t.token for t in content]
+    assert [t.logprob for t in streamed] == pytest.approx([t.logprob for t in content], abs=1e-3)

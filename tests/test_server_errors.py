@@ -54,7 +54,18 @@ CASES = [
     ),
     (COMPLETIONS, {**OK, "stop": ["a", "b", "c", "d", "e"]}, 422, "invalid_value", "stop", "at most 4"),
     (COMPLETIONS, {**OK, "presence_penalty": 0.5}, 422, "invalid_value", "presence_penalty", "must be 0"),
-    (COMPLETIONS, {**OK, "prompt": ["a", "b"]}, 422, "invalid_value", "prompt", "send one prompt per request"),
+    (COMPLETIONS, {**OK, "prompt": ["a", "b"], "stream": True}, 422, "invalid_value", "prompt", "stream takes one"),
+    (COMPLETIONS, {**OK, "prompt": ["a"] * 17}, 422, "invalid_value", "prompt", "at most 16"),
+    (COMPLETIONS, {**OK, "max_tokens": 0}, 422, "invalid_value", "max_tokens", "max_tokens=0 returns nothing"),
+    (COMPLETIONS, {**OK, "logprobs": 21}, 422, "invalid_value", "logprobs", "less than or equal to 20"),
+    (
+        CHAT,
+        {"messages": [{"role": "user", "content": "hi"}], "top_logprobs": 2},
+        422,
+        "invalid_value",
+        "top_logprobs",
+        "needs logprobs=true",
+    ),
     (COMPLETIONS, {**OK, "prompt": ""}, 422, "invalid_value", "prompt", "the prompt is empty"),
     (COMPLETIONS, {**OK, "prompt": [5, 999]}, 422, "invalid_value", "prompt", "outside the vocabulary"),
     (CHAT, {"messages": []}, 422, "invalid_value", "messages", "at least 1 item"),
@@ -70,8 +81,8 @@ CASES = [
         "messages.0.content",
         "at character 0",
     ),
-    (COMPLETIONS, {**OK, "logprobs": 5}, 400, "unsupported_parameter", "logprobs", "logprobs is not supported"),
-    (COMPLETIONS, {**OK, "echo": True}, 400, "unsupported_parameter", "echo", "leave it out"),
+    (COMPLETIONS, {**OK, "suffix": "x"}, 400, "unsupported_parameter", "suffix", "suffix is not supported"),
+    (COMPLETIONS, {**OK, "logit_bias": {"5": 100}}, 400, "unsupported_parameter", "logit_bias", "leave it out"),
     (COMPLETIONS, {**OK, "best_of": 3}, 400, "unsupported_parameter", "best_of", "best_of=3"),
     (
         CHAT,
@@ -153,7 +164,7 @@ def test_engine_failure_ends_the_stream_with_an_error_event(server, monkeypatch)
 
 
 def test_neutral_values_of_unsupported_fields_are_accepted(server):
-    body = {**OK, "logprobs": None, "echo": False, "best_of": 1, "response_format": {"type": "text"}}
+    body = {**OK, "suffix": None, "logit_bias": {}, "best_of": 1, "response_format": {"type": "text"}}
     assert httpx.post(server.url + COMPLETIONS, json=body, timeout=30).status_code == 200
 
 

@@ -20,7 +20,7 @@ from atb_llm.models.base.weights import WeightFiles
 from atb_llm.runtime.engine_config import EngineConfig
 from atb_llm.runtime.model_runner import ModelRunner
 from atb_llm.runtime.scheduler import Scheduler
-from atb_llm.runtime.sequence import SamplingParams, Sequence
+from atb_llm.runtime.sequence import SamplingParams, Sequence, TokenLogprob
 
 
 @dataclass
@@ -35,6 +35,8 @@ class RequestOutput:
     tpot_s: float | None
     num_preemptions: int = 0
     logprobs: list[dict[int, float]] = field(default_factory=list)
+    output_logprobs: list[TokenLogprob] = field(default_factory=list)
+    prompt_logprobs: list[TokenLogprob | None] | None = None
 
 
 class LLMEngine:
@@ -141,9 +143,11 @@ class LLMEngine:
         seqs, is_prefill = self.scheduler.schedule()
         if not seqs:
             return []
-        tokens, logprobs = self.runner.run(seqs, is_prefill)
+        result = self.runner.run(seqs, is_prefill)
         now = time.perf_counter()
-        for seq, tok, lp in zip(seqs, tokens, logprobs):
+        for i, prompt_logprobs in result.prompt_logprobs.items():
+            seqs[i].prompt_logprobs = [None, *prompt_logprobs]
+        for seq, tok, lp, out_lp in zip(seqs, result.tokens, result.option_logprobs, result.output_logprobs):
             if tok is None:  # this sequence alone failed (seq.error says why)
                 seq.finish_time = now
                 self.scheduler.finish(seq, "error")
@@ -152,6 +156,8 @@ class LLMEngine:
             seq.output_token_ids.append(tok)
             if lp is not None:
                 seq.logprobs.append(lp)
+            if out_lp is not None:
+                seq.output_logprobs.append(out_lp)
             seq.first_token_time = seq.first_token_time or now
             reason = self._finish_reason(seq, tok)
             if reason:
@@ -172,13 +178,17 @@ class LLMEngine:
             return "length"
         return None
 
-    def text_of(self, seq: Sequence) -> str:
-        """Decoded output, cut before a stop string, without the eos / stop token."""
+    def visible_tokens(self, seq: Sequence) -> list[int]:
+        """The output tokens that make its text: all but a final eos / stop token."""
         ids = seq.output_token_ids
         stop_ids = self.eos_token_ids | set(seq.params.stop_token_ids)
         if seq.finish_reason == "stop" and ids and ids[-1] in stop_ids:
-            ids = ids[:-1]
-        text = self.tokenizer.decode(ids, skip_special_tokens=True)
+            return ids[:-1]
+        return ids
+
+    def text_of(self, seq: Sequence) -> str:
+        """Decoded output, cut before a stop string, without the eos / stop token."""
+        text = self.tokenizer.decode(self.visible_tokens(seq), skip_special_tokens=True)
         for s in seq.params.stop:
             i = text.find(s)
             if i >= 0:
@@ -197,6 +207,8 @@ class LLMEngine:
             seq.time_per_output_token(),
             seq.num_preemptions,
             list(seq.logprobs),
+            list(seq.output_logprobs),
+            seq.prompt_logprobs,
         )
 
     def generate(

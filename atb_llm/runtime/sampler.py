@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import torch
 
-from atb_llm.runtime.sequence import Sequence
+from atb_llm.runtime.sequence import Sequence, TokenLogprob
+
+LOGPROB_CHUNK = 256  # rows per log-softmax when scoring a prompt: bounds the [rows, vocab] temporaries
 
 
 def _filter(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
@@ -62,3 +64,16 @@ class Sampler:
             for r, i in enumerate(rows):
                 out[i] = dict(zip(wanted[i], lp[r, wanted[i]].tolist()))
         return out
+
+
+def token_logprobs(logits: torch.Tensor, token_ids: list[int], k: int) -> list[TokenLogprob]:
+    """logits [n, V] and the n tokens that followed -> each token's log-probability and the top k."""
+    out = []
+    for start in range(0, len(token_ids), LOGPROB_CHUNK):
+        lp = torch.log_softmax(logits[start : start + LOGPROB_CHUNK].float(), dim=-1)
+        ids = torch.tensor(token_ids[start : start + LOGPROB_CHUNK], device=lp.device)
+        chosen = lp.gather(1, ids[:, None])[:, 0].tolist()
+        values, indices = lp.topk(k, dim=-1) if k else (lp[:, :0], lp[:, :0].long())
+        for t, c, v, i in zip(ids.tolist(), chosen, values.tolist(), indices.tolist()):
+            out.append(TokenLogprob(t, c, list(zip(i, v))))
+    return out

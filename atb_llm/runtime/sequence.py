@@ -11,12 +11,25 @@ from atb_llm.cache.block_table import BlockTable
 
 
 @dataclass
+class TokenLogprob:
+    """A token's log-probability under the model's raw distribution (before temperature and
+    filtering, as OpenAI and vLLM report it), and the `top` k most likely tokens there, best first."""
+
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]]
+
+
+@dataclass
 class SamplingParams:
     """temperature 0 is greedy. `logprob_token_ids` asks for the log-probabilities of these
     tokens at every generated position (option scoring). `force_tokens` makes the sequence emit
     exactly these tokens (teacher forcing) and records each one's log-probability: perplexity
-    through the engine's own (possibly compressed) cache."""
+    through the engine's own (possibly compressed) cache. `logprobs` = k records each generated
+    token's log-probability with the k most likely alternatives (0: none); `prompt_logprobs` = k
+    does the same for every prompt token after the first, computed in the prefill itself."""
 
+    MAX_LOGPROBS = 20  # alternatives per position, as OpenAI's top_logprobs
     GREEDY_BELOW = 1e-5  # temperatures under this sample greedily (dividing by them overflows)
     SEED_RANGE = 2**64  # seeds are unsigned 64-bit, as torch.Generator takes them
 
@@ -30,6 +43,8 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
     logprob_token_ids: tuple[int, ...] = ()
     force_tokens: tuple[int, ...] = ()
+    logprobs: int | None = None
+    prompt_logprobs: int | None = None
 
     def __post_init__(self):
         self.force_tokens = tuple(self.force_tokens)
@@ -45,6 +60,10 @@ class SamplingParams:
             raise ValueError(f"top_k={self.top_k} must be >= 0 (0 disables it)")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p={self.top_p} must be in (0, 1]")
+        for name in ("logprobs", "prompt_logprobs"):
+            k = getattr(self, name)
+            if k is not None and not 0 <= k <= self.MAX_LOGPROBS:
+                raise ValueError(f"{name}={k} must be in [0, {self.MAX_LOGPROBS}] (alternatives per token)")
         if isinstance(self.stop, str):
             self.stop = (self.stop,)
         self.stop = tuple(s for s in self.stop if s)
@@ -71,7 +90,9 @@ class Sequence:
     status: SequenceStatus = SequenceStatus.WAITING
     finish_reason: str | None = None
     block_table: BlockTable = field(default_factory=BlockTable)  # the blocks it holds, per group
-    logprobs: list[dict[int, float]] = field(default_factory=list)
+    logprobs: list[dict[int, float]] = field(default_factory=list)  # of params.logprob_token_ids, per step
+    output_logprobs: list[TokenLogprob] = field(default_factory=list)  # with params.logprobs
+    prompt_logprobs: list[TokenLogprob | None] | None = None  # with params.prompt_logprobs; [0] is None
     num_preemptions: int = 0
     arrival_time: float = field(default_factory=time.perf_counter)
     first_token_time: float | None = None

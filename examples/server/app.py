@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -16,6 +17,7 @@ from examples.server import generation as gen
 from examples.server.engine_loop import EngineLoop
 from examples.server.errors import APIError, install_error_handlers
 from examples.server.limits import BodyLimit
+from examples.server.logprobs import TokenTexts
 from examples.server.prompts import PromptEncoder
 from examples.server.protocol import (
     AssistantMessage,
@@ -23,7 +25,6 @@ from examples.server.protocol import (
     ChatCompletion,
     ChatCompletionRequest,
     Completion,
-    CompletionChoice,
     CompletionRequest,
     SamplingFields,
 )
@@ -39,6 +40,7 @@ class Served:
 
     loop: EngineLoop
     encoder: PromptEncoder
+    texts: TokenTexts
     model_name: str
     created: int = field(default_factory=lambda: int(time.time()))
 
@@ -66,7 +68,7 @@ def create_app(loop: EngineLoop, model_name: str) -> FastAPI:
     """The server around a started EngineLoop; `model_name` is what /v1/models lists."""
     encoder = PromptEncoder(loop.engine)
     app = FastAPI(title="atb_llm OpenAI-compatible server", docs_url=None, redoc_url=None)
-    app.state.served = Served(loop, encoder, model_name)
+    app.state.served = Served(loop, encoder, TokenTexts(encoder.tokenizer), model_name)
     install_error_handlers(app, loop.metrics)
     app.add_middleware(BodyLimit, max_bytes=encoder.max_body_bytes())  # 413 before a body no prompt needs is read
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
@@ -78,44 +80,79 @@ def served(request: Request) -> Served:
     return request.app.state.served
 
 
-async def generate(request: Request, body: SamplingFields, prompt, max_tokens: int | None, chat: bool):
-    """Submit; then the event stream, or the collected answer (a bare 499 if the client left)."""
+async def generate(
+    request: Request, body: SamplingFields, prompts: list, max_tokens: int | None, shape: gen.Shape
+) -> list[gen.Answer] | Response:
+    """Submit each prompt (one choice each); then the event stream (one prompt), or the collected
+    answers (a bare 499 if the client left)."""
     s = served(request)
     s.check_model(body.model)
-    request_id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
-    params = gen.sampling_params(body, max_tokens, s.loop.engine.cfg.max_output_length)
-    stream = await gen.submit(s.loop, s.encoder, request_id, prompt, params, "messages" if chat else "prompt")
-    if body.stream:
-        include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        fmt = gen.ChunkFormat(request_id, s.model_name, chat, include_usage)
-        return StreamingResponse(
-            gen.event_stream(s.loop, stream, fmt),
-            media_type="text/event-stream",
-            headers=SSE_HEADERS,
-            background=BackgroundTask(gen.abort_unfinished, s.loop, stream),  # runs after a disconnect too
-        )
+    if body.stream and len(prompts) > 1:
+        raise APIError(422, f"stream takes one prompt; got {len(prompts)}", "prompt", "invalid_value")
+    request_id = f"{'chatcmpl' if shape.chat else 'cmpl'}-{uuid.uuid4().hex}"
+    k = shape.logprobs
+    params = gen.sampling_params(
+        body, max_tokens, s.loop.engine.cfg.max_output_length, k, k if shape.echo and k is not None else None
+    )
+    streams = []
     try:
-        return await gen.collect(s.loop, stream, request)
+        for i, prompt in enumerate(prompts):
+            rid = request_id if len(prompts) == 1 else f"{request_id}-{i}"
+            streams.append(
+                await gen.submit(s.loop, s.encoder, rid, prompt, params, "messages" if shape.chat else "prompt")
+            )
+        if body.stream:
+            include_usage = bool(body.stream_options and body.stream_options.include_usage)
+            fmt = gen.ChunkFormat(request_id, s.model_name, shape, include_usage)
+            return StreamingResponse(
+                gen.event_stream(s.loop, streams[0], fmt, prompts[0]),
+                media_type="text/event-stream",
+                headers=SSE_HEADERS,
+                background=BackgroundTask(gen.abort_unfinished, s.loop, streams[0]),  # runs after a disconnect too
+            )
+        return list(await asyncio.gather(*(gen.collect(s.loop, st, request) for st in streams)))
     except gen.ClientGone:
         return Response(status_code=499)
+    finally:  # a failure (or a departed client) of one prompt ends the others; finished ones are ignored
+        if not body.stream or not streams:
+            for st in streams:
+                gen.abort_unfinished(s.loop, st)
 
 
 @router.post("/v1/chat/completions")
 async def chat_completions(body: ChatCompletionRequest, request: Request):
-    out = await generate(request, body, body.chat(), body.max_completion_tokens or body.max_tokens, chat=True)
+    shape = gen.Shape(served(request).texts, chat=True, logprobs=(body.top_logprobs or 0) if body.logprobs else None)
+    out = await generate(request, body, [body.chat()], body.max_completion_tokens or body.max_tokens, shape)
     if isinstance(out, Response):
         return out
-    choice = ChatChoice(message=AssistantMessage(content=out.text), finish_reason=out.finish_reason)
-    return ChatCompletion(id=out.request_id, model=served(request).model_name, choices=[choice], usage=out.usage)
+    (a,) = out
+    choice = ChatChoice(
+        message=AssistantMessage(content=a.text),
+        logprobs=shape.chat_logprobs(a.logprobs),
+        finish_reason=a.finish_reason,
+    )
+    usage = shape.usage(len(a.prompt_ids), a.num_output_tokens)
+    return ChatCompletion(id=a.request_id, model=served(request).model_name, choices=[choice], usage=usage)
 
 
 @router.post("/v1/completions")
 async def completions(body: CompletionRequest, request: Request):
-    out = await generate(request, body, body.prompt, body.max_tokens, chat=False)
+    if body.max_tokens == 0 and not body.echo:
+        raise APIError(
+            422,
+            "max_tokens=0 returns nothing without echo=true; ask for at least 1 token",
+            "max_tokens",
+            "invalid_value",
+        )
+    shape = gen.Shape(served(request).texts, logprobs=body.logprobs, echo=body.echo, score_only=body.max_tokens == 0)
+    prompts = body.prompts()
+    out = await generate(request, body, prompts, body.max_tokens, shape)
     if isinstance(out, Response):
         return out
-    choice = CompletionChoice(text=out.text, finish_reason=out.finish_reason)
-    return Completion(id=out.request_id, model=served(request).model_name, choices=[choice], usage=out.usage)
+    choices = [shape.completion_choice(i, p, a) for i, (p, a) in enumerate(zip(prompts, out))]
+    usage = shape.usage(sum(len(a.prompt_ids) for a in out), sum(a.num_output_tokens for a in out))
+    request_id = out[0].request_id.removesuffix("-0")  # several prompts: request ids ID-0, ID-1, ...
+    return Completion(id=request_id, model=served(request).model_name, choices=choices, usage=usage)
 
 
 @router.get("/v1/models")

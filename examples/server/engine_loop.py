@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import torch
 
 from atb_llm.runtime.engine import LLMEngine
-from atb_llm.runtime.sequence import SamplingParams, Sequence
+from atb_llm.runtime.sequence import SamplingParams, Sequence, TokenLogprob
 from examples.server.metrics import EngineStats, Metrics, cache_stats
 from examples.server.text_stream import TextStream
 
@@ -46,6 +46,8 @@ class GenerationEvent:
     num_output_tokens: int
     finish_reason: str | None = None  # None while running; stop | length | abort | error
     error: str | None = None
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # of the tokens new since the last event
+    prompt_logprobs: list[TokenLogprob | None] | None = None  # on the first event, when asked for
 
 
 @dataclass
@@ -53,7 +55,7 @@ class RequestStream:
     """The HTTP side of one request: its events arrive on `events`, the last one has a finish_reason."""
 
     request_id: str
-    num_prompt_tokens: int
+    prompt_ids: list[int]
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     finished: bool = False
 
@@ -63,6 +65,10 @@ class RequestStream:
         self.finished = event.finish_reason is not None
         return event
 
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_ids)
+
 
 @dataclass
 class _Live:
@@ -70,6 +76,8 @@ class _Live:
     stream: RequestStream
     loop: asyncio.AbstractEventLoop
     text: TextStream
+    logprobs_sent: int = 0
+    events_sent: int = 0
 
 
 @dataclass
@@ -166,7 +174,7 @@ class EngineLoop:
         except Exception as e:  # ValueError for bad input; anything else still answers the client
             _post(command.loop, _resolve, command.future, None, e)
             return
-        stream = RequestStream(request.request_id, len(request.prompt_ids))
+        stream = RequestStream(request.request_id, request.prompt_ids)
         self._live[request.request_id] = _Live(seq, stream, command.loop, TextStream(request.params.stop))
         _post(command.loop, _resolve, command.future, stream, None)
 
@@ -190,6 +198,12 @@ class EngineLoop:
             self.metrics.observe_first_token(seq.time_to_first_token())
         text = live.text.delta(self.engine.text_of(seq), seq.is_finished)
         event = GenerationEvent(text, n)
+        if seq.params.logprobs is not None:  # the entries of the tokens that make the text
+            visible = min(len(seq.output_logprobs), len(self.engine.visible_tokens(seq)))
+            event.logprobs, live.logprobs_sent = seq.output_logprobs[live.logprobs_sent : visible], visible
+        if live.events_sent == 0:
+            event.prompt_logprobs = seq.prompt_logprobs
+        live.events_sent += 1
         if seq.is_finished:
             del self._live[seq.request_id]
             event.finish_reason, event.error = seq.finish_reason, seq.error

@@ -14,9 +14,10 @@ from dataclasses import dataclass, field
 
 from fastapi import Request
 
-from atb_llm.runtime.sequence import SamplingParams
+from atb_llm.runtime.sequence import SamplingParams, TokenLogprob
 from examples.server.engine_loop import EngineLoop, GenerationEvent, GenerationRequest, RequestStream, ShuttingDownError
 from examples.server.errors import APIError, error_body
+from examples.server.logprobs import TokenTexts, chat_logprobs, completion_logprobs
 from examples.server.prompts import BadTextError, Prompt, PromptEncoder, RequestTooLargeError
 from examples.server.protocol import (
     ChatChunkChoice,
@@ -35,8 +36,14 @@ class ClientGone(Exception):
     """The client of a non-streaming request disconnected; its request was aborted."""
 
 
-def sampling_params(body: SamplingFields, max_tokens: int | None, max_output_length: int) -> SamplingParams:
-    max_tokens = max_tokens or max_output_length
+def sampling_params(
+    body: SamplingFields,
+    max_tokens: int | None,
+    max_output_length: int,
+    logprobs: int | None = None,
+    prompt_logprobs: int | None = None,
+) -> SamplingParams:
+    max_tokens = max_output_length if max_tokens is None else max(max_tokens, 1)  # 0 (echo only): one, unsent
     if max_tokens > max_output_length:
         raise APIError(
             422,
@@ -54,6 +61,8 @@ def sampling_params(body: SamplingFields, max_tokens: int | None, max_output_len
             seed=body.seed,
             ignore_eos=body.ignore_eos,
             stop=body.stop_strings(),
+            logprobs=logprobs,
+            prompt_logprobs=prompt_logprobs,
         )
     except ValueError as e:
         raise APIError(422, str(e), code="invalid_value") from e
@@ -90,14 +99,17 @@ class Answer:
     """A finished non-streaming request."""
 
     request_id: str
+    prompt_ids: list[int]
     text: str
     finish_reason: str
-    usage: Usage
+    num_output_tokens: int
+    logprobs: list[TokenLogprob]
+    prompt_logprobs: list[TokenLogprob | None] | None
 
 
 async def collect(loop: EngineLoop, stream: RequestStream, request: Request) -> Answer:
     """The whole answer; raises ClientGone (after aborting the request) if the client left."""
-    parts, checked = [], time.monotonic()
+    parts, logprobs, prompt_logprobs, checked = [], [], None, time.monotonic()
     while True:
         try:
             event = await stream.next(timeout=DISCONNECT_POLL_S)
@@ -111,10 +123,49 @@ async def collect(loop: EngineLoop, stream: RequestStream, request: Request) -> 
         if event is None:
             continue
         parts.append(event.text)
+        logprobs += event.logprobs
+        prompt_logprobs = prompt_logprobs or event.prompt_logprobs
         if event.finish_reason:
             check_finish(event)
-            usage = Usage.of(stream.num_prompt_tokens, event.num_output_tokens)
-            return Answer(stream.request_id, "".join(parts), event.finish_reason, usage)
+            text, n = "".join(parts), event.num_output_tokens
+            return Answer(stream.request_id, stream.prompt_ids, text, event.finish_reason, n, logprobs, prompt_logprobs)
+
+
+@dataclass
+class Shape:
+    """What the client asked to get back besides the text: `logprobs` (completions: alternatives per
+    token; chat: top_logprobs, 0 if unset; None: no log-probabilities), `echo` (completions: the
+    prompt first, with its log-probabilities), `score_only` (max_tokens 0: the one generated token is
+    not sent)."""
+
+    texts: TokenTexts
+    chat: bool = False
+    logprobs: int | None = None
+    echo: bool = False
+    score_only: bool = False
+
+    def completion_logprobs(self, ids: list[int], entries: list, start: int = 0) -> dict | None:
+        return None if self.logprobs is None else completion_logprobs(ids, entries, self.texts, start)
+
+    def chat_logprobs(self, entries: list[TokenLogprob]) -> dict | None:
+        return None if self.logprobs is None else chat_logprobs(entries, self.texts)
+
+    def echo_text(self, prompt: str | list[int], prompt_ids: list[int]) -> str:
+        return prompt if isinstance(prompt, str) else self.texts.join(prompt_ids)
+
+    def completion_choice(self, index: int, prompt: str | list[int], a: Answer) -> CompletionChoice:
+        text, ids, entries = a.text, [], []
+        if self.score_only:
+            text, a.logprobs = "", []
+        if self.echo:
+            text = self.echo_text(prompt, a.prompt_ids) + text
+            ids, entries = list(a.prompt_ids), list(a.prompt_logprobs or [None] * len(a.prompt_ids))
+        ids += [e.token_id for e in a.logprobs]
+        lp = self.completion_logprobs(ids, entries + a.logprobs)
+        return CompletionChoice(index=index, text=text, logprobs=lp, finish_reason=a.finish_reason)
+
+    def usage(self, prompt_tokens: int, output_tokens: int) -> Usage:
+        return Usage.of(prompt_tokens, 0 if self.score_only else output_tokens)
 
 
 @dataclass
@@ -123,27 +174,47 @@ class ChunkFormat:
 
     request_id: str
     model: str
-    chat: bool
+    shape: Shape
     include_usage: bool
     created: int = field(default_factory=lambda: int(time.time()))
+    offset: int = 0  # completions: text offset of the next token, for logprobs' text_offset
+
+    @property
+    def chat(self) -> bool:
+        return self.shape.chat
 
     def _chunk(self, choices: list, usage: Usage | None = None) -> str:
         cls = ChatCompletionChunk if self.chat else Completion
         body = cls(id=self.request_id, model=self.model, created=self.created, choices=choices, usage=usage)
         return sse(body.model_dump_json())
 
-    def _choice(self, text: str | None, finish_reason: str | None = None) -> ChatChunkChoice | CompletionChoice:
+    def _choice(
+        self, text: str | None, finish_reason: str | None = None, ids: list[int] = (), entries: list = ()
+    ) -> ChatChunkChoice | CompletionChoice:
         """text None: the chat opening, which names the role."""
         if not self.chat:
-            return CompletionChoice(text=text or "", finish_reason=finish_reason)
+            lp = self.shape.completion_logprobs(list(ids), list(entries), self.offset) if ids else None
+            self.offset += sum(len(t) for t in lp["tokens"]) if lp else 0
+            return CompletionChoice(text=text or "", logprobs=lp, finish_reason=finish_reason)
         delta = ChatDelta(role="assistant", content="") if text is None else ChatDelta(content=text or None)
-        return ChatChunkChoice(delta=delta, finish_reason=finish_reason)
+        lp = self.shape.chat_logprobs(list(entries)) if entries else None
+        return ChatChunkChoice(delta=delta, logprobs=lp, finish_reason=finish_reason)
 
-    def opening(self) -> list[str]:
-        return [self._chunk([self._choice(None)])] if self.chat else []
+    def opening(self, prompt: str | list[int], stream: RequestStream, first: GenerationEvent) -> list[str]:
+        """Chat: the role. Completions with echo: the prompt (and its log-probabilities)."""
+        if self.chat:
+            return [self._chunk([self._choice(None)])]
+        if not self.shape.echo:
+            return []
+        ids = stream.prompt_ids
+        entries = first.prompt_logprobs or [None] * len(ids)
+        return [self._chunk([self._choice(self.shape.echo_text(prompt, ids), None, ids, entries)])]
 
-    def text(self, text: str) -> str:
-        return self._chunk([self._choice(text)])
+    def event(self, event: GenerationEvent) -> list[str]:
+        if self.shape.score_only or not (event.text or event.logprobs):
+            return []
+        ids = [e.token_id for e in event.logprobs]
+        return [self._chunk([self._choice(event.text, None, ids, event.logprobs)])]
 
     def closing(self, finish_reason: str, usage: Usage) -> list[str]:
         """The finish chunk; usage rides on it, or, with stream_options.include_usage, follows in a
@@ -157,25 +228,31 @@ def sse(data: str) -> str:
     return f"data: {data}\n\n"
 
 
-async def event_stream(loop: EngineLoop, stream: RequestStream, fmt: ChunkFormat) -> AsyncIterator[str]:
+async def event_stream(
+    loop: EngineLoop, stream: RequestStream, fmt: ChunkFormat, prompt: str | list[int]
+) -> AsyncIterator[str]:
     """Server-sent events until `data: [DONE]`; an engine-side end (failure, shutdown) sends an
     error event before it."""
     try:
-        for chunk in fmt.opening():
-            yield chunk
+        event = await stream.next()
+        if event.finish_reason not in ("error", "abort"):
+            for chunk in fmt.opening(prompt, stream, event):
+                yield chunk
         while True:
-            event = await stream.next()
-            if event.text:
-                yield fmt.text(event.text)
+            for chunk in fmt.event(event):
+                yield chunk
             if event.finish_reason:
                 break
+            event = await stream.next()
         try:
             check_finish(event)
         except APIError as e:  # the error event, then the end of the stream as always
             yield sse(json.dumps(error_body(e.status, e.message)))
             yield sse("[DONE]")
             return
-        for chunk in fmt.closing(event.finish_reason, Usage.of(stream.num_prompt_tokens, event.num_output_tokens)):
+        for chunk in fmt.closing(
+            event.finish_reason, fmt.shape.usage(stream.num_prompt_tokens, event.num_output_tokens)
+        ):
             yield chunk
         yield sse("[DONE]")
     finally:

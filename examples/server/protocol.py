@@ -16,9 +16,6 @@ from pydantic_core import PydanticCustomError
 
 # OpenAI fields this server does not implement -> their neutral values (the ones that are accepted)
 UNSUPPORTED = {
-    "logprobs": (None, False),
-    "top_logprobs": (None,),
-    "echo": (None, False),
     "best_of": (None, 1),
     "suffix": (None, ""),
     "logit_bias": (None, {}),
@@ -52,9 +49,6 @@ class SamplingFields(BaseModel):
     ignore_eos: bool = False
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
-    logprobs: Any = None
-    top_logprobs: Any = None
-    echo: Any = None
     best_of: Any = None
     suffix: Any = None
     logit_bias: Any = None
@@ -121,6 +115,15 @@ class ChatMessage(BaseModel):
 class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)  # the newer name of max_tokens
+    logprobs: bool = False  # each generated token's log-probability
+    top_logprobs: int | None = Field(None, ge=0, le=20)  # with logprobs: this many alternatives per token
+
+    @field_validator("top_logprobs")
+    @classmethod
+    def _needs_logprobs(cls, k: int | None, info) -> int | None:
+        if k is not None and not info.data.get("logprobs"):
+            raise ValueError(f"top_logprobs={k} needs logprobs=true")
+        return k
 
     def chat(self) -> list[dict[str, str]]:
         """The messages as the chat template takes them ("developer" is the newer "system")."""
@@ -128,16 +131,28 @@ class ChatCompletionRequest(SamplingFields):
 
 
 class CompletionRequest(SamplingFields):
-    prompt: str | list[str] | list[int]
+    """`prompt`: a text, token ids, or a list of either (one choice per prompt, in order; not with
+    stream). `logprobs` = k: each token's log-probability and its k most likely alternatives;
+    `echo`: the answer starts with the prompt (and, with logprobs, the prompt tokens' log-probabilities:
+    what lm-eval's loglikelihood tasks read); `max_tokens` 0 with echo scores the prompt alone."""
+
+    prompt: str | list[str] | list[int] | list[list[int]]
+    max_tokens: int | None = Field(None, ge=0)
+    logprobs: int | None = Field(None, ge=0, le=20)
+    echo: bool = False
 
     @field_validator("prompt")
     @classmethod
-    def _one_prompt(cls, prompt: str | list[str] | list[int]) -> str | list[int]:
-        if isinstance(prompt, list) and prompt and isinstance(prompt[0], str):
-            if len(prompt) != 1:
-                raise ValueError(f"got {len(prompt)} prompts; send one prompt per request")
-            return prompt[0]
+    def _at_most_16(cls, prompt):
+        if isinstance(prompt, list) and prompt and isinstance(prompt[0], list | str) and len(prompt) > 16:
+            raise ValueError(f"got {len(prompt)} prompts; send at most 16 per request")
         return prompt
+
+    def prompts(self) -> list[str | list[int]]:
+        """The prompts, one per choice."""
+        if isinstance(self.prompt, list) and self.prompt and isinstance(self.prompt[0], str | list):
+            return list(self.prompt)
+        return [self.prompt]
 
 
 # ---- responses -------------------------------------------------------------------------------
@@ -163,7 +178,7 @@ class AssistantMessage(BaseModel):
 class ChatChoice(BaseModel):
     index: int = 0
     message: AssistantMessage
-    logprobs: None = None
+    logprobs: dict | None = None  # {"content": [{token, logprob, bytes, top_logprobs}], "refusal": None}
     finish_reason: str | None
 
 
@@ -186,7 +201,7 @@ class ChatDelta(BaseModel):
 class ChatChunkChoice(BaseModel):
     index: int = 0
     delta: ChatDelta
-    logprobs: None = None
+    logprobs: dict | None = None
     finish_reason: str | None = None
 
 
@@ -202,7 +217,7 @@ class ChatCompletionChunk(BaseModel):
 class CompletionChoice(BaseModel):
     index: int = 0
     text: str
-    logprobs: None = None
+    logprobs: dict | None = None  # {"tokens", "token_logprobs", "top_logprobs", "text_offset"}
     finish_reason: str | None = None
 
 
