@@ -141,7 +141,12 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("words", nargs="*", metavar="ARG", help="the positional arguments above")
     ap.add_argument("--limit", type=int, default=None, help="datasets: only the first N items (subjects interleaved)")
     ap.add_argument("--mlgc", default="off", help="KV cache: off | auto | PLAN.json | streaming | random")
-    ap.add_argument("--compare", choices=["hf"], default=None, help="also run Hugging Face transformers")
+    ap.add_argument(
+        "--compare",
+        choices=["hf", "lm_eval"],
+        default=None,
+        help="also score with Hugging Face transformers, or with lm-eval's client against the engine's server",
+    )
     ap.add_argument("--out", type=Path, default=RESULTS, help=f"results root (default {RESULTS})")
     ap.add_argument("--data", type=Path, default=None, help="dataset folder (C-Eval: the folder with dev/ and val/)")
     ap.add_argument("--device", default="auto", help="cpu | cuda | auto (cuda when available)")

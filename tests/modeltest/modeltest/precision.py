@@ -1,12 +1,15 @@
 """Accuracy on a dataset: score every item through the engine (and, with --compare hf, through
-transformers on the same token ids), then write the per-item CSV, the per-category CSV and
-Markdown table, and a JSON summary."""
+transformers on the same token ids; with --compare lm_eval, through lm-eval's client against the
+engine's OpenAI server), then write the per-item CSV, the per-category CSV and Markdown table, and
+a JSON summary."""
 
 from __future__ import annotations
 
 import gc
 import json
+import socket
 import time
+from dataclasses import replace
 from functools import partial
 from pathlib import Path
 
@@ -21,6 +24,8 @@ from modeltest import report
 from modeltest.args import RunArgs
 from modeltest.datasets import DATASETS, Task
 from modeltest.scoring import best_option, encode_prompts, option_tokens, score_engine, score_hf, top_gap
+
+REFERENCES = {"hf": ("hf", "transformers"), "lm_eval": ("lmeval", "lm-eval")}  # --compare: column prefix, name
 
 
 def scored(task: Task, desc: str, run) -> tuple[list[list[float]], float]:
@@ -38,7 +43,9 @@ def scored(task: Task, desc: str, run) -> tuple[list[list[float]], float]:
     return logprobs, time.perf_counter() - start
 
 
-def item_rows(task: Task, ours: list[list[float]], theirs: list[list[float]] | None, margin: float) -> list[dict]:
+def item_rows(
+    task: Task, ours: list[list[float]], theirs: list[list[float]] | None, margin: float, prefix: str = "hf"
+) -> list[dict]:
     rows = []
     for n, item in enumerate(task.items):
         pred = best_option(ours[n])
@@ -47,8 +54,8 @@ def item_rows(task: Task, ours: list[list[float]], theirs: list[list[float]] | N
         row.update({f"logprob_{label}": f"{lp:.6f}" for label, lp in zip(task.labels, ours[n])})
         if theirs is not None:
             ref = best_option(theirs[n])
-            row.update(hf_predicted=task.labels[ref], hf_correct=int(ref == item.answer))
-            row.update({f"hf_logprob_{label}": f"{lp:.6f}" for label, lp in zip(task.labels, theirs[n])})
+            row.update({f"{prefix}_predicted": task.labels[ref], f"{prefix}_correct": int(ref == item.answer)})
+            row.update({f"{prefix}_logprob_{label}": f"{lp:.6f}" for label, lp in zip(task.labels, theirs[n])})
             row.update(agree=int(pred == ref), tie=int(min(top_gap(ours[n]), top_gap(theirs[n])) <= margin))
         rows.append(row)
     return rows
@@ -66,7 +73,8 @@ def agreement(rows: list[dict]) -> dict:
 
 
 def score_task(args: RunArgs, task: Task, model_path: str, device: str, batch_size: int) -> dict:
-    """{"atb_llm": (log-probs, seconds)} and, with --compare hf, "transformers" on the same token ids."""
+    """{"atb_llm": (log-probs, seconds)} and, with --compare, "reference": transformers on the same
+    token ids, or lm-eval through the server."""
     tokenizer = get_router(model_path).get_tokenizer()
     options = option_tokens(tokenizer, task.options)
     prompts = encode_prompts(tokenizer, [item.prompt for item in task.items], options)
@@ -87,18 +95,27 @@ def score_task(args: RunArgs, task: Task, model_path: str, device: str, batch_si
     if args.compare == "hf":
         model = load_hf(model_path, parse_dtype(args.dtype)).to(device)
         run = partial(score_hf, model, prompts, options.ids, batch_size)
-        results["transformers"] = scored(task, f"{task.name} transformers", run)
+        results["reference"] = scored(task, f"{task.name} transformers", run)
         del model
         gc.collect()
+    if args.compare == "lm_eval":
+        from modeltest.lm_eval_client import score_lm_eval
+
+        if options.prefix:
+            raise ValueError(f"--compare lm_eval needs options that are one token each; {task.options} are not")
+        server_cfg = replace(cfg, max_input_length=cfg.max_input_length + 2)  # lm-eval adds the option token
+        run = partial(score_lm_eval, task, model_path, server_cfg, free_port())
+        results["reference"] = scored(task, f"{task.name} lm-eval via server", run)
     return results
 
 
 def evaluate(args: RunArgs, task: Task, model_path: str, device: str, batch_size: int) -> dict:
     results = score_task(args, task, model_path, device, batch_size)
-    (ours, ours_s), (theirs, theirs_s) = results["atb_llm"], results.get("transformers", (None, None))
-    rows = item_rows(task, ours, theirs, args.tie_margin)
+    (ours, ours_s), (theirs, theirs_s) = results["atb_llm"], results.get("reference", (None, None))
+    prefix, name = REFERENCES.get(args.compare, ("hf", "transformers"))
+    rows = item_rows(task, ours, theirs, args.tie_margin, prefix)
     acc = report.category_accuracy(task, [bool(r["correct"]) for r in rows])
-    ref = report.category_accuracy(task, [bool(r["hf_correct"]) for r in rows]) if theirs is not None else None
+    ref = report.category_accuracy(task, [bool(r[f"{prefix}_correct"]) for r in rows]) if theirs is not None else None
     categories = report.merge_accuracy(acc, ref)
     summary = dict(
         dataset=task.name,
@@ -113,10 +130,19 @@ def evaluate(args: RunArgs, task: Task, model_path: str, device: str, batch_size
         seconds=round(ours_s, 2),
     )
     if theirs is not None:
-        summary.update(hf_accuracy=ref[-1]["accuracy"], diff_points=100 * (acc[-1]["accuracy"] - ref[-1]["accuracy"]))
-        summary.update(agreement(rows), tie_margin=args.tie_margin, hf_seconds=round(theirs_s, 2))
+        summary.update(reference=name, ref_accuracy=ref[-1]["accuracy"])
+        summary.update(diff_points=100 * (acc[-1]["accuracy"] - ref[-1]["accuracy"]))
+        summary.update(agreement(rows), tie_margin=args.tie_margin, ref_seconds=round(theirs_s, 2))
+        diffs = [abs(a - b) for o, t in zip(ours, theirs) for a, b in zip(o, t)]
+        summary.update(max_logprob_diff=max(diffs))
     write(args, task, device, rows, categories, summary)
     return summary
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def file_stem(args: RunArgs, task: Task, batch_size: int) -> str:
@@ -129,12 +155,13 @@ def summary_lines(s: dict) -> list[str]:
         f"[{s['dataset']}] {s['items']} items, {s['shots']}-shot, batch {s['batch_size']}, {s['dtype']}, "
         f"mlgc {s['mlgc']}: accuracy {s['accuracy']:.4f} ({s['seconds']:.1f} s)"
     ]
-    if "hf_accuracy" in s:
+    if "ref_accuracy" in s:
         clear = "n/a" if s["agreement_no_ties"] is None else f"{s['agreement_no_ties']:.4f}"
         lines.append(
-            f"[{s['dataset']}] transformers accuracy {s['hf_accuracy']:.4f} ({s['hf_seconds']:.1f} s); "
+            f"[{s['dataset']}] {s['reference']} accuracy {s['ref_accuracy']:.4f} ({s['ref_seconds']:.1f} s); "
             f"difference {s['diff_points']:+.2f} points; agreement {s['agreement_all']:.4f} over all items, "
-            f"{clear} without the {s['tie_items']} near-tie items (margin {s['tie_margin']:g})"
+            f"{clear} without the {s['tie_items']} near-tie items (margin {s['tie_margin']:g}); "
+            f"largest option log-prob difference {s['max_logprob_diff']:.2e}"
         )
     return lines
 
@@ -144,7 +171,7 @@ def write(args: RunArgs, task: Task, device: str, rows: list[dict], categories: 
     stem = file_stem(args, task, summary["batch_size"])
     report.write_csv(out / f"{stem}_items.csv", rows)
     report.write_csv(out / f"{stem}_result.csv", categories)
-    table = report.accuracy_markdown(categories)
+    table = report.accuracy_markdown(categories, reference=summary.get("reference", "transformers"))
     text = "\n".join([table, "", *summary_lines(summary)]) + "\n"
     (out / f"{stem}_result.md").write_text(text, encoding="utf-8")
     (out / f"{stem}_summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")

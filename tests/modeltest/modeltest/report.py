@@ -65,7 +65,7 @@ def merge_accuracy(ours: list[dict], theirs: list[dict] | None) -> list[dict]:
     if theirs is None:
         return ours
     return [
-        dict(a, hf_correct=b["correct"], hf_accuracy=b["accuracy"], diff=a["accuracy"] - b["accuracy"])
+        dict(a, ref_correct=b["correct"], ref_accuracy=b["accuracy"], diff=a["accuracy"] - b["accuracy"])
         for a, b in zip(ours, theirs)
     ]
 
@@ -74,14 +74,14 @@ def _fmt(x: float, spec: str = ".4f") -> str:
     return "-" if math.isnan(x) else format(x, spec)  # nan: a category with no items
 
 
-def accuracy_markdown(rows: list[dict], name: str = "atb_llm") -> str:
+def accuracy_markdown(rows: list[dict], name: str = "atb_llm", reference: str = "transformers") -> str:
     """The seeds' table: a row per category and Avg acc; with the reference, its column and the diff."""
-    compare = "hf_accuracy" in rows[0]
+    compare = "ref_accuracy" in rows[0]
     table = []
     for r in rows:
         line = {"category": r["category"], "items": r["items"], name: _fmt(r["accuracy"])}
         if compare:
-            line.update(transformers=_fmt(r["hf_accuracy"]), diff=_fmt(r["diff"], "+.4f"))
+            line.update({reference: _fmt(r["ref_accuracy"]), "diff": _fmt(r["diff"], "+.4f")})
         table.append(line)
-    columns = ["category", "items", name] + (["transformers", "diff"] if compare else [])
+    columns = ["category", "items", name] + ([reference, "diff"] if compare else [])
     return markdown_table(table, columns)

@@ -61,7 +61,7 @@ def test_precision_run_writes_items_categories_and_comparison(dataset, tiny_mode
 def test_limited_run_prints_table_and_spans_subjects(tiny_models, mmlu_dir, tmp_path, capsys):
     argv = ["pa_fp32", "full_MMLU", "0", "2", "qwen2_mlgc", str(tiny_models()), "--data", str(mmlu_dir)]
     (summary,) = main(argv + ["--limit", "2", "--out", str(tmp_path)])
-    assert summary["items"] == 2 and "hf_accuracy" not in summary
+    assert summary["items"] == 2 and "ref_accuracy" not in summary
     printed = capsys.readouterr().out
     assert "| category | items | atb_llm |" in printed and "[MMLU] 2 items, 0-shot, batch 2, fp32" in printed
     items = read_csv(tmp_path / "CPU/precision_test/pa/fp32/qwen2_mlgc/mmlu_0shot_batch2_tp1_mlgc-off_first2_items.csv")
@@ -80,7 +80,7 @@ def test_category_accuracy_is_over_items_in_task_order():
     ]
     assert [r["accuracy"] for r in rows][::3] == [1 / 3, 0.5]
     merged = merge_accuracy(rows, category_accuracy(task, [True, True, True, False]))
-    assert merged[-1]["diff"] == -0.25 and merged[0]["hf_accuracy"] == 2 / 3
+    assert merged[-1]["diff"] == -0.25 and merged[0]["ref_accuracy"] == 2 / 3
 
 
 def test_performance_run_writes_csv_table_and_plot(tiny_models, tmp_path, capsys):
@@ -105,3 +105,27 @@ def test_performance_run_writes_csv_table_and_plot(tiny_models, tmp_path, capsys
     assert open(f"{stem}_throughput.png", "rb").read(8) == b"\x89PNG\r\n\x1a\n"
     printed = capsys.readouterr().out
     assert "| batch_size | input length | output length | engine | first token (ms) |" in printed
+
+
+@pytest.mark.timeout(600)
+def test_lm_eval_through_the_server_gives_the_engine_log_probs(tiny_models, tmp_path):
+    """lm-eval's own client (local-completions, a separate process) against the OpenAI server scores
+    the items to the same log-probabilities as modeltest's direct engine scoring (fp32). The tiny
+    tokenizer has " fox" and " dog" as single tokens (its corpus is tests/tiny.py's TEXT)."""
+    pytest.importorskip("lm_eval")
+    from modeltest.args import parse_args
+    from modeltest.datasets import Item, Task
+    from modeltest.precision import evaluate
+
+    prompts = ["the quick brown", "jumps over the lazy", "def return if else the", "hello world the"]
+    items = tuple(Item(f"t-{i}", p, i % 2) for i, p in enumerate(prompts))
+    task = Task("Words", (" fox", " dog"), ("fox", "dog"), (), items)
+    argv = ["pa_fp32", "full_BoolQ", "2", "qwen2_mlgc", str(tiny_models()), "1", "--compare", "lm_eval"]
+    args = parse_args(argv + ["--out", str(tmp_path)])
+    summary = evaluate(args, task, str(tiny_models()), "cpu", 2)
+    assert summary["reference"] == "lm-eval" and summary["items"] == 4
+    assert summary["agreement_all"] == 1.0 and summary["max_logprob_diff"] < 1e-4
+    stem = tmp_path / "CPU" / "precision_test" / "pa" / "fp32" / "qwen2_mlgc" / "words_0shot_batch2_tp1_mlgc-off"
+    rows = read_csv(f"{stem}_items.csv")
+    assert [r["lmeval_predicted"] for r in rows] == [r["predicted"] for r in rows]
+    assert "| category | items | atb_llm | lm-eval | diff |" in open(f"{stem}_result.md", encoding="utf-8").read()
