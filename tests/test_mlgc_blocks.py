@@ -21,11 +21,6 @@ def expected_blocks(n: int) -> int:
     return full + 3 * math.ceil(window_slots / BS)
 
 
-@pytest.mark.parametrize("n, blocks", [(3, 4), (10, 4), (16, 7), (17, 8), (40, 9), (100, 13)])
-def test_expected_block_counts(n, blocks):
-    assert expected_blocks(n) == blocks
-
-
 def test_long_generation_holds_exactly_the_predicted_blocks(tiny_models):
     engine = LLMEngine(
         EngineConfig(str(tiny_models()), block_size=BS, max_input_length=64, max_output_length=128, progress=False),

@@ -131,6 +131,8 @@ def test_calibrate_command_writes_auto_plan_and_run_pa_uses_it(tiny, tmp_path, c
         "64",
     ]
     (with_plan,) = run_pa.main(common + ["--mlgc", "auto"])
+    report = capsys.readouterr().out
     (without,) = run_pa.main(common + ["--mlgc", "off"])
     assert len(with_plan.token_ids) == len(without.token_ids) == 40
-    assert "mlgc=auto" in capsys.readouterr().out
+    # the engine's own layout is the plan's: two full groups and two window groups (4 + 20 + 1 slots)
+    assert "full: 2 groups" in report and "window: 2 groups, peak 4 blocks" in report

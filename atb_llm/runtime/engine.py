@@ -61,6 +61,12 @@ class LLMEngine:
         self.model.load_weights(weights, progress=cfg.progress)
         self.model.eval()
         self.layout = layout or self._layout()
+        shape = (self.model_config.num_hidden_layers, self.model_config.num_key_value_heads)
+        if (self.layout.num_layers, self.layout.num_kv_heads) != shape:
+            raise ValueError(
+                f"the layout has {self.layout.num_layers} layers x {self.layout.num_kv_heads} KV heads, the model "
+                f"{shape[0]} x {shape[1]}; build it with GroupLayout.uniform({shape[0]}, {shape[1]}, ...)"
+            )
         if cfg.kv_quant == "c8" or self.quant.kv_quant == "C8":
             self.layout = self.layout.as_int8()
         cache_cfg = CacheConfig(cfg.block_size, cfg.num_blocks, cfg.cache_memory_gb)
