@@ -2,8 +2,6 @@
 
 import math
 
-import pytest
-
 from atb_llm.compression.layout import GroupLayout
 from atb_llm.compression.levels import Level, Window, WindowInt8
 from atb_llm.runtime.engine import EngineConfig, LLMEngine
