@@ -44,3 +44,45 @@ def test_forced_tokens_are_emitted_with_their_logprobs():
     tokens = Sampler()(logits, [seq])
     assert tokens == [0]
     assert Sampler.logprobs(logits, [seq], tokens) == [{0: torch.log_softmax(logits[0], -1)[0].item()}]
+
+
+def test_penalties_follow_openai_and_transformers():
+    from transformers.generation.logits_process import RepetitionPenaltyLogitsProcessor
+
+    from atb_llm.runtime.sampler import penalize
+
+    torch.manual_seed(0)
+    logits = torch.randn(50)
+    seq = Sequence([3, 4, 4], SamplingParams(repetition_penalty=1.3))
+    seq.output_token_ids = [7, 7, 9, 3]
+    ids = torch.tensor([seq.token_ids])
+    want = RepetitionPenaltyLogitsProcessor(1.3)(ids, logits[None].clone())[0]  # the library's own
+    assert torch.allclose(penalize(logits, seq, frozenset()), want)
+    seq.params = SamplingParams(presence_penalty=0.5, frequency_penalty=0.25)
+    got = penalize(logits, seq, frozenset())  # outputs only: 7 twice, 9 and 3 once; prompt tokens not
+    want = logits.clone()
+    want[7] -= 0.5 + 2 * 0.25
+    want[9] -= 0.5 + 0.25
+    want[3] -= 0.5 + 0.25
+    assert torch.allclose(got, want)
+
+
+def test_min_tokens_holds_back_eos_and_stop_tokens():
+    logits = torch.tensor([[0.0, 5.0, 4.0, 1.0]])  # eos (1) and a stop token (2) are the most likely
+    seq = Sequence([0], SamplingParams(min_tokens=2, max_tokens=4, stop_token_ids=(2,)))
+    sampler = Sampler(frozenset({1}))
+    assert sampler(logits, [seq]) == [3]
+    seq.output_token_ids = [3, 3]
+    assert sampler(logits, [seq]) == [1]
+
+
+def test_penalties_apply_per_sequence_in_a_batch():
+    """Each row gets its own request's penalties; the logits the caller keeps stay raw."""
+    logits = torch.tensor([[3.0, 2.9, 0.0], [3.0, 2.9, 0.0]])
+    raw = logits.clone()
+    a = Sequence([1], SamplingParams(frequency_penalty=1.0))
+    a.output_token_ids = [0]
+    b = Sequence([1], SamplingParams())
+    b.output_token_ids = [0]
+    assert Sampler()(logits, [a, b]) == [1, 0]
+    assert torch.equal(logits, raw)

@@ -101,3 +101,28 @@ def test_streamed_logprobs_cover_the_text(server):
     assert tokens == whole["logprobs"]["tokens"] and offsets == whole["logprobs"]["text_offset"]
     assert values == pytest.approx(whole["logprobs"]["token_logprobs"], abs=1e-5)
     assert all(len(top) <= 2 for top in whole["logprobs"]["top_logprobs"])
+
+
+def test_penalties_min_tokens_and_stop_token_ids_reach_the_engine(server, tiny):
+    """The API's values give the engine's own answer for the same SamplingParams."""
+    from atb_llm.runtime.engine import EngineConfig, LLMEngine
+    from atb_llm.runtime.sequence import SamplingParams
+
+    cfg = EngineConfig(str(tiny), dtype="fp32", block_size=16, max_input_length=32, max_output_length=8, progress=False)
+    engine = LLMEngine(cfg)
+    plain = engine.generate([PROMPTS[0]], SamplingParams(max_tokens=8, ignore_eos=True))[0].token_ids
+    cases = [
+        dict(frequency_penalty=1.5, presence_penalty=0.5),
+        dict(repetition_penalty=1.8),
+        dict(min_tokens=8, stop_token_ids=[plain[0]]),
+        dict(stop_token_ids=[plain[2]], ignore_eos=True),
+    ]
+    for extra in cases:
+        body = {"prompt": PROMPTS[0], "max_tokens": 8, "temperature": 0, **extra}
+        got = httpx.post(server.url + COMPLETIONS, json=body, timeout=60).json()
+        params = SamplingParams(max_tokens=8, **{k: tuple(v) if isinstance(v, list) else v for k, v in extra.items()})
+        (want,) = engine.generate([PROMPTS[0]], params)
+        assert got["choices"][0]["text"] == want.text, extra
+        assert got["choices"][0]["finish_reason"] == want.finish_reason
+        assert got["usage"]["completion_tokens"] == len(want.token_ids)
+    assert want.finish_reason == "stop" and len(want.token_ids) == plain.index(plain[2]) + 1

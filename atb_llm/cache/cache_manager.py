@@ -78,6 +78,15 @@ class CacheManager:
         """Whether one sequence of `num_tokens` tokens fits the pools at all."""
         return all(n <= self.num_blocks[p] for p, n in self.blocks_for(num_tokens).items())
 
+    def longest_sequence(self, limit: int) -> int:
+        """The most tokens one sequence can hold in the pools, at most `limit` (window groups stop
+        growing, so a compressed cache holds longer sequences in the same blocks)."""
+        lo, hi = 0, limit
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            lo, hi = (mid, hi) if self.fits_alone(mid) else (lo, mid - 1)
+        return lo
+
     # ---- per-step tensors -------------------------------------------------------------------
     def block_tables(self, tables: list[BlockTable]) -> torch.Tensor:
         """[G, B, max_blocks] int64 block ids of B sequences, padded with 0."""

@@ -80,8 +80,8 @@ class LLMEngine:
             cfg.device,
         )
         self.scheduler = Scheduler(self.cache_manager.block_manager, cfg.max_batch_size, cfg.max_prefill_tokens)
-        self.runner = ModelRunner(self.model, self.cache_manager)
         self.eos_token_ids = set(self.model_config.eos_token_ids) | {self.tokenizer.eos_token_id} - {None}
+        self.runner = ModelRunner(self.model, self.cache_manager, frozenset(self.eos_token_ids))
         self._seqs: dict[str, Sequence] = {}
 
     def _layout(self) -> GroupLayout:

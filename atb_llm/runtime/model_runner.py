@@ -41,11 +41,13 @@ class StepResult:
 
 
 class ModelRunner:
-    def __init__(self, model: FlashForCausalLM, cache_manager: CacheManager):
+    def __init__(
+        self, model: FlashForCausalLM, cache_manager: CacheManager, eos_token_ids: frozenset[int] = frozenset()
+    ):
         self.model = model
         self.cache_manager = cache_manager
         self.device = cache_manager.device
-        self.sampler = Sampler()
+        self.sampler = Sampler(eos_token_ids)
 
     def _tensor(self, values: list[int]) -> torch.Tensor:
         return torch.tensor(values, dtype=torch.int64).to(self.device)

@@ -23,10 +23,37 @@ def _filter(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
     return logits
 
 
+def penalize(logits: torch.Tensor, seq: Sequence, eos_token_ids: frozenset[int]) -> torch.Tensor:
+    """One sequence's logits [V] with its penalties and min_tokens applied (a new tensor)."""
+    p, logits = seq.params, logits.clone()
+    if p.repetition_penalty != 1:
+        seen = torch.tensor(sorted(set(seq.token_ids)), device=logits.device)
+        picked = logits[seen]
+        logits[seen] = torch.where(picked > 0, picked / p.repetition_penalty, picked * p.repetition_penalty)
+    if (p.presence_penalty or p.frequency_penalty) and seq.output_token_ids:
+        out = torch.tensor(seq.output_token_ids, device=logits.device)
+        counts = torch.bincount(out, minlength=logits.numel()).to(logits.dtype)
+        logits -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).to(logits.dtype)
+    if len(seq.output_token_ids) < p.min_tokens:
+        banned = sorted((eos_token_ids | set(p.stop_token_ids)) - {None})
+        logits[banned] = float("-inf")
+    return logits
+
+
 class Sampler:
+    def __init__(self, eos_token_ids: frozenset[int] = frozenset()):
+        self.eos_token_ids = frozenset(eos_token_ids)  # what min_tokens holds back
+
     def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[int | None]:
         """logits: [B, V] fp32 -> one token id per sequence. A sequence whose sampling fails (say, its
-        logits are not finite) gets None and its `error` set; the others are not affected."""
+        logits are not finite) gets None and its `error` set; the others are not affected. Penalties
+        change the choice, not the logits the caller keeps (log-probabilities stay raw)."""
+        if any(s.params.penalized for s in seqs):
+            rows = [
+                penalize(logits[i], s, self.eos_token_ids) if s.params.penalized else logits[i]
+                for i, s in enumerate(seqs)
+            ]
+            logits = torch.stack(rows)
         tokens: list[int | None] = logits.argmax(-1).tolist()
         for i, seq in enumerate(seqs):
             p = seq.params

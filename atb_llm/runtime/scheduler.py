@@ -16,6 +16,7 @@ class Scheduler:
         self.max_prefill_tokens = max_prefill_tokens
         self.waiting: deque[Sequence] = deque()
         self.running: deque[Sequence] = deque()
+        self.num_preemptions = 0  # since start, all sequences
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -59,6 +60,7 @@ class Scheduler:
         self.block_manager.deallocate(seq.block_table)
         seq.status = SequenceStatus.WAITING
         seq.num_preemptions += 1
+        self.num_preemptions += 1
         self.waiting.appendleft(seq)
 
     def finish(self, seq: Sequence, reason: str) -> None:

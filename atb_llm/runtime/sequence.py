@@ -27,7 +27,11 @@ class SamplingParams:
     exactly these tokens (teacher forcing) and records each one's log-probability: perplexity
     through the engine's own (possibly compressed) cache. `logprobs` = k records each generated
     token's log-probability with the k most likely alternatives (0: none); `prompt_logprobs` = k
-    does the same for every prompt token after the first, computed in the prefill itself."""
+    does the same for every prompt token after the first, computed in the prefill itself.
+    Penalties as OpenAI and vLLM define them: `presence_penalty` / `frequency_penalty` subtract
+    from the logit of every token generated so far (once / per occurrence); `repetition_penalty`
+    divides positive and multiplies negative logits of every token of prompt and output (as
+    transformers does). `min_tokens`: eos and `stop_token_ids` are not sampled before that many."""
 
     MAX_LOGPROBS = 20  # alternatives per position, as OpenAI's top_logprobs
     GREEDY_BELOW = 1e-5  # temperatures under this sample greedily (dividing by them overflows)
@@ -45,6 +49,10 @@ class SamplingParams:
     force_tokens: tuple[int, ...] = ()
     logprobs: int | None = None
     prompt_logprobs: int | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    min_tokens: int = 0
 
     def __post_init__(self):
         self.force_tokens = tuple(self.force_tokens)
@@ -60,6 +68,13 @@ class SamplingParams:
             raise ValueError(f"top_k={self.top_k} must be >= 0 (0 disables it)")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p={self.top_p} must be in (0, 1]")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -2 <= getattr(self, name) <= 2:
+                raise ValueError(f"{name}={getattr(self, name)} must be in [-2, 2]")
+        if not self.repetition_penalty > 0:
+            raise ValueError(f"repetition_penalty={self.repetition_penalty} must be > 0 (1 disables it)")
+        if not 0 <= self.min_tokens <= self.max_tokens:
+            raise ValueError(f"min_tokens={self.min_tokens} must be in [0, max_tokens={self.max_tokens}]")
         for name in ("logprobs", "prompt_logprobs"):
             k = getattr(self, name)
             if k is not None and not 0 <= k <= self.MAX_LOGPROBS:
@@ -69,6 +84,10 @@ class SamplingParams:
         self.stop = tuple(s for s in self.stop if s)
         self.stop_token_ids = tuple(self.stop_token_ids)
         self.logprob_token_ids = tuple(self.logprob_token_ids)
+
+    @property
+    def penalized(self) -> bool:
+        return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1 or self.min_tokens)
 
 
 class SequenceStatus(Enum):

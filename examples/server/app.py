@@ -16,7 +16,7 @@ from starlette.background import BackgroundTask
 from examples.server import generation as gen
 from examples.server.engine_loop import EngineLoop
 from examples.server.errors import APIError, install_error_handlers
-from examples.server.limits import BodyLimit
+from examples.server.limits import ApiKey, BodyLimit
 from examples.server.logprobs import TokenTexts
 from examples.server.prompts import PromptEncoder
 from examples.server.protocol import (
@@ -42,7 +42,12 @@ class Served:
     encoder: PromptEncoder
     texts: TokenTexts
     model_name: str
+    api_key: str | None = None
     created: int = field(default_factory=lambda: int(time.time()))
+
+    def __post_init__(self):
+        engine = self.loop.engine  # the longest prompt + answer the limits and the cache allow
+        self.max_model_len = engine.cache_manager.longest_sequence(engine.max_seq_len)
 
     def check_model(self, name: str | None) -> None:
         if name is not None and name != self.model_name:
@@ -54,22 +59,24 @@ class Served:
             )
 
     def model_card(self) -> dict:
-        cfg = self.loop.engine.cfg
         return dict(
             id=self.model_name,
             object="model",
             created=self.created,
             owned_by="atb_llm",
-            max_model_len=cfg.max_input_length + cfg.max_output_length,
+            max_model_len=self.max_model_len,
         )
 
 
-def create_app(loop: EngineLoop, model_name: str) -> FastAPI:
-    """The server around a started EngineLoop; `model_name` is what /v1/models lists."""
+def create_app(loop: EngineLoop, model_name: str, api_key: str | None = None) -> FastAPI:
+    """The server around a started EngineLoop; `model_name` is what /v1/models lists; with `api_key`,
+    every /v1 route wants `Authorization: Bearer API_KEY` (as vLLM's --api-key)."""
     encoder = PromptEncoder(loop.engine)
     app = FastAPI(title="atb_llm OpenAI-compatible server", docs_url=None, redoc_url=None)
-    app.state.served = Served(loop, encoder, TokenTexts(encoder.tokenizer), model_name)
+    app.state.served = Served(loop, encoder, TokenTexts(encoder.tokenizer), model_name, api_key)
     install_error_handlers(app, loop.metrics)
+    if api_key:
+        app.add_middleware(ApiKey, key=api_key, metrics=loop.metrics)
     app.add_middleware(BodyLimit, max_bytes=encoder.max_body_bytes())  # 413 before a body no prompt needs is read
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
     app.include_router(router)

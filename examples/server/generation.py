@@ -63,6 +63,11 @@ def sampling_params(
             stop=body.stop_strings(),
             logprobs=logprobs,
             prompt_logprobs=prompt_logprobs,
+            presence_penalty=body.presence_penalty,
+            frequency_penalty=body.frequency_penalty,
+            repetition_penalty=body.repetition_penalty,
+            min_tokens=body.min_tokens,
+            stop_token_ids=tuple(body.stop_token_ids or ()),
         )
     except ValueError as e:
         raise APIError(422, str(e), code="invalid_value") from e

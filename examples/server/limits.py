@@ -1,5 +1,5 @@
-"""A bound on the request body: a client cannot make the server read (and parse) more than a
-prompt of max_input_length tokens could need.
+"""What a request must pass before a route sees it: the API key, and a bound on the body (a client
+cannot make the server read and parse more than a prompt of max_input_length tokens could need).
 
 FastAPI's own `max_body_size` answers in plain text; this one raises the HTTP 413 where the body is
 read, so the route's error handler gives it the API's JSON error shape.
@@ -7,8 +7,14 @@ read, so the route's error handler gives it the API's JSON error shape.
 
 from __future__ import annotations
 
+import secrets
+
 from starlette.exceptions import HTTPException
+from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from examples.server.errors import error_body
+from examples.server.metrics import Metrics
 
 
 class BodyLimit:
@@ -37,3 +43,22 @@ class BodyLimit:
             return message
 
         await self.app(scope, limited, send)
+
+
+class ApiKey:
+    """ASGI middleware: /v1 routes need `Authorization: Bearer KEY` (401 otherwise); the chat page,
+    /health and /metrics stay open (the page sends the key it is given in its URL fragment)."""
+
+    def __init__(self, app: ASGIApp, key: str, metrics: Metrics):
+        self.app, self.expected, self.metrics = app, f"Bearer {key}".encode(), metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["path"].startswith("/v1/"):
+            given = dict(scope["headers"]).get(b"authorization", b"")
+            if not secrets.compare_digest(given, self.expected):
+                self.metrics.observe_error(401)
+                message = "missing or wrong API key; send the header 'Authorization: Bearer API_KEY'"
+                body = error_body(401, message, code="invalid_api_key")
+                await JSONResponse(body, status_code=401)(scope, receive, send)
+                return
+        await self.app(scope, receive, send)

@@ -25,6 +25,7 @@ class EngineStats:
 
     running: int
     waiting: int
+    preemptions: int
     pools: dict[str, dict[str, int]]  # pool -> CacheManager.usage() row
     levels: dict[tuple[str, str], dict[str, int]]  # (pool, level) -> CacheManager.usage_by_level() row
 
@@ -37,7 +38,7 @@ def cache_stats(engine: LLMEngine) -> EngineStats:
     cache, sched = engine.cache_manager, engine.scheduler
     pool_of_level = {lv.name: lv.pool for lv in engine.layout.groups_by_level()}
     levels = {(pool_of_level[name], name): row for name, row in cache.usage_by_level().items()}
-    return EngineStats(len(sched.running), len(sched.waiting), cache.usage(), levels)
+    return EngineStats(len(sched.running), len(sched.waiting), sched.num_preemptions, cache.usage(), levels)
 
 
 class Histogram:
@@ -112,6 +113,8 @@ def _counter_lines(m: Metrics, stats: EngineStats) -> list[str]:
     lines.append(f"atb_llm_requests_running {stats.running}")
     lines += _header("atb_llm_requests_waiting", "gauge", "Sequences waiting for a batch slot or cache blocks.")
     lines.append(f"atb_llm_requests_waiting {stats.waiting}")
+    lines += _header("atb_llm_preemptions_total", "counter", "Sequences preempted for cache blocks (recomputed later).")
+    lines.append(f"atb_llm_preemptions_total {stats.preemptions}")
     lines += _header("atb_llm_prompt_tokens_total", "counter", "Prompt tokens of finished requests.")
     lines.append(f"atb_llm_prompt_tokens_total {m.prompt_tokens}")
     lines += _header("atb_llm_generation_tokens_total", "counter", "Generated tokens of finished requests.")

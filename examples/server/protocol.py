@@ -47,8 +47,11 @@ class SamplingFields(BaseModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     ignore_eos: bool = False
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
+    presence_penalty: float = Field(0.0, ge=-2, le=2)
+    frequency_penalty: float = Field(0.0, ge=-2, le=2)
+    repetition_penalty: float = Field(1.0, gt=0)  # extension (vLLM, MindIE); 1 disables it
+    min_tokens: int = Field(0, ge=0)  # extension (vLLM): no eos / stop_token_ids before this many
+    stop_token_ids: list[int] | None = None  # extension (vLLM): tokens that end the answer
     best_of: Any = None
     suffix: Any = None
     logit_bias: Any = None
@@ -85,13 +88,6 @@ class SamplingFields(BaseModel):
         if isinstance(stop, list) and len(stop) > 4:
             raise ValueError(f"stop has {len(stop)} strings; at most 4 are allowed")
         return stop
-
-    @field_validator("presence_penalty", "frequency_penalty")
-    @classmethod
-    def _no_penalties(cls, value: float) -> float:
-        if value != 0:
-            raise ValueError(f"{value} is not supported; penalties must be 0")
-        return value
 
     def stop_strings(self) -> tuple[str, ...]:
         return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())

@@ -30,6 +30,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--served_model_name", default=None, help="name in /v1/models (default: the folder's name)")
     p.add_argument("--log_level", default="info", choices=["debug", "info", "warning", "error"])
+    p.add_argument("--api_key", "--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1 routes")
     EngineConfig.add_cli_args(p, max_output_length=512)  # max_output_length: the largest max_tokens a request may ask
     return p.parse_args(argv)
 
@@ -71,10 +72,12 @@ class ServerThread:
     model_name: str
 
     @classmethod
-    def start(cls, cfg: EngineConfig, port: int, host: str = "127.0.0.1", name: str | None = None) -> ServerThread:
+    def start(
+        cls, cfg: EngineConfig, port: int, host: str = "127.0.0.1", name: str | None = None, api_key: str | None = None
+    ) -> ServerThread:
         loop = start_engine_loop(cfg)
         name = name or Path(cfg.model_path).name
-        app = create_app(loop, name)
+        app = create_app(loop, name, api_key)
         config = uvicorn.Config(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=5)
         server = Server(config, loop)
         thread = threading.Thread(target=server.run, name="uvicorn", daemon=True)
@@ -105,9 +108,10 @@ def main(argv: list[str] | None = None) -> None:
     cfg = engine_config(args)
     loop = start_engine_loop(cfg)
     name = args.served_model_name or Path(cfg.model_path).name
-    app = create_app(loop, name)
+    app = create_app(loop, name, args.api_key)
     url = f"http://{args.host}:{args.port}"
-    print(f"[server] {name}: open {url}/ in a browser to chat; OpenAI API at {url}/v1", flush=True)
+    page = f"{url}/#key=API_KEY" if args.api_key else f"{url}/"
+    print(f"[server] {name}: open {page} in a browser to chat; OpenAI API at {url}/v1", flush=True)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=5)
     try:
         Server(config, loop).run()

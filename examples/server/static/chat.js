@@ -151,7 +151,7 @@ async function ask(question) {
   try {
     const response = await fetch("/v1/chat/completions", {
       method: "POST",
-      headers: { "Content-Type": "application/json" },
+      headers: { "Content-Type": "application/json", ...authHeader() },
       body: JSON.stringify(requestBody()),
       signal: controller.signal,
     });
@@ -232,8 +232,14 @@ $("settings-toggle").addEventListener("click", (event) => {
 });
 for (const input of [ui.temperature, ui.maxTokens, ui.system]) input.addEventListener("change", saveSettings);
 
+// A server started with --api_key: open the page as /#key=API_KEY (a fragment never reaches the server's logs).
+function authHeader() {
+  const key = new URLSearchParams(location.hash.slice(1)).get("key");
+  return key ? { Authorization: `Bearer ${key}` } : {};
+}
+
 loadSettings();
-fetch("/v1/models")
+fetch("/v1/models", { headers: authHeader() })
   .then((r) => r.json())
   .then((j) => {
     modelName = j.data[0].id;
