@@ -53,6 +53,23 @@ def read_config_json(weight_dir: str | Path) -> dict:
 
 
 @dataclass(frozen=True)
+class RopeScaling:
+    """Static YaRN (the long-context RoPE Qwen2.5's model cards configure): frequencies interpolated
+    by `factor` below the ramp between `beta_slow` and `beta_fast` rotations over the pretraining
+    length, kept above it, and cos/sin scaled by `attention_factor` (default 0.1 ln(factor) + 1)."""
+
+    rope_type: str
+    factor: float
+    original_max_position_embeddings: int
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    attention_factor: float | None = None
+    mscale: float | None = None
+    mscale_all_dim: float | None = None
+    truncate: bool = True
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     """Shape and numerics of a decoder-only transformer; every field the engine reads."""
 
@@ -71,6 +88,7 @@ class ModelConfig:
     dtype: str  # the checkpoint's dtype name: bfloat16, float16 or float32
     bos_token_id: int | None
     eos_token_ids: tuple[int, ...]
+    rope_scaling: RopeScaling | None = None  # None: plain RoPE
 
     @property
     def num_groups(self) -> int:
@@ -88,4 +106,6 @@ class ModelConfig:
             "num_attention_heads", "num_key_value_heads", "head_dim", "rope_theta",
         )  # fmt: skip
         fields = {k: asdict(self)[k] for k in keys}
+        if self.rope_scaling is not None:  # plans made without it keep their hash
+            fields["rope_scaling"] = asdict(self.rope_scaling)
         return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]

@@ -52,10 +52,43 @@ def test_shared_configs(tmp_path, name, groups):
     assert load_qwen2_config(tmp_path).num_groups == groups
 
 
-def test_rope_scaling_is_refused(tmp_path):
+YARN = {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768}  # Qwen2.5's model cards
+
+
+def test_yarn_in_both_config_forms(tmp_path):
     raw = qwen7b()
-    raw["rope_scaling"] = {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768}
-    with pytest.raises(ValueError, match="rope_type='yarn'"):
+    raw["rope_scaling"] = YARN
+    four = load_qwen2_config(write(tmp_path, raw))
+    assert four.rope_scaling.rope_type == "yarn" and four.rope_scaling.factor == 4.0
+    assert four.rope_scaling.original_max_position_embeddings == 32768
+    assert four.max_position_embeddings == 131072  # the scaled length
+    raw = qwen7b()
+    raw["rope_parameters"] = {
+        "rope_theta": raw.pop("rope_theta"),
+        "rope_type": "yarn",
+        **{k: v for k, v in YARN.items() if k != "type"},
+    }
+    other = tmp_path / "five"
+    other.mkdir()
+    assert load_qwen2_config(write(other, raw)) == four
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    assert four.config_hash() != load_qwen2_config(write(plain, qwen7b())).config_hash()  # plans know the RoPE
+
+
+@pytest.mark.parametrize("kind", ["linear", "dynamic", "llama3", "longrope"])
+def test_other_rope_types_name_the_supported_ones(tmp_path, kind):
+    raw = qwen7b()
+    raw["rope_scaling"] = {
+        "rope_type": kind,
+        "factor": 2.0,
+        "original_max_position_embeddings": 8192,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "short_factor": [1.0] * 64,
+        "long_factor": [1.0] * 64,
+    }
+    with pytest.raises(ValueError, match=f"rope_type='{kind}' is not supported; supported: default, yarn"):
         load_qwen2_config(write(tmp_path, raw))
 
 

@@ -1,5 +1,6 @@
 """With compression off, greedy output equals Hugging Face transformers token for token."""
 
+import json
 import random
 
 import pytest
@@ -67,3 +68,44 @@ def test_tiny_models_across_block_boundaries(tiny_models, block_size, tie):
     batched = engine.generate(prompts, SamplingParams(max_tokens=new))  # 5 prompts, batch of 4: continuous batching
     assert [o.token_ids for o in batched] == ref
     assert max(len(r) for r in ref) == new  # the comparison covered whole generations
+
+
+def with_yarn(src, dst, original: int, factor: float = 4.0):
+    """The model folder (its files linked, not copied) with Qwen2.5's YaRN block in config.json (4.x form)."""
+    dst.mkdir()
+    for f in src.iterdir():
+        if f.name != "config.json":
+            (dst / f.name).symlink_to(f.resolve())
+    cfg = json.loads((src / "config.json").read_text())
+    cfg["rope_scaling"] = {"type": "yarn", "factor": factor, "original_max_position_embeddings": original}
+    (dst / "config.json").write_text(json.dumps(cfg))
+    return dst
+
+
+def test_yarn_tiny_model_past_its_original_length(tiny_models, tmp_path):
+    """original_max_position_embeddings = 32 and factor 4: prompts of 40-90 tokens run where YaRN's
+    interpolation and attention temperature change every logit, and greedy output equals transformers'."""
+    path = with_yarn(tiny_models(), tmp_path / "yarn", original=32)
+    rng = random.Random(7)
+    prompts = [[rng.randrange(2, 320) for _ in range(n)] for n in (40, 64, 90)]
+    ref = hf_greedy(path, prompts, 20)
+    engine = LLMEngine(
+        EngineConfig(str(path), dtype="fp32", block_size=16, max_input_length=100, max_output_length=24, progress=False)
+    )
+    assert engine.model_config.max_position_embeddings == 4096  # max(4096, 32 x 4)
+    outs = engine.generate(prompts, SamplingParams(max_tokens=20))
+    assert [o.token_ids for o in outs] == ref
+    plain = LLMEngine(
+        EngineConfig(str(tiny_models()), dtype="fp32", block_size=16, max_input_length=100, max_output_length=24,
+                     progress=False)
+    )  # fmt: skip
+    assert [o.token_ids for o in plain.generate(prompts, SamplingParams(max_tokens=20))] != ref  # YaRN mattered
+
+
+def test_yarn_default_model_short_prompt(default_model, tmp_path):
+    path = with_yarn(default_model, tmp_path / "yarn", original=32768)
+    engine = LLMEngine(EngineConfig(str(path), dtype="fp32", block_size=16, max_output_length=24, progress=False))
+    ids = [engine.encode(p, chat=True) for p in PROMPTS[:2]]
+    outs = engine.generate(ids, SamplingParams(max_tokens=16))
+    assert [o.token_ids for o in outs] == hf_greedy(path, ids, 16)
+    assert engine.model_config.max_position_embeddings == 131072

@@ -88,7 +88,9 @@ class Qwen2Model(nn.Module):
     def __init__(self, config: ModelConfig, backend: AttentionBackend, quant: QuantConfig):
         super().__init__()
         self.embed_tokens = VocabEmbedding(config.vocab_size, config.hidden_size)
-        self.rotary = RotaryEmbedding(config.head_dim, config.max_position_embeddings, config.rope_theta)
+        self.rotary = RotaryEmbedding(
+            config.head_dim, config.max_position_embeddings, config.rope_theta, config.rope_scaling
+        )
         self.layers = nn.ModuleList(
             Qwen2DecoderLayer(config, i, backend, quant) for i in range(config.num_hidden_layers)
         )
