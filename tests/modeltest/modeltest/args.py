@@ -3,6 +3,7 @@
     pa_{bf16|fp16|fp32} performance CASE_PAIRS BATCH MODEL [WEIGHT_DIR] [WORLD_SIZE]
     pa_{bf16|fp16|fp32} full_BoolQ BATCH MODEL [WEIGHT_DIR] [WORLD_SIZE]
     pa_{bf16|fp16|fp32} full_MMLU|full_CEval SHOTS BATCH MODEL [WEIGHT_DIR] [WORLD_SIZE]
+    pa_{bf16|fp16|fp32} full_HumanEval|full_HumanEval_X BATCH MODEL [WEIGHT_DIR] [WORLD_SIZE]
 
 CASE_PAIRS: [[input_length,output_length],...], e.g. [[2048,2048],[1024,1024]] (no spaces).
 BATCH: 1 or [1]; several for every case pair: 1,8 or [1,8]; one list per case pair:
@@ -21,6 +22,7 @@ from pathlib import Path
 from modeltest.datasets import DATASETS
 
 RESULTS = Path(__file__).resolve().parents[1] / "results"
+CODE_TESTS = ("full_HumanEval", "full_HumanEval_X")  # generated and executed, not scored by options
 MODES = re.compile(r"^pa_(bf16|fp16|fp32)$")
 MODEL_NAME = re.compile(r"^[A-Za-z][\w.-]*$")
 
@@ -50,6 +52,9 @@ class RunArgs:
     data: Path | None = None
     device: str = "auto"
     tie_margin: float = 1e-3
+    style: str = "auto"  # HumanEval prompts: completion | chat | auto (chat when the tokenizer has a template)
+    max_new_tokens: int = 512  # HumanEval
+    exec_timeout: float = 10.0  # HumanEval: seconds per program
 
 
 def _json_list(text: str, what: str, example: str):
@@ -112,11 +117,13 @@ def parse_words(words: list[str]) -> dict:
     fields = dict(mode="pa", dtype=mode.split("_")[1], test=test)
     if test == "performance":
         head, usage = 2, "performance CASE_PAIRS BATCH MODEL"
+    elif test in CODE_TESTS:
+        head, usage = 1, f"{test} BATCH MODEL"
     elif test in DATASETS:
         shots = DATASETS[test].takes_shots
         head, usage = (2, f"{test} SHOTS BATCH MODEL") if shots else (1, f"{test} BATCH MODEL")
     else:
-        raise ValueError(f"unknown test {test!r}; choose one of performance, {', '.join(DATASETS)}")
+        raise ValueError(f"unknown test {test!r}; choose one of performance, {', '.join((*DATASETS, *CODE_TESTS))}")
     if len(rest) <= head or not MODEL_NAME.match(rest[head]):
         raise ValueError(f"expected `{usage} [WEIGHT_DIR] [WORLD_SIZE]`, got {' '.join(words[1:])!r}")
     fields["model_name"] = rest[head]
@@ -126,7 +133,7 @@ def parse_words(words: list[str]) -> dict:
         batches = parse_batch_sizes(rest[1], len(pairs))
         fields["cases"] = tuple(PerfCase(i, o, b) for (i, o), b in zip(pairs, batches))
     else:
-        if head == 2:
+        if head == 2 and test not in CODE_TESTS:
             if not rest[0].isdigit():
                 raise ValueError(f"shots {rest[0]!r} must be a whole number, e.g. 5 (or 0)")
             fields["shots"] = int(rest[0])
@@ -151,6 +158,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--data", type=Path, default=None, help="dataset folder (C-Eval: the folder with dev/ and val/)")
     ap.add_argument("--device", default="auto", help="cpu | cuda | auto (cuda when available)")
     ap.add_argument("--tie-margin", type=float, default=1e-3, help="option log-prob gap counted as a tie")
+    ap.add_argument("--style", default="auto", choices=["auto", "completion", "chat"], help="HumanEval prompts")
+    ap.add_argument("--max_new_tokens", type=int, default=512, help="HumanEval: tokens per answer")
+    ap.add_argument("--exec_timeout", type=float, default=10.0, help="HumanEval: seconds per program")
     return ap
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 
-from modeltest.args import build_parser, parse_args
+from modeltest.args import CODE_TESTS, build_parser, parse_args
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -16,6 +16,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
         build_parser().error(str(e))
     if args.test == "performance":
         from modeltest.performance import run_performance as run
+    elif args.test in CODE_TESTS:
+        from modeltest.humaneval import run_humaneval as run
     else:
         from modeltest.precision import run_precision as run
     try:
