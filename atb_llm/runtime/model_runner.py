@@ -25,7 +25,7 @@ class ForwardBatch:
     slots: torch.Tensor  # [G, T] flat cache slot of each token in each group, -1 = not kept
     input_lengths: torch.Tensor  # [B] sequence lengths including this step
     max_seq_len: int
-    lm_head_indices: torch.Tensor | None  # [N] rows to compute logits for (prefill: each prompt's last)
+    lm_head_indices: torch.Tensor | None  # [N] logits rows (prefill: each prompt's last; all with prompt_logprobs)
     sample_rows: torch.Tensor | None = None  # [B] logits rows to sample from, when N > B
     prompt_rows: list[tuple[int, int, int]] = field(default_factory=list)  # (seq, first row, rows) to score
 
