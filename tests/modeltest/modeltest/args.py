@@ -1,6 +1,6 @@
 """MindIE's run.sh arguments, positional as there, plus a few flags:
 
-    pa_{bf16|fp16|fp32} performance CASE_PAIRS BATCH MODEL [WEIGHT_DIR] [WORLD_SIZE]
+    pa_{bf16|fp16|fp32} performance CASE_PAIRS BATCH MODEL [WEIGHT_DIR] [WORLD_SIZE] [MAX_POSITION_EMBEDDING]
     pa_{bf16|fp16|fp32} full_BoolQ BATCH MODEL [WEIGHT_DIR] [WORLD_SIZE]
     pa_{bf16|fp16|fp32} full_MMLU|full_CEval SHOTS BATCH MODEL [WEIGHT_DIR] [WORLD_SIZE]
     pa_{bf16|fp16|fp32} full_HumanEval|full_HumanEval_X BATCH MODEL [WEIGHT_DIR] [WORLD_SIZE]
@@ -42,6 +42,7 @@ class RunArgs:
     model_name: str
     weight_dir: str | None  # None: the default model
     world_size: int = 1
+    max_position_embedding: int | None = None  # performance: the longest in + out a case may need
     shots: int = 0
     batch_sizes: tuple[int, ...] = (1,)  # datasets: one run per batch size
     cases: tuple[PerfCase, ...] = ()  # performance
@@ -127,11 +128,20 @@ def parse_words(words: list[str]) -> dict:
     if len(rest) <= head or not MODEL_NAME.match(rest[head]):
         raise ValueError(f"expected `{usage} [WEIGHT_DIR] [WORLD_SIZE]`, got {' '.join(words[1:])!r}")
     fields["model_name"] = rest[head]
-    fields["weight_dir"], fields["world_size"] = _tail(rest[head + 1 :])
+    tail = rest[head + 1 :]
+    if test == "performance" and len(tail) == 3:  # MindIE's trailing max_position_embedding / max_sequence_length
+        if not tail[2].isdigit() or int(tail[2]) < 1:
+            raise ValueError(f"max_position_embedding {tail[2]!r} must be a positive number of tokens, e.g. 4096")
+        fields["max_position_embedding"] = int(tail.pop())
+    fields["weight_dir"], fields["world_size"] = _tail(tail)
     if test == "performance":
         pairs = parse_case_pairs(rest[0])
         batches = parse_batch_sizes(rest[1], len(pairs))
         fields["cases"] = tuple(PerfCase(i, o, b) for (i, o), b in zip(pairs, batches))
+        limit = fields.get("max_position_embedding")
+        for i, o in pairs:
+            if limit and i + o > limit:
+                raise ValueError(f"case [{i},{o}] needs {i + o} positions, more than max_position_embedding={limit}")
     else:
         if head == 2 and test not in CODE_TESTS:
             if not rest[0].isdigit():

@@ -27,15 +27,18 @@ COLUMNS = {
     "first_token_ms": "first token (ms)",
     "non_first_token_ms": "non-first token mean (ms)",
     "e2e_tokens_per_s": "E2E throughput (tokens/s)",
+    "response_time_ms": "ResponseTime (ms)",
     "peak_memory_gb": "peak memory (GiB)",
     "kv_cache_bytes": "KV cache (MiB)",
     "e2e_vs_hf": "E2E vs transformers",
 }
 
 
-def with_kv_bytes(row: dict) -> dict:
-    """PerfResult's kv_cache_gb as whole bytes (engine rows; transformers' cache is not measured)."""
+def table_row(row: dict) -> dict:
+    """A PerfResult row with the model zoo's ResponseTime (E2E throughput = batch_size * output_length
+    / ResponseTime) and kv_cache_gb as whole bytes (engine rows; transformers' cache is not measured)."""
     gb = row.pop("kv_cache_gb")
+    row["response_time_ms"] = 1000 * row["batch_size"] * row["output_length"] / row["e2e_tokens_per_s"]
     return dict(row, kv_cache_bytes=round(gb * 2**30)) if row["engine"] == "atb_llm" else row
 
 
@@ -126,12 +129,12 @@ def run_performance(args: RunArgs) -> list[dict]:
     runs = runs_of(args)
     engine = engine_for(args, model_path, device, runs)
     engine.warmup()
-    rows = [with_kv_bytes(measure_engine(engine, *run).row()) for run in tqdm(runs, desc="performance atb_llm")]
+    rows = [table_row(measure_engine(engine, *run).row()) for run in tqdm(runs, desc="performance atb_llm")]
     del engine
     gc.collect()
     if args.compare == "hf":
         model = load_hf(model_path, parse_dtype(args.dtype)).to(device)
-        hf = [with_kv_bytes(measure_hf(model, *run).row()) for run in tqdm(runs, desc="performance transformers")]
+        hf = [table_row(measure_hf(model, *run).row()) for run in tqdm(runs, desc="performance transformers")]
         for row, ref in zip(rows, hf):
             row["e2e_vs_hf"] = row["e2e_tokens_per_s"] / ref["e2e_tokens_per_s"]
         rows += hf

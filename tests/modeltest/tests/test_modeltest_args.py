@@ -90,3 +90,20 @@ def test_cli_exits_with_usage_and_reason(capsys):
     assert done.value.code == 2
     err = capsys.readouterr().err
     assert "usage: bash tests/modeltest/run.sh" in err and "unknown test 'full_XYZ'" in err
+
+
+def test_performance_takes_mindie_trailing_max_position_embedding():
+    a = parse_args(f"pa_bf16 performance [[2048,2048],[256,256]] 1 qwen2_mlgc {W} 1 4096".split())
+    assert a.max_position_embedding == 4096 and a.weight_dir == W and a.world_size == 1
+    with pytest.raises(
+        ValueError, match=r"case \[2048,2048\] needs 4096 positions, more than max_position_embedding=4000"
+    ):
+        parse_args(f"pa_bf16 performance [[2048,2048]] 1 qwen2_mlgc {W} 1 4000".split())
+    with pytest.raises(ValueError, match="world size 8 is not supported: this engine runs on one card"):
+        parse_args(f"pa_bf16 performance [[256,256]] 1 qwen2_mlgc {W} 8 4096".split())
+
+
+def test_humaneval_takes_batch_then_model():
+    a = parse_args(f"pa_bf16 full_HumanEval 8 qwen2_mlgc {W} 1 --style completion --limit 3".split())
+    assert (a.test, a.batch_sizes, a.style, a.limit, a.max_new_tokens) == ("full_HumanEval", (8,), "completion", 3, 512)
+    assert parse_args(f"pa_bf16 full_HumanEval_X 1 qwen2_mlgc {W} 1".split()).test == "full_HumanEval_X"

@@ -84,7 +84,7 @@ def test_category_accuracy_is_over_items_in_task_order():
 
 
 def test_performance_run_writes_csv_table_and_plot(tiny_models, tmp_path, capsys):
-    argv = ["pa_fp32", "performance", "[[16,4],[8,2]]", "[1,2]", "qwen2_mlgc", str(tiny_models()), "1"]
+    argv = ["pa_fp32", "performance", "[[16,4],[8,2]]", "[1,2]", "qwen2_mlgc", str(tiny_models()), "1", "20"]
     rows = main(argv + ["--compare", "hf", "--out", str(tmp_path)])
     folder = tmp_path / "CPU" / "performance_test" / "pa" / "fp32" / "qwen2_mlgc"
     stem = folder / "performance_16x4_8x2_batch1-2_tp1_mlgc-off"
@@ -94,8 +94,11 @@ def test_performance_run_writes_csv_table_and_plot(tiny_models, tmp_path, capsys
     ]
     assert list(saved[0]) == [
         *"batch_size input_length output_length engine first_token_ms non_first_token_ms".split(),
-        *"e2e_tokens_per_s peak_memory_gb kv_cache_bytes e2e_vs_hf".split(),
+        *"e2e_tokens_per_s response_time_ms peak_memory_gb kv_cache_bytes e2e_vs_hf".split(),
     ]
+    for r in saved:  # the model zoo's definition: E2E throughput = batch_size * output_length / ResponseTime
+        e2e = int(r["batch_size"]) * int(r["output_length"]) / (float(r["response_time_ms"]) / 1000)
+        assert float(r["e2e_tokens_per_s"]) == pytest.approx(e2e)
     ours = [r for r in rows if r["engine"] == "atb_llm"]
     assert all(r["e2e_tokens_per_s"] > 0 and r["first_token_ms"] > 0 and r["kv_cache_bytes"] > 0 for r in ours)
     hf = {(r["batch_size"], r["input_length"]): r["e2e_tokens_per_s"] for r in rows if r["engine"] == "transformers"}
