@@ -117,7 +117,12 @@ async def generate(
                 headers=SSE_HEADERS,
                 background=BackgroundTask(gen.abort_unfinished, s.loop, streams[0]),  # runs after a disconnect too
             )
-        return list(await asyncio.gather(*(gen.collect(s.loop, st, request) for st in streams)))
+        tasks = [asyncio.ensure_future(gen.collect(s.loop, st, request)) for st in streams]
+        try:
+            return list(await asyncio.gather(*tasks))
+        finally:  # one prompt failed: stop waiting for the others
+            for task in tasks:
+                task.cancel()
     except gen.ClientGone:
         return Response(status_code=499)
     finally:  # a failure (or a departed client) of one prompt ends the others; finished ones are ignored
