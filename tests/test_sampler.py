@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from atb_llm.runtime.sampler import Sampler, _filter
@@ -46,18 +47,20 @@ def test_forced_tokens_are_emitted_with_their_logprobs():
     assert Sampler.logprobs(logits, [seq], tokens) == [{0: torch.log_softmax(logits[0], -1)[0].item()}]
 
 
-def test_penalties_follow_openai_and_transformers():
+@pytest.mark.parametrize("rp", [1.3, 2.0, 0.5])
+def test_penalties_follow_openai_and_transformers(rp):
     from transformers.generation.logits_process import RepetitionPenaltyLogitsProcessor
 
     from atb_llm.runtime.sampler import penalize
 
     torch.manual_seed(0)
     logits = torch.randn(50)
-    seq = Sequence([3, 4, 4], SamplingParams(repetition_penalty=1.3))
+    seq = Sequence([3, 4, 4], SamplingParams(repetition_penalty=rp))
     seq.output_token_ids = [7, 7, 9, 3]
     ids = torch.tensor([seq.token_ids])
-    want = RepetitionPenaltyLogitsProcessor(1.3)(ids, logits[None].clone())[0]  # the library's own
+    want = RepetitionPenaltyLogitsProcessor(rp)(ids, logits[None].clone())[0]  # the library's own
     assert torch.allclose(penalize(logits, seq, frozenset()), want)
+    assert not torch.allclose(want, logits)
     seq.params = SamplingParams(presence_penalty=0.5, frequency_penalty=0.25)
     got = penalize(logits, seq, frozenset())  # outputs only: 7 twice, 9 and 3 once; prompt tokens not
     want = logits.clone()
