@@ -154,18 +154,15 @@ class LLMEngine:
         for i, prompt_logprobs in result.prompt_logprobs.items():
             seqs[i].prompt_logprobs = [None, *prompt_logprobs]
         for seq, tok, lp, out_lp in zip(seqs, result.tokens, result.option_logprobs, result.output_logprobs):
-            if tok is None:  # this sequence alone failed (seq.error says why)
-                seq.finish_time = now
-                self.scheduler.finish(seq, "error")
-                self._seqs.pop(seq.request_id, None)
-                continue
-            seq.output_token_ids.append(tok)
-            if lp is not None:
-                seq.logprobs.append(lp)
-            if out_lp is not None:
-                seq.output_logprobs.append(out_lp)
-            seq.first_token_time = seq.first_token_time or now
-            reason = self._finish_reason(seq, tok)
+            if tok is not None:
+                seq.output_token_ids.append(tok)
+                if lp is not None:
+                    seq.logprobs.append(lp)
+                if out_lp is not None:
+                    seq.output_logprobs.append(out_lp)
+                seq.first_token_time = seq.first_token_time or now
+            # None: sampling failed for this sequence alone (seq.error says why)
+            reason = "error" if tok is None else self._finish_reason(seq, tok)
             if reason:
                 seq.finish_time = now
                 self.scheduler.finish(seq, reason)

@@ -160,13 +160,14 @@ class Shape:
 
     def completion_choice(self, index: int, prompt: str | list[int], a: Answer) -> CompletionChoice:
         text, ids, entries = a.text, [], []
+        generated = [] if self.score_only else a.logprobs
         if self.score_only:
-            text, a.logprobs = "", []
+            text = ""
         if self.echo:
             text = self.echo_text(prompt, a.prompt_ids) + text
             ids, entries = list(a.prompt_ids), list(a.prompt_logprobs or [None] * len(a.prompt_ids))
-        ids += [e.token_id for e in a.logprobs]
-        lp = self.completion_logprobs(ids, entries + a.logprobs)
+        ids += [e.token_id for e in generated]
+        lp = self.completion_logprobs(ids, entries + generated)
         return CompletionChoice(index=index, text=text, logprobs=lp, finish_reason=a.finish_reason)
 
     def usage(self, prompt_tokens: int, output_tokens: int) -> Usage:

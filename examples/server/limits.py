@@ -33,14 +33,13 @@ class BodyLimit:
 
         async def limited() -> Message:
             nonlocal received
-            if received > self.max_bytes:
-                raise HTTPException(413, f"the request body has {received} bytes or more")
-            message = await receive()
-            if message["type"] == "http.request" and not declared.isdigit():
-                received += len(message.get("body", b""))
-                if received > self.max_bytes:
-                    raise HTTPException(413, f"the request body has {received} bytes or more")
-            return message
+            if received <= self.max_bytes:
+                message = await receive()
+                if message["type"] == "http.request" and not declared.isdigit():
+                    received += len(message.get("body", b""))
+                if received <= self.max_bytes:
+                    return message
+            raise HTTPException(413, f"the request body has {received} bytes or more")
 
         await self.app(scope, limited, send)
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import socket
 import threading
 import time
 from dataclasses import dataclass
@@ -45,6 +46,13 @@ def start_engine_loop(cfg: EngineConfig) -> EngineLoop:
     loop = EngineLoop(engine)
     loop.start()
     return loop
+
+
+def free_port() -> int:
+    """A loopback port nobody listens on now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 class Server(uvicorn.Server):

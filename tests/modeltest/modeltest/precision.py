@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import gc
 import json
-import socket
 import time
 from dataclasses import replace
 from functools import partial
@@ -99,6 +98,7 @@ def score_task(args: RunArgs, task: Task, model_path: str, device: str, batch_si
         del model
         gc.collect()
     if args.compare == "lm_eval":
+        from examples.server.serve import free_port
         from modeltest.lm_eval_client import score_lm_eval
 
         if options.prefix:
@@ -137,12 +137,6 @@ def evaluate(args: RunArgs, task: Task, model_path: str, device: str, batch_size
         summary.update(max_logprob_diff=max(diffs))
     write(args, task, device, rows, categories, summary)
     return summary
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def file_stem(args: RunArgs, task: Task, batch_size: int) -> str:
