@@ -34,6 +34,7 @@ def run_prefill(sched: Scheduler, seqs: list[Sequence]) -> None:
     scheduled, is_prefill = sched.schedule()
     assert is_prefill and scheduled == seqs
     for s in seqs:
+        s.num_computed_tokens = 16  # as the engine records the prefill
         s.output_token_ids.append(7)  # the prefill's token: each now needs a block for token 17
 
 

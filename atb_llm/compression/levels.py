@@ -154,11 +154,15 @@ class Window(Level):
         e = self.evicted(n).to(torch.float32)
         return torch.where(e > 0, e.clamp(min=1).log(), float("-inf"))
 
-    def fold_prompt(self, k: torch.Tensor, v: torch.Tensor, evicted: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Compensation K/V after a prefill: k, v [n, ..., D] one prompt -> the fp32 means of the
-        evicted middle, tokens sink .. sink + evicted."""
-        mid = slice(self.sink, self.sink + evicted)
-        return k[mid].float().mean(0), v[mid].float().mean(0)
+    def fold(self, comp: torch.Tensor, evicted_before: int, leaving: torch.Tensor) -> torch.Tensor:
+        """Compensation after a prefill chunk: comp [..., D] fp32, the mean of the `evicted_before`
+        tokens folded so far (ignored while 0); leaving [m, ..., D] the tokens this chunk evicts
+        (ring tokens it overwrites, then its own tokens that fall out) -> the fp32 mean of all
+        evicted_before + m. A whole prompt is the case evicted_before = 0."""
+        total = leaving.float().sum(0)
+        if evicted_before:
+            total = total + comp * evicted_before
+        return total / (evicted_before + leaving.shape[0])
 
     @staticmethod
     def fold_token(comp: torch.Tensor, old: torch.Tensor, evicted: torch.Tensor) -> torch.Tensor:

@@ -34,11 +34,11 @@ class ProbeBackend(TorchBackend):
         self.induction = torch.zeros(num_layers, num_heads, dtype=torch.float64)
         self.rows = torch.zeros(num_layers, dtype=torch.float64)
 
-    def prefill(self, q, k, v, layer, meta, scale):
+    def prefill(self, q, k, v, kv_cache, layer, meta, scale):
         cu = meta.cu_seqlens.tolist()
         for s, e in zip(cu[:-1], cu[1:]):
             self._probe(q[s:e], k[s:e], layer, scale)
-        return super().prefill(q, k, v, layer, meta, scale)
+        return super().prefill(q, k, v, kv_cache, layer, meta, scale)
 
     def _probe(self, q: torch.Tensor, k: torch.Tensor, layer: int, scale: float) -> None:
         """q: [T, Hq, D], k: [T, Hkv, D] of one sequence; rows t >= period are repeats."""

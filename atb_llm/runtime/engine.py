@@ -79,7 +79,9 @@ class LLMEngine:
             self.max_seq_len,
             cfg.device,
         )
-        self.scheduler = Scheduler(self.cache_manager.block_manager, cfg.max_batch_size, cfg.max_prefill_tokens)
+        self.scheduler = Scheduler(
+            self.cache_manager.block_manager, cfg.max_batch_size, cfg.max_prefill_tokens, cfg.chunked_prefill
+        )
         self.eos_token_ids = set(self.model_config.eos_token_ids) | {self.tokenizer.eos_token_id} - {None}
         self.runner = ModelRunner(self.model, self.cache_manager, frozenset(self.eos_token_ids))
         self._seqs: dict[str, Sequence] = {}
@@ -145,15 +147,18 @@ class LLMEngine:
 
     # ---- the loop ---------------------------------------------------------------------------
     def step(self) -> list[Sequence]:
-        """One forward pass. Returns the sequences that got a token (finished ones included)."""
+        """One forward pass. Returns the sequences that got a token (finished ones included); a
+        prefill chunk that does not end its prompt gives none."""
         seqs, is_prefill = self.scheduler.schedule()
         if not seqs:
             return []
         result = self.runner.run(seqs, is_prefill)
         now = time.perf_counter()
-        for i, prompt_logprobs in result.prompt_logprobs.items():
-            seqs[i].prompt_logprobs = [None, *prompt_logprobs]
-        for seq, tok, lp, out_lp in zip(seqs, result.tokens, result.option_logprobs, result.output_logprobs):
+        for seq in seqs:
+            seq.num_computed_tokens += ModelRunner.span(seq, is_prefill)[1]
+            if is_prefill and seq.params.prompt_logprobs is not None:  # [0]: the first token has none
+                seq.prompt_logprobs = (seq.prompt_logprobs or [None]) + result.prompt_logprobs.get(seq, [])
+        for seq, tok, lp, out_lp in zip(result.seqs, result.tokens, result.option_logprobs, result.output_logprobs):
             if tok is not None:
                 seq.output_token_ids.append(tok)
                 if lp is not None:
@@ -167,7 +172,7 @@ class LLMEngine:
                 seq.finish_time = now
                 self.scheduler.finish(seq, reason)
                 self._seqs.pop(seq.request_id, None)
-        return seqs
+        return result.seqs
 
     def _finish_reason(self, seq: Sequence, tok: int) -> str | None:
         p = seq.params

@@ -17,7 +17,9 @@ class EngineConfig:
     dtype: None = the checkpoint's. mlgc: off | auto | PLAN path | streaming | random (see
     atb_llm.compression.plan). quantize: w8a16 | w4a16 quantizes a float folder at load (round
     to nearest); a folder written by msModelSlim is read as it is. kv_quant: c8 stores every
-    group's K/V in int8 (a C8 checkpoint turns it on by itself). attention_backend: torch |
+    group's K/V in int8 (a C8 checkpoint turns it on by itself). chunked_prefill: prefill at most
+    max_prefill_tokens tokens per step, a longer prompt over several steps between decode steps
+    (otherwise a prompt is prefilled in one step, however long). attention_backend: torch |
     triton | npu; None = by device."""
 
     model_path: str
@@ -27,6 +29,7 @@ class EngineConfig:
     max_input_length: int = 2048
     max_output_length: int = 256
     max_prefill_tokens: int = 8192
+    chunked_prefill: bool = False
     block_size: int = 128
     num_blocks: int | None = None
     cache_memory_gb: float | None = None
@@ -61,6 +64,12 @@ class EngineConfig:
         g.add_argument("--max_input_length", type=int, default=d["max_input_length"], help="longest prompt, tokens")
         g.add_argument("--max_output_length", type=int, default=d["max_output_length"], help="most new tokens")
         g.add_argument("--max_prefill_tokens", type=int, default=d["max_prefill_tokens"], help="tokens per prefill")
+        g.add_argument(
+            "--chunked_prefill",
+            action=argparse.BooleanOptionalAction,
+            default=d["chunked_prefill"],
+            help="prefill long prompts in chunks of max_prefill_tokens, between decode steps",
+        )
         g.add_argument("--block_size", type=int, default=d["block_size"], help="tokens per cache block (x16)")
         g.add_argument("--num_blocks", type=int, default=d["num_blocks"], help="cache blocks (default: fit the batch)")
         g.add_argument("--cache_memory_gb", type=float, default=d["cache_memory_gb"], help="cache budget instead")

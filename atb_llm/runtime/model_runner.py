@@ -25,19 +25,22 @@ class ForwardBatch:
     slots: torch.Tensor  # [G, T] flat cache slot of each token in each group, -1 = not kept
     input_lengths: torch.Tensor  # [B] sequence lengths including this step
     max_seq_len: int
-    lm_head_indices: torch.Tensor | None  # [N] logits rows (prefill: each prompt's last; all with prompt_logprobs)
-    sample_rows: torch.Tensor | None = None  # [B] logits rows to sample from, when N > B
-    prompt_rows: list[tuple[int, int, int]] = field(default_factory=list)  # (seq, first row, rows) to score
+    lm_head_indices: torch.Tensor | None  # [N] logits rows (prefill: each finished prompt's last, prompt rows)
+    q_lens: torch.Tensor | None = None  # [B] prefill: tokens of each sequence in this step (a chunk)
+    sampled: list[int] = field(default_factory=list)  # sequences that get a token: their chunk ends the prompt
+    sample_rows: torch.Tensor | None = None  # [len(sampled)] logits rows to sample from, when they are not all
+    prompt_rows: list[tuple[int, int, int, int]] = field(default_factory=list)  # (seq, first row, from, to) scored
 
 
 @dataclass
 class StepResult:
-    """What one step gives each of its B sequences (None where not asked for)."""
+    """What one step gives each sequence that got a token (`seqs`; None where not asked for)."""
 
+    seqs: list[Sequence]  # the step's sequences whose chunk ended the prompt, or decoding ones
     tokens: list[int | None]  # None: sampling failed for this sequence alone
     option_logprobs: list[dict[int, float] | None]  # params.logprob_token_ids
     output_logprobs: list[TokenLogprob | None]  # params.logprobs
-    prompt_logprobs: dict[int, list[TokenLogprob]]  # params.prompt_logprobs, by sequence index, first prefill
+    prompt_logprobs: dict[Sequence, list[TokenLogprob]]  # params.prompt_logprobs: this chunk's positions
 
 
 class ModelRunner:
@@ -52,29 +55,38 @@ class ModelRunner:
     def _tensor(self, values: list[int]) -> torch.Tensor:
         return torch.tensor(values, dtype=torch.int64).to(self.device)
 
+    @staticmethod
+    def span(seq: Sequence, is_prefill: bool) -> tuple[int, int]:
+        """(first position, tokens) this step computes for `seq`: in prefill the scheduled chunk
+        after the cached tokens (all the rest if none was scheduled), in decode the last token."""
+        if not is_prefill:
+            return seq.num_tokens - 1, 1
+        c = seq.num_computed_tokens
+        return c, seq.num_scheduled_tokens or seq.num_tokens - c
+
     def prepare(self, seqs: list[Sequence], is_prefill: bool) -> ForwardBatch:
         """The forward contract's arguments for this step."""
-        lengths = [s.num_tokens for s in seqs]
-        sample_rows, prompt_rows = None, []
-        if is_prefill:  # every token of each sequence (recomputed ones included), packed
-            input_ids = [t for s in seqs for t in s.token_ids]
-            positions = [p for n in lengths for p in range(n)]
-            seq_idx = [i for i, n in enumerate(lengths) for _ in range(n)]
-            rows, ends, start = [], [], 0
-            for i, (s, n) in enumerate(zip(seqs, lengths)):
-                if s.params.prompt_logprobs is not None and s.prompt_logprobs is None:
-                    prompt_rows.append((i, len(rows), s.num_prompt_tokens - 1))  # positions predicting tokens 1..
-                    rows.extend(range(start, start + s.num_prompt_tokens - 1))
+        input_ids, positions, seq_idx, q_lens, lengths = [], [], [], [], []
+        rows, ends, sampled, prompt_rows, start = [], [], [], [], 0
+        for i, s in enumerate(seqs):
+            c, n = self.span(s, is_prefill)
+            end = c + n
+            input_ids += s.token_ids[c:end]
+            positions += range(c, end)
+            seq_idx += [i] * n
+            q_lens.append(n)
+            lengths.append(end)
+            if is_prefill and s.params.prompt_logprobs is not None:
+                scored = len(s.prompt_logprobs or [None])  # prompt positions with a logprob (0 never has one)
+                lo, hi = max(c, scored - 1), min(end, s.num_prompt_tokens - 1)  # row at p predicts token p + 1
+                if hi > lo:
+                    prompt_rows.append((i, len(rows), lo, hi))
+                    rows.extend(range(start + lo - c, start + hi - c))
+            if end == s.num_tokens:  # the chunk ends the sequence: sample its next token
+                sampled.append(i)
                 ends.append(len(rows))
                 rows.append(start + n - 1)
-                start += n
-            lm_head_indices = self._tensor(rows)
-            sample_rows = self._tensor(ends) if prompt_rows else None
-        else:  # the last sampled token of each sequence
-            input_ids = [s.last_token for s in seqs]
-            positions = [n - 1 for n in lengths]
-            seq_idx = list(range(len(seqs)))
-            lm_head_indices = None
+            start += n
         input_lengths = self._tensor(lengths)
         positions_t = self._tensor(positions)
         cm = self.cache_manager
@@ -89,19 +101,21 @@ class ModelRunner:
             slots=slots,
             input_lengths=input_lengths,
             max_seq_len=max(lengths),
-            lm_head_indices=lm_head_indices,
-            sample_rows=sample_rows,
+            lm_head_indices=self._tensor(rows) if is_prefill else None,
+            q_lens=self._tensor(q_lens) if is_prefill else None,
+            sampled=sampled,
+            sample_rows=self._tensor(ends) if prompt_rows else None,
             prompt_rows=prompt_rows,
         )
 
     def _forward(self, b: ForwardBatch) -> torch.Tensor:
         return self.model(
             b.input_ids, b.position_ids, b.is_prefill, b.kv_cache, b.block_tables, b.slots, b.input_lengths,
-            b.max_seq_len, b.lm_head_indices,
+            b.max_seq_len, b.lm_head_indices, b.q_lens,
         )  # fmt: skip
 
     def logits(self, seqs: list[Sequence], is_prefill: bool) -> torch.Tensor:
-        """[B, V] fp32 next-token logits, one row per sequence."""
+        """[N, V] fp32 next-token logits, one row per sequence that gets a token."""
         b = self.prepare(seqs, is_prefill)
         logits = self._forward(b)
         return logits if b.sample_rows is None else logits[b.sample_rows]
@@ -109,12 +123,17 @@ class ModelRunner:
     def run(self, seqs: list[Sequence], is_prefill: bool) -> StepResult:
         b = self.prepare(seqs, is_prefill)
         logits = self._forward(b)
-        prompt = {
-            i: token_logprobs(logits[first : first + n], seqs[i].prompt_token_ids[1:], seqs[i].params.prompt_logprobs)
-            for i, first, n in b.prompt_rows
-        }
+        prompt = {}
+        for i, first, lo, hi in b.prompt_rows:  # row at position p scores prompt token p + 1
+            s = seqs[i]
+            prompt[s] = token_logprobs(
+                logits[first : first + hi - lo], s.prompt_token_ids[lo + 1 : hi + 1], s.params.prompt_logprobs
+            )
         if b.sample_rows is not None:
             logits = logits[b.sample_rows]
+        seqs = [seqs[i] for i in b.sampled]
+        if not seqs:
+            return StepResult([], [], [], [], prompt)
         tokens = self.sampler(logits, seqs)
         output: list[TokenLogprob | None] = [None] * len(seqs)
         wanted = [i for i, s in enumerate(seqs) if s.params.logprobs is not None and tokens[i] is not None]
@@ -122,4 +141,4 @@ class ModelRunner:
             rows = [i for i in wanted if seqs[i].params.logprobs == k]
             for i, lp in zip(rows, token_logprobs(logits[rows], [tokens[i] for i in rows], k)):
                 output[i] = lp
-        return StepResult(tokens, self.sampler.logprobs(logits, seqs, tokens), output, prompt)
+        return StepResult(seqs, tokens, self.sampler.logprobs(logits, seqs, tokens), output, prompt)

@@ -1,5 +1,10 @@
 """Continuous batching: admit waiting requests (prefill) whenever blocks allow, else decode
-every running one; when blocks run out, preempt the newest and recompute it later."""
+every running one; when blocks run out, preempt the newest and recompute it later.
+
+With chunked prefill (vLLM's chunked prefill, MindIE's SplitFuse) a prefill step computes at most
+`max_prefill_tokens` tokens: a longer prompt is prefilled over several steps, and while it is, prefill
+and decode steps alternate, so running sequences keep producing tokens during a long prompt.
+"""
 
 from __future__ import annotations
 
@@ -10,13 +15,17 @@ from atb_llm.runtime.sequence import Sequence, SequenceStatus
 
 
 class Scheduler:
-    def __init__(self, block_manager: BlockManager, max_batch_size: int, max_prefill_tokens: int):
+    def __init__(
+        self, block_manager: BlockManager, max_batch_size: int, max_prefill_tokens: int, chunked: bool = False
+    ):
         self.block_manager = block_manager
         self.max_batch_size = max_batch_size
         self.max_prefill_tokens = max_prefill_tokens
+        self.chunked = chunked
         self.waiting: deque[Sequence] = deque()
-        self.running: deque[Sequence] = deque()
+        self.running: deque[Sequence] = deque()  # in admission order; some may still be prefilling
         self.num_preemptions = 0  # since start, all sequences
+        self._last_was_prefill = False
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -25,40 +34,64 @@ class Scheduler:
         return bool(self.waiting or self.running)
 
     def schedule(self) -> tuple[list[Sequence], bool]:
-        """Returns (sequences to run this step, is_prefill)."""
-        scheduled, tokens = [], 0
-        while self.waiting and len(self.running) + len(scheduled) < self.max_batch_size:
+        """Returns (sequences to run this step, is_prefill); each one's `num_scheduled_tokens` is set."""
+        decoding = any(s.num_uncomputed_tokens == 1 for s in self.running)
+        if not (self.chunked and decoding and self._last_was_prefill):
+            scheduled = self._schedule_prefill()
+            if scheduled:
+                self._last_was_prefill = True
+                return scheduled, True
+        self._last_was_prefill = False
+        return self._schedule_decode(), False
+
+    def _schedule_prefill(self) -> list[Sequence]:
+        """Chunks of sequences already prefilling first, then new admissions, within the budget."""
+        scheduled, budget = [], self.max_prefill_tokens
+        for seq in self.running:
+            if seq.num_uncomputed_tokens > 1 and budget > 0:  # chunked: the rest of its prompt
+                seq.num_scheduled_tokens = min(seq.num_uncomputed_tokens, budget)
+                budget -= seq.num_scheduled_tokens
+                scheduled.append(seq)
+        admitted = []
+        while self.waiting and len(self.running) + len(admitted) < self.max_batch_size:
             seq = self.waiting[0]
-            over_budget = scheduled and tokens + seq.num_tokens > self.max_prefill_tokens
-            if over_budget or not self.block_manager.can_allocate(seq.block_table, seq.num_tokens):
+            over_budget = seq.num_tokens > budget if not self.chunked else budget <= 0
+            if (scheduled and over_budget) or not self.block_manager.can_allocate(seq.block_table, seq.num_tokens):
                 break
             self.waiting.popleft()
-            self.block_manager.allocate(seq.block_table, seq.num_tokens)
+            self.block_manager.allocate(seq.block_table, seq.num_tokens)  # the whole prompt's blocks at once
             seq.status = SequenceStatus.RUNNING
-            tokens += seq.num_tokens
+            seq.num_computed_tokens = 0
+            seq.num_scheduled_tokens = min(seq.num_tokens, budget) if self.chunked else seq.num_tokens
+            budget -= seq.num_scheduled_tokens
             scheduled.append(seq)
-        if scheduled:
-            self.running.extend(scheduled)
-            return scheduled, True
+            admitted.append(seq)
+        self.running.extend(admitted)
+        return scheduled
 
-        while self.running:
-            seq = self.running.popleft()
+    def _schedule_decode(self) -> list[Sequence]:
+        """Every sequence past its prefill, oldest first; one that cannot grow preempts the newest."""
+        scheduled = []
+        for seq in [s for s in self.running if s.num_uncomputed_tokens == 1]:
+            if seq.status is not SequenceStatus.RUNNING:
+                continue  # preempted for an older one in this pass
             while not self.block_manager.can_append(seq.block_table, seq.num_tokens):
-                if self.running:
-                    self._preempt(self.running.pop())
-                else:
-                    self._preempt(seq)
+                victim = self.running[-1]
+                self._preempt(victim)
+                if victim is seq:
                     break
             else:
                 self.block_manager.may_append(seq.block_table, seq.num_tokens)
+                seq.num_scheduled_tokens = 1
                 scheduled.append(seq)
-        self.running.extend(scheduled)
-        return scheduled, False
+        return scheduled
 
     def _preempt(self, seq: Sequence) -> None:
         """Free the blocks; the sequence is recomputed from its tokens when readmitted."""
+        self.running.remove(seq)
         self.block_manager.deallocate(seq.block_table)
         seq.status = SequenceStatus.WAITING
+        seq.num_computed_tokens = 0
         seq.num_preemptions += 1
         self.num_preemptions += 1
         self.waiting.appendleft(seq)

@@ -109,6 +109,8 @@ class Sequence:
     status: SequenceStatus = SequenceStatus.WAITING
     finish_reason: str | None = None
     block_table: BlockTable = field(default_factory=BlockTable)  # the blocks it holds, per group
+    num_computed_tokens: int = 0  # tokens whose K/V the cache holds
+    num_scheduled_tokens: int = 0  # tokens this step computes (set by the scheduler; 0 = all the rest)
     logprobs: list[dict[int, float]] = field(default_factory=list)  # of params.logprob_token_ids, per step
     output_logprobs: list[TokenLogprob] = field(default_factory=list)  # with params.logprobs
     prompt_logprobs: list[TokenLogprob | None] | None = None  # with params.prompt_logprobs; [0] is None
@@ -133,6 +135,11 @@ class Sequence:
     @property
     def num_prompt_tokens(self) -> int:
         return len(self.prompt_token_ids)
+
+    @property
+    def num_uncomputed_tokens(self) -> int:
+        """Tokens not yet in the cache: 1 while decoding (the last sampled), more while prefilling."""
+        return self.num_tokens - self.num_computed_tokens
 
     @property
     def last_token(self) -> int:

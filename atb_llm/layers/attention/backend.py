@@ -21,10 +21,19 @@ class AttentionBackend(ABC):
 
     @abstractmethod
     def prefill(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int, meta: AttentionMetadata, scale: float
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        kv_cache: KVCache,
+        layer: int,
+        meta: AttentionMetadata,
+        scale: float,
     ) -> torch.Tensor:
-        """Causal attention of each packed prompt over itself, every head over the full prompt.
-        q: [T, Hq, D]; k, v: [T, Hkv, D] -> [T, Hq, D]."""
+        """Causal attention of each packed prompt chunk over itself, every head over the whole
+        chunk, and over what each group of `layer` keeps of the sequence's earlier chunks
+        (meta.context_lens tokens, not yet overwritten by this chunk). Without context this is
+        the whole prompt, every head over all of it. q: [T, Hq, D]; k, v: [T, Hkv, D] -> [T, Hq, D]."""
 
     @abstractmethod
     def decode(

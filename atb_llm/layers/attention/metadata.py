@@ -20,6 +20,7 @@ class AttentionMetadata:
     block_size: int
     dtype: torch.dtype  # the model dtype: attention masks are built in it
     cu_seqlens: torch.Tensor | None = None  # [B + 1] prefill: start of each sequence in the packed batch
+    context_lens: list[int] | None = None  # prefill: tokens each sequence has in the cache before this chunk
     _views: dict = field(default_factory=dict)
 
     @classmethod
@@ -32,12 +33,25 @@ class AttentionMetadata:
         max_seq_len: int,
         block_size: int,
         dtype: torch.dtype,
+        q_lens: torch.Tensor | None = None,
     ) -> AttentionMetadata:
-        cu = None
+        """q_lens: [B] prefill tokens of each sequence in this step (chunked prefill); None = all
+        of input_lengths, the whole prompt."""
+        cu = context = None
         if is_prefill:
-            cu = torch.zeros(len(input_lengths) + 1, dtype=torch.int64)
-            cu[1:] = torch.cumsum(input_lengths.cpu(), 0)
-        return cls(is_prefill, block_tables, slots, input_lengths, max_seq_len, block_size, dtype, cu)
+            lengths = input_lengths.cpu()
+            q = lengths if q_lens is None else q_lens.cpu()
+            cu = torch.zeros(len(lengths) + 1, dtype=torch.int64)
+            cu[1:] = torch.cumsum(q, 0)
+            context = (lengths - q).tolist()
+            if min(context) < 0:
+                raise ValueError(f"q_lens {q.tolist()} exceed input_lengths {lengths.tolist()}")
+        return cls(is_prefill, block_tables, slots, input_lengths, max_seq_len, block_size, dtype, cu, context)
+
+    @property
+    def has_context(self) -> bool:
+        """Prefill of a chunk after earlier chunks of the same sequence (their K/V are in the cache)."""
+        return bool(self.context_lens) and max(self.context_lens) > 0
 
     def decode_view(self, level: Level) -> tuple[int, torch.Tensor]:
         """For the groups of `level`: (blocks to read, additive mask [B, 1, 1, blocks * block_size]).

@@ -20,8 +20,11 @@ class PagedAttention(nn.Module):
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: KVCache, meta: AttentionMetadata
     ) -> torch.Tensor:
         """q: [T, Hq, D]; k, v: [T, Hkv, D] (keys after RoPE) -> [T, Hq, D]. Prefill attends over
-        the whole prompt for every head; decode reads only what each group's level keeps."""
-        self.backend.store(kv_cache, self.layer_idx, k, v, meta)
+        the chunk for every head and over what each group keeps of earlier chunks, so it reads the
+        cache before the chunk is written; decode writes its token, then reads what each group keeps."""
         if meta.is_prefill:
-            return self.backend.prefill(q, k, v, self.layer_idx, meta, self.scale)
+            out = self.backend.prefill(q, k, v, kv_cache, self.layer_idx, meta, self.scale)
+            self.backend.store(kv_cache, self.layer_idx, k, v, meta)
+            return out
+        self.backend.store(kv_cache, self.layer_idx, k, v, meta)
         return self.backend.decode(q, kv_cache, self.layer_idx, meta, self.scale)

@@ -17,14 +17,45 @@ from atb_llm.layers.attention.metadata import AttentionMetadata
 class TorchBackend(AttentionBackend):
     name = "torch"
 
-    def prefill(self, q, k, v, layer: int, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+    def prefill(self, q, k, v, kv_cache: KVCache, layer: int, meta: AttentionMetadata, scale: float) -> torch.Tensor:
         out = torch.empty_like(q)
         cu = meta.cu_seqlens.tolist()
-        for s, e in zip(cu[:-1], cu[1:]):
+        for b, (s, e) in enumerate(zip(cu[:-1], cu[1:])):
+            if meta.context_lens[b]:
+                out[s:e] = self._chunk(q[s:e], k[s:e], v[s:e], kv_cache, layer, meta, b, scale)
+                continue
             qb, kb, vb = (x[s:e].transpose(0, 1).unsqueeze(0) for x in (q, k, v))
             o = F.scaled_dot_product_attention(qb, kb, vb, is_causal=True, scale=scale, enable_gqa=True)
             out[s:e] = o[0].transpose(0, 1)
         return out
+
+    @staticmethod
+    def _chunk(q, k, v, kv_cache: KVCache, layer: int, meta: AttentionMetadata, b: int, scale: float) -> torch.Tensor:
+        """One sequence's chunk after `c` cached tokens: each run's heads attend over the slots their
+        level keeps at length c (decode's geometry there, compensation slot included), then over
+        the chunk causally. q: [L, Hq, D]; k, v: [L, Hkv, D] -> [L, Hq, D]."""
+        n, hq, d = q.shape
+        hkv = kv_cache.layout.num_kv_heads
+        c = torch.tensor([meta.context_lens[b]], device=meta.input_lengths.device)
+        causal = torch.full((n, n), float("-inf"), dtype=q.dtype, device=q.device).triu(1)
+        out = torch.empty(n, hkv, hq // hkv, d, dtype=q.dtype, device=q.device)
+        qg = q.view(n, hkv, hq // hkv, d)
+        for run in kv_cache.layout.runs(layer):
+            level, heads = run.level, list(run.heads)
+            read = int(level.read_len(c))
+            nb = -(-read // meta.block_size)
+            kc, vc = kv_cache.pools[run.pool].gather(meta.block_tables[run.groups, b, :nb], q.dtype)  # [h, S, D]
+            mask = torch.zeros(n, kc.shape[1] + n, dtype=q.dtype, device=q.device)
+            mask[:, read : kc.shape[1]] = float("-inf")
+            if level.comp_slot is not None and level.comp_slot < read:
+                mask[:, level.comp_slot] = level.comp_bias(c).to(q.dtype)
+            mask[:, kc.shape[1] :] = causal
+            kr = torch.cat([kc, k[:, heads].transpose(0, 1)], 1).unsqueeze(0)  # [1, h, S + L, D]
+            vr = torch.cat([vc, v[:, heads].transpose(0, 1)], 1).unsqueeze(0)
+            qr = qg[:, heads].flatten(1, 2).transpose(0, 1).unsqueeze(0)  # [1, h * gq, L, D]
+            o = F.scaled_dot_product_attention(qr, kr, vr, attn_mask=mask, scale=scale, enable_gqa=True)
+            out[:, heads] = o[0].transpose(0, 1).unflatten(1, (len(heads), -1))
+        return out.view(n, hq, d)
 
     def decode(self, q, kv_cache: KVCache, layer: int, meta: AttentionMetadata, scale: float) -> torch.Tensor:
         b, hq, d = q.shape

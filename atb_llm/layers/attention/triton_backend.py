@@ -44,8 +44,8 @@ class TritonBackend(AttentionBackend):
         self._group_ids: dict = {}
         self._sm_count: dict = {}
 
-    def prefill(self, q, k, v, layer: int, meta: AttentionMetadata, scale: float) -> torch.Tensor:
-        return self._reference.prefill(q, k, v, layer, meta, scale)
+    def prefill(self, q, k, v, kv_cache: KVCache, layer: int, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+        return self._reference.prefill(q, k, v, kv_cache, layer, meta, scale)
 
     def decode(self, q, kv_cache: KVCache, layer: int, meta: AttentionMetadata, scale: float) -> torch.Tensor:
         q = _rows_contiguous(q)
@@ -80,7 +80,8 @@ class TritonBackend(AttentionBackend):
             if comp is None:
                 store_kv(pool, k, v, meta.slots, groups, base)
             elif meta.is_prefill:
-                _fold_prompts(kv_cache, run, groups, k, v, meta)
+                heads = list(run.heads)
+                kv_cache.fold_prefill(run, k[:, heads], v[:, heads], meta)
                 store_kv(pool, k, v, meta.slots, groups, base)
             else:
                 _, evicted = meta.level_lengths(run.level)
@@ -110,21 +111,6 @@ class TritonBackend(AttentionBackend):
 def _rows_contiguous(x: torch.Tensor) -> torch.Tensor:
     """The kernels index the last dimension with stride 1; other strides are passed."""
     return x if x.stride(-1) == 1 else x.contiguous()
-
-
-def _fold_prompts(kv_cache: KVCache, run: Run, groups: torch.Tensor, k, v, meta: AttentionMetadata) -> None:
-    """Prefill of a window run: each compensation slot gets the mean K and V of its prompt's
-    evicted middle (the level's `fold_prompt`, as `KVCache.store` uses)."""
-    level = run.level
-    evicted = level.evicted(meta.input_lengths)
-    rows = (evicted > 0).nonzero().flatten()
-    if rows.numel() == 0:
-        return
-    heads = list(run.heads)
-    comp = kv_cache.flat_slots(meta.block_tables[groups], rows, torch.full_like(rows, level.comp_slot)).T  # [R, h]
-    for i, (b, e) in enumerate(zip(rows.tolist(), evicted[rows].tolist())):
-        start = int(meta.cu_seqlens[b])
-        kv_cache.pools[run.pool].write(comp[i], *level.fold_prompt(k[start:, heads], v[start:, heads], e))
 
 
 def tile_size(block_size: int, head_dim: int) -> int:

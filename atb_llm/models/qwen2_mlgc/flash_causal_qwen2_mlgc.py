@@ -133,10 +133,12 @@ class FlashQwen2MlgcForCausalLM(FlashForCausalLM):
         input_lengths: torch.Tensor,  # [B] sequence lengths including this step
         max_seq_len: int,
         lm_head_indices: torch.Tensor | None = None,  # [N] rows to compute logits for
+        q_lens: torch.Tensor | None = None,  # [B] prefill tokens per sequence (a chunk); None = all
     ) -> torch.Tensor:
-        """Returns logits [N, vocab] in fp32 (N = len(lm_head_indices), else T)."""
+        """Returns logits [N, vocab] in fp32 (N = len(lm_head_indices), else T). Chunked prefill
+        (MindIE's SplitFuse): sequence b brings tokens input_lengths[b] - q_lens[b] .. input_lengths[b]."""
         meta = AttentionMetadata.build(
-            is_prefill, block_tables, slots, input_lengths, max_seq_len, kv_cache.block_size, kv_cache.dtype
+            is_prefill, block_tables, slots, input_lengths, max_seq_len, kv_cache.block_size, kv_cache.dtype, q_lens
         )
         hidden = self.model(input_ids, position_ids, kv_cache, meta)
         return self.lm_head(hidden, lm_head_indices)
