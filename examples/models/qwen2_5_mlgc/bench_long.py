@@ -46,7 +46,7 @@ def run_case(args) -> dict:
             t = time.perf_counter()
             out = model(ids, use_cache=True, logits_to_keep=1)
             seconds = time.perf_counter() - t
-        kv = sum(x.numel() * x.element_size() for layer in out.past_key_values.layers for x in (layer.keys, layer.values))
+        kv = sum(t.numel() * t.element_size() for lay in out.past_key_values.layers for t in (lay.keys, lay.values))
         return {"first_token_s": seconds, "peak_rss_gib": peak_rss_gb(), "kv_mib": kv / 2**20}
     chunked, mlgc = VARIANTS[args.case]
     cfg = EngineConfig(
