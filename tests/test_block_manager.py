@@ -69,3 +69,51 @@ def test_admission_counts_blocks_really_needed():
     assert bm.blocks_needed(33) == {"model": 6}
     assert not bm.can_allocate(BlockTable(), 33)
     assert bm.can_allocate(BlockTable(), 32)
+
+
+# ---- prefix caching -----------------------------------------------------------------------------
+def prefix_manager(num_blocks=16, layout=None):
+    return BlockManager(layout or GroupLayout.uniform(1, 2), {"model": num_blocks}, 16, prefix_caching=True)
+
+
+def test_a_cached_prefix_is_shared_and_counted_once():
+    bm = prefix_manager()
+    tokens = list(range(40))  # 2 full blocks + 8 tokens
+    a, b = BlockTable(), BlockTable()
+    assert bm.allocate(a, 40, tokens) == (0, 0) and a.rows == [[0, 1, 2], [3, 4, 5]]
+    bm.cache(a, tokens, 40)  # its prefill ended: blocks 0-1 of each group are cached
+    assert bm.allocate(b, 45, tokens + [7] * 5) == (32, 0)  # two blocks found, 13 tokens to compute
+    assert b.rows == [[0, 1, 6], [3, 4, 7]]
+    assert bm.num_used() == {"model": 8} and bm.used_by_level["full"] == 8  # shared blocks once
+    bm.deallocate(a)
+    assert bm.num_used() == {"model": 6}  # b still holds the prefix
+    bm.deallocate(b)
+    assert bm.num_used() == {"model": 0} and bm.num_free() == {"model": 16}
+    assert bm.pools["model"].num_idle == 4  # the prefix stays cached in idle blocks
+    c = BlockTable()
+    assert bm.allocate(c, 33, tokens[:33]) == (32, 0) and c.rows[0][:2] == [0, 1]
+
+
+def test_at_least_one_token_is_left_to_compute_and_a_different_prefix_misses():
+    bm = prefix_manager()
+    tokens = list(range(32))
+    a = BlockTable()
+    bm.allocate(a, 32, tokens)
+    bm.deallocate(a, tokens, 32)  # records both blocks on the way out
+    assert bm.allocate(BlockTable(), 32, tokens) == (16, 0)  # the last block is computed again
+    assert bm.allocate(BlockTable(), 20, [99] + tokens[1:20]) == (0, 0)  # first token differs: nothing
+    assert bm.prefix.hit_tokens == 16 and bm.prefix.query_tokens == 32 + 32 + 20
+
+
+def test_idle_cached_blocks_are_evicted_least_recently_used_first_when_needed():
+    bm = prefix_manager(num_blocks=8, layout=GroupLayout.uniform(1, 1))
+    old, new = list(range(48)), list(range(100, 148))
+    for tokens in (old, new):
+        t = BlockTable()
+        bm.allocate(t, 48, tokens)
+        bm.deallocate(t, tokens, 48)
+    assert bm.pools["model"].num_idle == 6 and bm.num_free() == {"model": 8}
+    t = BlockTable()
+    bm.allocate(t, 64, [7] * 64)  # 4 blocks: the 2 clean ones, then the 2 least recent idle ones
+    assert bm.prefix.match(old, 3) == ([], 0) and len(bm.prefix.match(new, 3)[0]) == 3
+    assert bm.allocate(BlockTable(), 49, new + [1]) == (48, 0)

@@ -3,20 +3,26 @@
 Plain Python, no torch. A `full` group grows one block per `block_size` tokens; a `window`
 group stops at its ring of ceil((sink + recent + 1) / block_size) blocks. Blocks of one level
 are allocated for all its groups at once, so admission is decided by the blocks really needed.
+With prefix caching, full-level groups take the blocks of a cached prefix instead (shared,
+counted once), and the blocks a sequence computed are recorded when its prefill ends and when it
+is freed.
 """
 
 from __future__ import annotations
 
 from atb_llm.cache.block_pool import BlockPool
 from atb_llm.cache.block_table import BlockTable
+from atb_llm.cache.prefix_cache import Entry, PrefixCache
 from atb_llm.compression.layout import GroupLayout
 
 
 class BlockManager:
-    def __init__(self, layout: GroupLayout, num_blocks: dict[str, int], block_size: int):
+    def __init__(self, layout: GroupLayout, num_blocks: dict[str, int], block_size: int, prefix_caching: bool = False):
         self.layout = layout
         self.block_size = block_size
         self.pools = {name: BlockPool(num_blocks[name]) for name in layout.pools()}
+        self.prefix = PrefixCache(layout, self.pools, block_size) if prefix_caching else None
+        self.copies: list[tuple[int, list[int], list[int], list[int]]] = []  # (group, src, dst, held) to run
         # Levels with their groups and pool, so per-step work is per level, not per group.
         self._levels = [(lv, gs, lv.pool) for lv, gs in layout.groups_by_level().items()]
         self.used_by_level = {lv.name: 0 for lv, _, _ in self._levels}  # blocks held now, per level
@@ -39,32 +45,128 @@ class BlockManager:
                 out.append((lv, gs, pool, extra))
         return out
 
-    def _fits(self, growth) -> bool:
+    def _fits(self, growth, taken: dict[str, int] | None = None) -> bool:
         need = dict.fromkeys(self.pools, 0)
         for _, gs, pool, extra in growth:
             need[pool] += len(gs) * extra
-        return all(need[p] <= self.pools[p].num_free for p in need)
+        return all(need[p] + (taken or {}).get(p, 0) <= self.pools[p].num_free for p in need)
 
     def _grow(self, table: BlockTable, growth) -> None:
         for lv, gs, pool, extra in growth:
+            if self.prefix is not None and self.pools[pool].num_clean < len(gs) * extra:
+                self.prefix.evict(pool, len(gs) * extra)
             ids = self.pools[pool].allocate(len(gs) * extra)
             for i, g in enumerate(gs):
                 table.extend(g, ids[i * extra : (i + 1) * extra])
-            self.used_by_level[lv.name] += len(ids)
-            self.peak_by_level[lv.name] = max(self.peak_by_level[lv.name], self.used_by_level[lv.name])
+            self._count(lv.name, len(ids))
 
-    def can_allocate(self, table: BlockTable, num_tokens: int) -> bool:
-        """Whether a sequence of `num_tokens` tokens fits (prefill), or its next token (decode)."""
+    def _count(self, level: str, blocks: int) -> None:
+        self.used_by_level[level] += blocks
+        self.peak_by_level[level] = max(self.peak_by_level[level], self.used_by_level[level])
+
+    def _cached_prefix(self, tokens: list[int] | None, num_tokens: int) -> tuple[list[Entry], int]:
+        """Cached entries for the start of `tokens`, leaving at least one token to compute, and
+        how many blocks the full-level groups match (see PrefixCache.match)."""
+        if self.prefix is None or tokens is None:
+            return [], 0
+        return self.prefix.match(tokens, (num_tokens - 1) // self.block_size)
+
+    def _with_prefix(self, entries: list[Entry]) -> BlockTable:
+        """A table holding the prefix's blocks (what `_growth` counts as already there)."""
+        table = BlockTable()
+        table.reset(self.layout.num_groups)
+        for e in entries:
+            for g, b in zip(self.prefix.groups, e.blocks):
+                table.extend(g, [b])
+        return table
+
+    def can_allocate(self, table: BlockTable, num_tokens: int, tokens: list[int] | None = None) -> bool:
+        """Whether a sequence of `num_tokens` tokens fits (prefill; `tokens`: its tokens, to count
+        a cached prefix), or its next token (decode)."""
+        entries, _ = self._cached_prefix(tokens, num_tokens)
+        if entries:  # the prefix's idle blocks are counted free but will be taken
+            return self._fits(self._growth(self._with_prefix(entries), num_tokens), self.prefix.idle_blocks(entries))
         return self._fits(self._growth(table, num_tokens))
 
-    can_append = can_allocate
+    def can_append(self, table: BlockTable, num_tokens: int) -> bool:
+        return self._fits(self._growth(table, num_tokens))
 
-    def allocate(self, table: BlockTable, num_tokens: int) -> None:
-        """Blocks for a whole sequence of `num_tokens` tokens (prefill) into an empty table."""
+    def _hold(self, group: int, ids) -> None:
+        """One more reference to blocks of `group`'s level (shared, or kept while copied)."""
+        lv = self.layout.levels[group]
+        self._count(lv.name, self.pools[lv.pool].share(list(ids)))
+
+    def _release(self, group: int, ids) -> None:
+        lv = self.layout.levels[group]
+        self.used_by_level[lv.name] -= self.pools[lv.pool].free(list(ids))
+
+    def allocate(self, table: BlockTable, num_tokens: int, tokens: list[int] | None = None) -> tuple[int, int]:
+        """Blocks for a whole sequence of `num_tokens` tokens (prefill) into an empty table.
+        `tokens`: its tokens, to reuse a cached prefix. Returns (tokens found in the cache, the
+        length after which its window groups should be snapshotted for later requests; 0 = none).
+        A reused snapshot is copied into the sequence's window blocks by `flush_copies`."""
         if table:
             raise RuntimeError("this block table already holds blocks; deallocate it first")
+        entries, matched = self._cached_prefix(tokens, num_tokens)
         table.reset(self.layout.num_groups)
+        for e in entries:
+            for g, b in zip(self.prefix.groups, e.blocks):
+                table.extend(g, [b])
+                self._hold(g, [b])
+        snapshot = entries[-1].snapshot if entries else None
+        for g, ids in zip(self.prefix.window_groups if snapshot else (), snapshot or ()):
+            self._hold(g, ids)  # until copied
         self._grow(table, self._growth(table, num_tokens))
+        for g, ids in zip(self.prefix.window_groups if snapshot else (), snapshot or ()):
+            self.copies.append((g, list(ids), table[g][: len(ids)], list(ids)))
+        if self.prefix is None or tokens is None:
+            return 0, 0
+        self.prefix.touch(tokens, matched)
+        self.prefix.query_tokens += num_tokens
+        self.prefix.hit_tokens += len(entries) * self.block_size
+        later = matched > len(entries) and self.prefix.window_groups
+        return len(entries) * self.block_size, matched * self.block_size if later else 0
+
+    def snapshot(self, table: BlockTable, tokens: list[int], num_tokens: int) -> None:
+        """Record the first `num_tokens` tokens (whole blocks, all computed, nothing after them
+        yet) with a copy of every window group's blocks, if the pools have room for it."""
+        if self.prefix is None or not table or num_tokens % self.block_size:
+            return
+        n = num_tokens // self.block_size
+        self.prefix.insert(tokens, table.rows, n)
+        entry = self.prefix.entry(tokens, n)
+        if entry is None or entry.snapshot is not None:
+            return
+        groups = self.prefix.window_groups
+        need = dict.fromkeys(self.pools, 0)
+        for g in groups:
+            lv = self.layout.levels[g]
+            need[lv.pool] += lv.blocks(num_tokens, self.block_size)
+        if not all(need[p] <= self.pools[p].num_free for p in need):
+            return
+        for p, k in need.items():
+            if self.pools[p].num_clean < k:
+                self.prefix.evict(p, k)
+        snapshot = []
+        for g in groups:
+            lv = self.layout.levels[g]
+            src = table[g][: lv.blocks(num_tokens, self.block_size)]
+            dst = self.pools[lv.pool].allocate(len(src))
+            self._count(lv.name, len(dst))
+            for b in dst:
+                self.pools[lv.pool].cache(b)
+            self._hold(g, src)  # until copied
+            self.copies.append((g, src, dst, src + dst))  # then dst is idle, in the cache
+            snapshot.append(tuple(dst))
+        entry.snapshot = tuple(snapshot)
+
+    def flush_copies(self, copy) -> None:
+        """Run the block copies prefix caching asked for: copy(pool, src ids, dst ids) for each,
+        then drop the references that kept their blocks while they waited."""
+        copies, self.copies = self.copies, []
+        for g, src, dst, held in copies:
+            copy(self.layout.levels[g].pool, src, dst)
+            self._release(g, held)
 
     def may_append(self, table: BlockTable, num_tokens: int) -> None:
         """Grow the table to hold `num_tokens` tokens (the token this decode step writes included)."""
@@ -72,11 +174,19 @@ class BlockManager:
         if growth:
             self._grow(table, growth)
 
-    def deallocate(self, table: BlockTable) -> None:
+    def cache(self, table: BlockTable, tokens: list[int], num_computed: int) -> None:
+        """Record the full blocks of computed tokens in the prefix cache (no-op without one)."""
+        if self.prefix is not None and table:
+            self.prefix.insert(tokens, table.rows, num_computed // self.block_size)
+
+    def deallocate(self, table: BlockTable, tokens: list[int] | None = None, num_computed: int = 0) -> None:
+        """Free the table's blocks; `tokens` and `num_computed` record its computed blocks in the
+        prefix cache first."""
+        if tokens is not None:
+            self.cache(table, tokens, num_computed)
         for lv, gs, pool in self._levels:
             ids = [b for g in gs for b in table[g]] if table.rows else []
-            self.pools[pool].free(ids)
-            self.used_by_level[lv.name] -= len(ids)
+            self.used_by_level[lv.name] -= self.pools[pool].free(ids)
         table.clear()
 
     def num_free(self) -> dict[str, int]:

@@ -17,11 +17,13 @@ from atb_llm.compression.layout import GroupLayout
 class CacheConfig:
     """block_size: tokens per block (a multiple of 16; 128 on Ascend). Pool size: `num_blocks`
     (model-dtype pool; the int8 pool in proportion) or `memory_gb`, else enough for
-    `max_batch_size` sequences of `max_seq_len` tokens."""
+    `max_batch_size` sequences of `max_seq_len` tokens. prefix_caching: requests share the
+    blocks of a prompt prefix computed before (see atb_llm.cache.prefix_cache)."""
 
     block_size: int = 128
     num_blocks: int | None = None
     memory_gb: float | None = None
+    prefix_caching: bool = False
 
     def __post_init__(self):
         if self.block_size < 16 or self.block_size % 16:
@@ -48,7 +50,7 @@ class CacheManager:
         probe = BlockManager(layout, dict.fromkeys(layout.pools(), 1), cfg.block_size)
         self.per_sequence = probe.blocks_needed(max_seq_len)  # blocks per pool, one full-length sequence
         self.num_blocks = self._size_pools(max_batch_size)
-        self.block_manager = BlockManager(layout, self.num_blocks, cfg.block_size)
+        self.block_manager = BlockManager(layout, self.num_blocks, cfg.block_size, cfg.prefix_caching)
         self.kv_cache = KVCache.allocate(layout, self.num_blocks, cfg.block_size, head_dim, dtype, device)
         self.device = torch.device(device)
         self._level_groups = [(lv, torch.tensor(gs, device=self.device)) for lv, gs in layout.groups_by_level().items()]
@@ -86,6 +88,11 @@ class CacheManager:
             mid = (lo + hi + 1) // 2
             lo, hi = (mid, hi) if self.fits_alone(mid) else (lo, mid - 1)
         return lo
+
+    def flush_copies(self) -> None:
+        """Block copies the prefix cache asked for (snapshots of window groups), before a step."""
+        if self.block_manager.copies:
+            self.block_manager.flush_copies(lambda pool, src, dst: self.kv_cache.pools[pool].copy_blocks(src, dst))
 
     # ---- per-step tensors -------------------------------------------------------------------
     def block_tables(self, tables: list[BlockTable]) -> torch.Tensor:

@@ -71,6 +71,13 @@ class KVPool:
             return Storage.dequantize(k, ks, dtype), Storage.dequantize(v, vs, dtype)
         return k.to(dtype), v.to(dtype)
 
+    def copy_blocks(self, src: list[int], dst: list[int]) -> None:
+        """Block dst[i] becomes a copy of block src[i] (K, V and int8 scales)."""
+        s, d = torch.tensor(src, device=self.k.device), torch.tensor(dst, device=self.k.device)
+        for t in (self.k, self.v, self.k_scale, self.v_scale):
+            if t is not None:
+                t[d] = t[s]
+
     def gather(self, tables: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """tables: [..., nb] block ids -> k, v [..., nb * block_size, head_dim] in `dtype`."""
         ids = tables.flatten()

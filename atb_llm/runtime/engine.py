@@ -69,7 +69,7 @@ class LLMEngine:
             )
         if cfg.kv_quant == "c8" or self.quant.kv_quant == "C8":
             self.layout = self.layout.as_int8()
-        cache_cfg = CacheConfig(cfg.block_size, cfg.num_blocks, cfg.cache_memory_gb)
+        cache_cfg = CacheConfig(cfg.block_size, cfg.num_blocks, cfg.cache_memory_gb, cfg.prefix_caching)
         self.cache_manager = CacheManager(
             self.layout,
             cache_cfg,
@@ -158,6 +158,11 @@ class LLMEngine:
             seq.num_computed_tokens += ModelRunner.span(seq, is_prefill)[1]
             if is_prefill and seq.params.prompt_logprobs is not None:  # [0]: the first token has none
                 seq.prompt_logprobs = (seq.prompt_logprobs or [None]) + result.prompt_logprobs.get(seq, [])
+            bm = self.cache_manager.block_manager
+            if is_prefill and seq.num_uncomputed_tokens == 0:  # later requests may share its prompt now
+                bm.cache(seq.block_table, seq.token_ids, seq.num_computed_tokens)
+            if seq.snapshot_at and seq.num_computed_tokens == seq.snapshot_at:  # where requests meet
+                bm.snapshot(seq.block_table, seq.token_ids, seq.snapshot_at)
         for seq, tok, lp, out_lp in zip(result.seqs, result.tokens, result.option_logprobs, result.output_logprobs):
             if tok is not None:
                 seq.output_token_ids.append(tok)

@@ -19,7 +19,9 @@ class EngineConfig:
     to nearest); a folder written by msModelSlim is read as it is. kv_quant: c8 stores every
     group's K/V in int8 (a C8 checkpoint turns it on by itself). chunked_prefill: prefill at most
     max_prefill_tokens tokens per step, a longer prompt over several steps between decode steps
-    (otherwise a prompt is prefilled in one step, however long). attention_backend: torch |
+    (otherwise a prompt is prefilled in one step, however long). prefix_caching: a prompt that
+    starts with blocks another request computed shares them instead of computing them again.
+    attention_backend: torch |
     triton | npu; None = by device."""
 
     model_path: str
@@ -30,6 +32,7 @@ class EngineConfig:
     max_output_length: int = 256
     max_prefill_tokens: int = 8192
     chunked_prefill: bool = False
+    prefix_caching: bool = False
     block_size: int = 128
     num_blocks: int | None = None
     cache_memory_gb: float | None = None
@@ -69,6 +72,12 @@ class EngineConfig:
             action=argparse.BooleanOptionalAction,
             default=d["chunked_prefill"],
             help="prefill long prompts in chunks of max_prefill_tokens, between decode steps",
+        )
+        g.add_argument(
+            "--prefix_caching",
+            action=argparse.BooleanOptionalAction,
+            default=d["prefix_caching"],
+            help="share the cache blocks of prompt prefixes computed before",
         )
         g.add_argument("--block_size", type=int, default=d["block_size"], help="tokens per cache block (x16)")
         g.add_argument("--num_blocks", type=int, default=d["num_blocks"], help="cache blocks (default: fit the batch)")

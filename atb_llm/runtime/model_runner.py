@@ -66,6 +66,7 @@ class ModelRunner:
 
     def prepare(self, seqs: list[Sequence], is_prefill: bool) -> ForwardBatch:
         """The forward contract's arguments for this step."""
+        self.cache_manager.flush_copies()
         input_ids, positions, seq_idx, q_lens, lengths = [], [], [], [], []
         rows, ends, sampled, prompt_rows, start = [], [], [], [], 0
         for i, s in enumerate(seqs):

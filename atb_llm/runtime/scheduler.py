@@ -48,21 +48,25 @@ class Scheduler:
         """Chunks of sequences already prefilling first, then new admissions, within the budget."""
         scheduled, budget = [], self.max_prefill_tokens
         for seq in self.running:
-            if seq.num_uncomputed_tokens > 1 and budget > 0:  # chunked: the rest of its prompt
-                seq.num_scheduled_tokens = min(seq.num_uncomputed_tokens, budget)
+            if seq.num_uncomputed_tokens > 1 and budget > 0:  # the rest of its prompt
+                seq.num_scheduled_tokens = self._chunk(seq, budget)
                 budget -= seq.num_scheduled_tokens
                 scheduled.append(seq)
         admitted = []
         while self.waiting and len(self.running) + len(admitted) < self.max_batch_size:
             seq = self.waiting[0]
             over_budget = seq.num_tokens > budget if not self.chunked else budget <= 0
-            if (scheduled and over_budget) or not self.block_manager.can_allocate(seq.block_table, seq.num_tokens):
+            tokens = self._cacheable(seq)
+            if (scheduled and over_budget) or not self.block_manager.can_allocate(
+                seq.block_table, seq.num_tokens, tokens
+            ):
                 break
             self.waiting.popleft()
-            self.block_manager.allocate(seq.block_table, seq.num_tokens)  # the whole prompt's blocks at once
+            # the whole prompt's blocks at once; a cached prefix is not computed again
+            cached, seq.snapshot_at = self.block_manager.allocate(seq.block_table, seq.num_tokens, tokens)
+            seq.num_computed_tokens = cached
             seq.status = SequenceStatus.RUNNING
-            seq.num_computed_tokens = 0
-            seq.num_scheduled_tokens = min(seq.num_tokens, budget) if self.chunked else seq.num_tokens
+            seq.num_scheduled_tokens = self._chunk(seq, budget)
             budget -= seq.num_scheduled_tokens
             scheduled.append(seq)
             admitted.append(seq)
@@ -86,10 +90,27 @@ class Scheduler:
                 scheduled.append(seq)
         return scheduled
 
+    def _chunk(self, seq: Sequence, budget: int) -> int:
+        """Prompt tokens to compute for `seq` in this step: the rest (chunked: within the budget),
+        stopping where the prefix cache asked for a snapshot."""
+        n = min(seq.num_uncomputed_tokens, budget) if self.chunked else seq.num_uncomputed_tokens
+        if seq.num_computed_tokens < seq.snapshot_at:
+            n = min(n, seq.snapshot_at - seq.num_computed_tokens)
+        return n
+
+    @staticmethod
+    def _cacheable(seq: Sequence) -> list[int] | None:
+        """The tokens to look up in the prefix cache: none when every prompt position must be
+        computed (prompt log-probabilities)."""
+        return None if seq.params.prompt_logprobs is not None else seq.token_ids
+
+    def _free(self, seq: Sequence) -> None:
+        self.block_manager.deallocate(seq.block_table, seq.token_ids, seq.num_computed_tokens)
+
     def _preempt(self, seq: Sequence) -> None:
         """Free the blocks; the sequence is recomputed from its tokens when readmitted."""
         self.running.remove(seq)
-        self.block_manager.deallocate(seq.block_table)
+        self._free(seq)
         seq.status = SequenceStatus.WAITING
         seq.num_computed_tokens = 0
         seq.num_preemptions += 1
@@ -102,7 +123,7 @@ class Scheduler:
             return
         if seq in self.running:
             self.running.remove(seq)
-            self.block_manager.deallocate(seq.block_table)
+            self._free(seq)
         elif seq in self.waiting:
             self.waiting.remove(seq)
         seq.status = SequenceStatus.FINISHED

@@ -28,6 +28,7 @@ class EngineStats:
     preemptions: int
     pools: dict[str, dict[str, int]]  # pool -> CacheManager.usage() row
     levels: dict[tuple[str, str], dict[str, int]]  # (pool, level) -> CacheManager.usage_by_level() row
+    prefix: tuple[int, int, int] | None = None  # prefix caching: (query tokens, hit tokens, cached blocks)
 
     @property
     def blocks_used(self) -> int:
@@ -38,7 +39,9 @@ def cache_stats(engine: LLMEngine) -> EngineStats:
     cache, sched = engine.cache_manager, engine.scheduler
     pool_of_level = {lv.name: lv.pool for lv in engine.layout.groups_by_level()}
     levels = {(pool_of_level[name], name): row for name, row in cache.usage_by_level().items()}
-    return EngineStats(len(sched.running), len(sched.waiting), sched.num_preemptions, cache.usage(), levels)
+    prefix = cache.block_manager.prefix
+    hits = None if prefix is None else (prefix.query_tokens, prefix.hit_tokens, prefix.num_cached_blocks)
+    return EngineStats(len(sched.running), len(sched.waiting), sched.num_preemptions, cache.usage(), levels, hits)
 
 
 class Histogram:
@@ -145,4 +148,14 @@ def _cache_lines(stats: EngineStats) -> list[str]:
     for name, doc, key in per_pool:
         lines += _header(name, "gauge", doc)
         lines += [f'{name}{{pool="{pool}"}} {usage[key]}' for pool, usage in sorted(stats.pools.items())]
+    if stats.prefix is not None:
+        queries, hits, blocks = stats.prefix
+        lines += _header(
+            "atb_llm_prefix_cache_queries_total", "counter", "Prompt tokens looked up in the prefix cache."
+        )
+        lines.append(f"atb_llm_prefix_cache_queries_total {queries}")
+        lines += _header("atb_llm_prefix_cache_hits_total", "counter", "Prompt tokens found in the prefix cache.")
+        lines.append(f"atb_llm_prefix_cache_hits_total {hits}")
+        lines += _header("atb_llm_prefix_cache_blocks", "gauge", "Blocks holding cached prefixes (in use or idle).")
+        lines.append(f"atb_llm_prefix_cache_blocks {blocks}")
     return lines
