@@ -174,6 +174,43 @@ class BlockManager:
         if growth:
             self._grow(table, growth)
 
+    def _fork_plan(self, table: BlockTable, num_computed: int) -> list[tuple]:
+        """(level, groups, pool, blocks shared, blocks copied) for a copy of `table`: full levels
+        share their complete blocks, and copy the partial one and any after it; windows copy all."""
+        out = []
+        for lv, gs, pool in self._levels:
+            have = len(table[gs[0]])
+            shared = 0 if lv.drops_tokens else min(num_computed // self.block_size, have)
+            out.append((lv, gs, pool, shared, have - shared))
+        return out
+
+    def can_fork(self, table: BlockTable, num_computed: int) -> bool:
+        need = dict.fromkeys(self.pools, 0)
+        for _, gs, pool, _, copied in self._fork_plan(table, num_computed):
+            need[pool] += len(gs) * copied
+        return all(need[p] <= self.pools[p].num_free for p in need)
+
+    def fork(self, table: BlockTable, num_computed: int) -> BlockTable:
+        """A table for another sequence with the same first `num_computed` tokens (n > 1): the
+        complete blocks of full-level groups are shared (a reference each), the rest are copies,
+        made by `flush_copies` before the next step writes."""
+        child = BlockTable()
+        child.reset(self.layout.num_groups)
+        for lv, gs, pool, shared, copied in self._fork_plan(table, num_computed):
+            if self.prefix is not None and self.pools[pool].num_clean < len(gs) * copied:
+                self.prefix.evict(pool, len(gs) * copied)
+            ids = self.pools[pool].allocate(len(gs) * copied)
+            self._count(lv.name, len(ids))
+            for i, g in enumerate(gs):
+                child.extend(g, table[g][:shared])
+                self._hold(g, table[g][:shared])
+                src, dst = table[g][shared:], ids[i * copied : (i + 1) * copied]
+                child.extend(g, dst)
+                if src:
+                    self._hold(g, src)  # until copied
+                    self.copies.append((g, src, dst, src))
+        return child
+
     def cache(self, table: BlockTable, tokens: list[int], num_computed: int) -> None:
         """Record the full blocks of computed tokens in the prefix cache (no-op without one)."""
         if self.prefix is not None and table:

@@ -100,14 +100,23 @@ class LLMEngine:
         return list(prompt)
 
     def add_request(
-        self, prompt: str | list[int], params: SamplingParams | None = None, request_id: str | None = None
+        self,
+        prompt: str | list[int],
+        params: SamplingParams | None = None,
+        request_id: str | None = None,
+        sibling_of: str | None = None,
     ) -> Sequence:
+        """`sibling_of`: the id of a running request with the same prompt (n > 1 samples of one
+        prompt): the prompt is computed once and the siblings start from copies of its cache."""
         params = params or SamplingParams()
         ids = self.encode(prompt)
         self._validate(ids, params, request_id)
+        parent = self._seqs.get(sibling_of) if sibling_of is not None else None
+        if sibling_of is not None and (parent is None or parent.prompt_token_ids != ids):
+            raise ValueError(f"sibling_of={sibling_of!r} names no unfinished request with the same prompt")
         seq = Sequence(ids, params, request_id or "")
         self._seqs[seq.request_id] = seq
-        self.scheduler.add(seq)
+        self.scheduler.add(seq, parent)
         return seq
 
     def _validate(self, ids: list[int], params: SamplingParams, request_id: str | None) -> None:
@@ -163,6 +172,8 @@ class LLMEngine:
                 bm.cache(seq.block_table, seq.token_ids, seq.num_computed_tokens)
             if seq.snapshot_at and seq.num_computed_tokens == seq.snapshot_at:  # where requests meet
                 bm.snapshot(seq.block_table, seq.token_ids, seq.snapshot_at)
+            if seq.fork_at and seq.num_computed_tokens == seq.fork_at:
+                self.scheduler.fork(seq)
         for seq, tok, lp, out_lp in zip(result.seqs, result.tokens, result.option_logprobs, result.output_logprobs):
             if tok is not None:
                 seq.output_token_ids.append(tok)

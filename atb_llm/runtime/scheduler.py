@@ -25,13 +25,38 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: deque[Sequence] = deque()  # in admission order; some may still be prefilling
         self.num_preemptions = 0  # since start, all sequences
+        self.siblings: dict[Sequence, list[Sequence]] = {}  # n > 1: waiting for their first sibling's prompt
         self._last_was_prefill = False
 
-    def add(self, seq: Sequence) -> None:
+    def add(self, seq: Sequence, sibling_of: Sequence | None = None) -> None:
+        """Queue a request. `sibling_of`: an earlier request with the same prompt (one of n
+        samples), which prefills the prompt once, all but its last token, and then hands a copy of
+        its cache to each sibling (shared blocks where the level allows); the n sequences then
+        compute the last prompt token together and sample each its own first token."""
+        parent = sibling_of
+        if parent is not None and parent.token_ids == seq.token_ids and parent.num_tokens > 1:
+            if parent.status is SequenceStatus.WAITING or parent.num_computed_tokens < parent.num_tokens - 1:
+                parent.fork_at = parent.num_tokens - 1
+                self.siblings.setdefault(parent, []).append(seq)
+                return
         self.waiting.append(seq)
 
+    def fork(self, parent: Sequence) -> None:
+        """After `parent` computed its prompt but the last token: its siblings join the running batch
+        on copies of its cache, where the pools and the batch have room (the others queue as new)."""
+        parent.fork_at = 0
+        for seq in self.siblings.pop(parent, []):
+            room = len(self.running) < self.max_batch_size
+            if room and self.block_manager.can_fork(parent.block_table, parent.num_computed_tokens):
+                seq.block_table = self.block_manager.fork(parent.block_table, parent.num_computed_tokens)
+                seq.num_computed_tokens = parent.num_computed_tokens
+                seq.status = SequenceStatus.RUNNING
+                self.running.append(seq)
+            else:
+                self.waiting.append(seq)
+
     def has_unfinished(self) -> bool:
-        return bool(self.waiting or self.running)
+        return bool(self.waiting or self.running or self.siblings)
 
     def schedule(self) -> tuple[list[Sequence], bool]:
         """Returns (sequences to run this step, is_prefill); each one's `num_scheduled_tokens` is set."""
@@ -94,8 +119,9 @@ class Scheduler:
         """Prompt tokens to compute for `seq` in this step: the rest (chunked: within the budget),
         stopping where the prefix cache asked for a snapshot."""
         n = min(seq.num_uncomputed_tokens, budget) if self.chunked else seq.num_uncomputed_tokens
-        if seq.num_computed_tokens < seq.snapshot_at:
-            n = min(n, seq.snapshot_at - seq.num_computed_tokens)
+        for stop in (seq.snapshot_at, seq.fork_at):
+            if seq.num_computed_tokens < stop:
+                n = min(n, stop - seq.num_computed_tokens)
         return n
 
     @staticmethod
@@ -121,6 +147,10 @@ class Scheduler:
         """End a sequence (finished or aborted) and free its blocks at once."""
         if seq.status is SequenceStatus.FINISHED:
             return
+        self.waiting.extend(self.siblings.pop(seq, []))  # ended before its siblings forked: they start alone
+        for siblings in self.siblings.values():
+            if seq in siblings:
+                siblings.remove(seq)
         if seq in self.running:
             self.running.remove(seq)
             self._free(seq)

@@ -112,6 +112,7 @@ class Sequence:
     num_computed_tokens: int = 0  # tokens whose K/V the cache holds
     num_scheduled_tokens: int = 0  # tokens this step computes (set by the scheduler; 0 = all the rest)
     snapshot_at: int = 0  # prefix caching: copy the window groups' blocks once this many are computed
+    fork_at: int = 0  # n > 1: hand copies of the cache to the siblings once this many are computed
     logprobs: list[dict[int, float]] = field(default_factory=list)  # of params.logprob_token_ids, per step
     output_logprobs: list[TokenLogprob] = field(default_factory=list)  # with params.logprobs
     prompt_logprobs: list[TokenLogprob | None] | None = None  # with params.prompt_logprobs; [0] is None

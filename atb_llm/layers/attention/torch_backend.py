@@ -45,6 +45,11 @@ class TorchBackend(AttentionBackend):
             read = int(level.read_len(c))
             nb = -(-read // meta.block_size)
             kc, vc = kv_cache.pools[run.pool].gather(meta.block_tables[run.groups, b, :nb], q.dtype)  # [h, S, D]
+            qr = qg[:, heads].flatten(1, 2).transpose(0, 1).unsqueeze(0)  # [1, h * gq, L, D]
+            if level.comp_slot is None and q.device.type == "cpu":  # every cached slot counts: no mask
+                o = _prefix_then_causal(qr, kc[:, :read], vc[:, :read], k[:, heads], v[:, heads], scale)
+                out[:, heads] = o[0].transpose(0, 1).unflatten(1, (len(heads), -1))
+                continue
             mask = torch.zeros(n, kc.shape[1] + n, dtype=q.dtype, device=q.device)
             mask[:, read : kc.shape[1]] = float("-inf")
             if level.comp_slot is not None and level.comp_slot < read:
@@ -52,7 +57,6 @@ class TorchBackend(AttentionBackend):
             mask[:, kc.shape[1] :] = causal
             kr = torch.cat([kc, k[:, heads].transpose(0, 1)], 1).unsqueeze(0)  # [1, h, S + L, D]
             vr = torch.cat([vc, v[:, heads].transpose(0, 1)], 1).unsqueeze(0)
-            qr = qg[:, heads].flatten(1, 2).transpose(0, 1).unsqueeze(0)  # [1, h * gq, L, D]
             o = F.scaled_dot_product_attention(qr, kr, vr, attn_mask=mask, scale=scale, enable_gqa=True)
             out[:, heads] = o[0].transpose(0, 1).unflatten(1, (len(heads), -1))
         return out.view(n, hq, d)
@@ -72,3 +76,18 @@ class TorchBackend(AttentionBackend):
                 heads = list(run.heads)
                 out[:, heads] = F.scaled_dot_product_attention(qg[:, heads], k, v, attn_mask=mask, scale=scale)
         return out.view(b, hq, d)
+
+
+def _prefix_then_causal(q, kc, vc, k, v, scale: float) -> torch.Tensor:
+    """Attention over cached keys (all visible) and then the chunk's own keys (causal), as two
+    flash-attention calls merged by their log-sum-exp: no [L, S + L] mask to build and read.
+    q: [1, Hq, L, D]; kc, vc: [h, S, D]; k, v: [L, h, D] -> [1, Hq, L, D]. CPU only."""
+    flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+    rep = q.shape[1] // kc.shape[0]
+    kc, vc = (x.repeat_interleave(rep, 0).unsqueeze(0) for x in (kc, vc))
+    k, v = (x.transpose(0, 1).repeat_interleave(rep, 0).unsqueeze(0) for x in (k, v))
+    o1, lse1 = flash(q, kc, vc, 0.0, False, scale=scale)
+    o2, lse2 = flash(q, k, v, 0.0, True, scale=scale)
+    m = torch.maximum(lse1, lse2)
+    w1, w2 = (lse1 - m).exp().unsqueeze(-1), (lse2 - m).exp().unsqueeze(-1)
+    return ((o1 * w1 + o2 * w2) / (w1 + w2)).to(q.dtype)

@@ -1,0 +1,81 @@
+"""n > 1 samples of one prompt: the prompt is computed once (all but its last token), the siblings
+start from copies of that cache (complete blocks of full-level groups shared), and each sample is
+what the same request gives alone with its prompt split at the same place (window groups see the
+last prompt token as a decode step)."""
+
+import random
+
+import pytest
+
+from atb_llm.compression.layout import GroupLayout
+from atb_llm.compression.levels import FullInt8, Level, Window, WindowInt8
+from atb_llm.runtime.engine import EngineConfig, LLMEngine
+from atb_llm.runtime.sequence import SamplingParams
+
+LAYOUTS = {
+    "full": None,
+    "mixed": GroupLayout(2, 2, (Level(), Window(sink=4, recent=12), WindowInt8(sink=4, recent=12), FullInt8())),
+}
+
+
+def engine(path, layout=None, **kw):
+    cfg = EngineConfig(str(path), block_size=16, max_input_length=128, max_output_length=24, progress=False, **kw)
+    return LLMEngine(cfg, layout=layout)
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS), ids=str)
+@pytest.mark.parametrize("length", [1, 2, 16, 17, 70])
+def test_each_sibling_samples_what_it_would_alone(tiny_models, layout, length):
+    path = tiny_models()
+    prompt = [random.Random(length).randrange(2, 320) for _ in range(length)]
+    params = [SamplingParams(max_tokens=12, temperature=1.0, seed=s, ignore_eos=True) for s in range(4)]
+    # alone, with the prompt split the same way: all but the last token, then the last as a decode step
+    alone = engine(path, LAYOUTS[layout], chunked_prefill=True, max_prefill_tokens=max(1, length - 1))
+    want = [alone.generate([prompt], p)[0].token_ids for p in params]
+    eng = engine(path, LAYOUTS[layout])
+    first = eng.add_request(prompt, params[0], "r0")
+    rest = [eng.add_request(prompt, p, f"r{i}", sibling_of="r0") for i, p in enumerate(params[1:], 1)]
+    seqs = [first, *rest]
+    if length > 1:
+        eng.step()  # the prompt but its last token, once
+        assert first.num_computed_tokens == length - 1 and not first.output_token_ids
+        assert all(s.num_computed_tokens == length - 1 for s in rest)
+        assert eng.step() == seqs  # then one decode step gives each its first token
+    while eng.has_unfinished():
+        eng.step()
+    assert [s.output_token_ids for s in seqs] == want
+    assert len(set(map(tuple, want))) > 1  # the samples differ: each sibling has its own cache
+    assert all(n == 0 for n in eng.cache_manager.block_manager.num_used().values())
+
+
+def test_siblings_share_the_complete_blocks(tiny_models):
+    eng = engine(tiny_models())
+    prompt = list(range(2, 72))  # 70 tokens: 4 complete blocks of 16 and a partial one
+    eng.add_request(prompt, SamplingParams(max_tokens=4), "a")
+    eng.add_request(prompt, SamplingParams(max_tokens=4), "b", sibling_of="a")
+    eng.step()
+    # 4 groups: the parent's 5 blocks each, plus the sibling's copy of the partial block
+    assert eng.cache_manager.block_manager.num_used() == {"model": 4 * 5 + 4}
+
+
+def test_a_sibling_of_an_unknown_or_different_prompt_is_refused(tiny_models):
+    eng = engine(tiny_models())
+    eng.add_request([5, 6, 7], SamplingParams(max_tokens=2), "a")
+    with pytest.raises(ValueError, match="sibling_of='b' names no unfinished request"):
+        eng.add_request([5, 6, 7], SamplingParams(max_tokens=2), "c", sibling_of="b")
+    with pytest.raises(ValueError, match="same prompt"):
+        eng.add_request([5, 6], SamplingParams(max_tokens=2), "c", sibling_of="a")
+
+
+def test_siblings_of_an_aborted_request_start_alone(tiny_models):
+    path = tiny_models()
+    prompt = list(range(2, 40))
+    params = SamplingParams(max_tokens=5, ignore_eos=True)
+    want = engine(path).generate([prompt], params)[0].token_ids
+    eng = engine(path)
+    eng.add_request(prompt, params, "a")
+    b = eng.add_request(prompt, params, "b", sibling_of="a")
+    eng.abort("a")
+    while eng.has_unfinished():
+        eng.step()
+    assert b.output_token_ids == want
