@@ -41,7 +41,9 @@ CASES = [
     (COMPLETIONS, {**OK, "temperature": 2.5}, 422, "invalid_value", "temperature", "less than or equal to 2"),
     (COMPLETIONS, {**OK, "top_p": 0}, 422, "invalid_value", "top_p", "greater than 0"),
     (COMPLETIONS, {**OK, "top_k": -1}, 422, "invalid_value", "top_k", "top_k=-1"),
-    (COMPLETIONS, {**OK, "n": 2}, 422, "invalid_value", "n", "n=2 is not supported; only n=1"),
+    (COMPLETIONS, {**OK, "n": 17}, 422, "invalid_value", "n", "less than or equal to 16"),
+    (COMPLETIONS, {**OK, "n": 3, "best_of": 2}, 422, "invalid_value", "best_of", "best_of=2 must be at least n=3"),
+    (COMPLETIONS, {**OK, "n": 2, "stream": True}, 400, "unsupported_parameter", "n", "stream with n=2"),
     (COMPLETIONS, {**OK, "max_tokens": 0}, 422, "invalid_value", "max_tokens", "max_tokens=0"),
     (COMPLETIONS, {**OK, "max_tokens": 33}, 422, "invalid_value", "max_tokens", "max_output_length=32"),
     (
@@ -85,7 +87,14 @@ CASES = [
     ),
     (COMPLETIONS, {**OK, "suffix": "x"}, 400, "unsupported_parameter", "suffix", "suffix is not supported"),
     (COMPLETIONS, {**OK, "logit_bias": {"5": 100}}, 400, "unsupported_parameter", "logit_bias", "leave it out"),
-    (COMPLETIONS, {**OK, "best_of": 3}, 400, "unsupported_parameter", "best_of", "best_of=3"),
+    (
+        CHAT,
+        {"messages": [{"role": "user", "content": "hi"}], "best_of": 3},
+        400,
+        "unsupported_parameter",
+        "best_of",
+        "",
+    ),
     (
         CHAT,
         {"messages": [{"role": "user", "content": "hi"}], "response_format": {"type": "json_object"}},

@@ -79,3 +79,37 @@ def test_siblings_of_an_aborted_request_start_alone(tiny_models):
     while eng.has_unfinished():
         eng.step()
     assert b.output_token_ids == want
+
+
+# ---- the server: n and best_of ---------------------------------------------------------------------
+def test_server_n_and_best_of(tiny_models, tmp_path):
+    import shutil
+
+    import httpx
+    from server_util import running_server
+
+    model = shutil.copytree(tiny_models(), tmp_path / "chat")
+    (model / "chat_template.jinja").write_text("{% for m in messages %}{{ m['content'] }}\n{% endfor %}")
+    body = {"prompt": "the quick brown fox", "max_tokens": 6, "temperature": 1.0, "seed": 7, "ignore_eos": True}
+    with running_server(model, block_size=16) as server:
+
+        def post(path, **kw):
+            r = httpx.post(server.url + path, json={**body, **kw}, timeout=60)
+            assert r.status_code == 200, r.text
+            return r.json()
+
+        alone = [post("/v1/completions", seed=7 + j, logprobs=0) for j in range(3)]
+        texts = [a["choices"][0]["text"] for a in alone]
+        assert len(set(texts)) > 1
+        got = post("/v1/completions", n=3)
+        assert [c["index"] for c in got["choices"]] == [0, 1, 2]
+        assert [c["text"] for c in got["choices"]] == texts  # sample j is seed 7 + j, as alone
+        prompt_tokens = alone[0]["usage"]["prompt_tokens"]
+        assert (got["usage"]["prompt_tokens"], got["usage"]["completion_tokens"]) == (prompt_tokens, 18)
+        total = [sum(a["choices"][0]["logprobs"]["token_logprobs"]) for a in alone]
+        (best,) = post("/v1/completions", n=1, best_of=3)["choices"]
+        assert best["text"] == texts[total.index(max(total))] and best["logprobs"] is None
+        two = post("/v1/completions", prompt=["hello world", "the lazy dog"], n=2)["choices"]
+        assert [c["index"] for c in two] == [0, 1, 2, 3]
+        chat = post("/v1/chat/completions", messages=[{"role": "user", "content": "hi"}], n=2, prompt=None)
+        assert [c["index"] for c in chat["choices"]] == [0, 1] and chat["usage"]["completion_tokens"] == 12

@@ -89,13 +89,22 @@ def served(request: Request) -> Served:
 
 async def generate(
     request: Request, body: SamplingFields, prompts: list, max_tokens: int | None, shape: gen.Shape
-) -> list[gen.Answer] | Response:
-    """Submit each prompt (one choice each); then the event stream (one prompt), or the collected
-    answers (a bare 499 if the client left)."""
+) -> tuple[list[list[gen.Answer]], int] | Response:
+    """Submit `best_of` samples of each prompt (siblings: the prompt is computed once); then the
+    event stream (one prompt, one sample), or the n best answers of each prompt and the tokens
+    generated in all (a bare 499 if the client left)."""
     s = served(request)
     s.check_model(body.model)
+    n, best_of = body.n, getattr(body, "best_of", None) or body.n
     if body.stream and len(prompts) > 1:
         raise APIError(422, f"stream takes one prompt; got {len(prompts)}", "prompt", "invalid_value")
+    if body.stream and best_of > 1:
+        raise APIError(
+            400,
+            f"stream with n={n} (best_of={best_of}) is not supported; ask without stream, or stream n requests",
+            "n",
+            "unsupported_parameter",
+        )
     request_id = f"{'chatcmpl' if shape.chat else 'cmpl'}-{uuid.uuid4().hex}"
     k = shape.logprobs
     params = gen.sampling_params(
@@ -105,9 +114,8 @@ async def generate(
     try:
         for i, prompt in enumerate(prompts):
             rid = request_id if len(prompts) == 1 else f"{request_id}-{i}"
-            streams.append(
-                await gen.submit(s.loop, s.encoder, rid, prompt, params, "messages" if shape.chat else "prompt")
-            )
+            param = "messages" if shape.chat else "prompt"
+            streams += await gen.submit(s.loop, s.encoder, rid, prompt, gen.samples(params, n, best_of), param)
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             fmt = gen.ChunkFormat(request_id, s.model_name, shape, include_usage)
@@ -119,10 +127,12 @@ async def generate(
             )
         tasks = [asyncio.ensure_future(gen.collect(s.loop, st, request)) for st in streams]
         try:
-            return list(await asyncio.gather(*tasks))
+            answers = list(await asyncio.gather(*tasks))
         finally:  # one prompt failed: stop waiting for the others
             for task in tasks:
                 task.cancel()
+        per_prompt = [answers[i : i + best_of] for i in range(0, len(answers), best_of)]
+        return [gen.best(a, n) for a in per_prompt], sum(a.num_output_tokens for a in answers)
     except gen.ClientGone:
         return Response(status_code=499)
     finally:  # a failure (or a departed client) of one prompt ends the others; finished ones are ignored
@@ -137,14 +147,19 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
     out = await generate(request, body, [body.chat()], body.max_completion_tokens or body.max_tokens, shape)
     if isinstance(out, Response):
         return out
-    (a,) = out
-    choice = ChatChoice(
-        message=AssistantMessage(content=a.text),
-        logprobs=shape.chat_logprobs(a.logprobs),
-        finish_reason=a.finish_reason,
-    )
-    usage = shape.usage(len(a.prompt_ids), a.num_output_tokens)
-    return ChatCompletion(id=a.request_id, model=served(request).model_name, choices=[choice], usage=usage)
+    ([*answers],), generated = out
+    choices = [
+        ChatChoice(
+            index=j,
+            message=AssistantMessage(content=a.text),
+            logprobs=shape.chat_logprobs(a.logprobs),
+            finish_reason=a.finish_reason,
+        )
+        for j, a in enumerate(answers)
+    ]
+    usage = shape.usage(len(answers[0].prompt_ids), generated)
+    request_id = "-".join(answers[0].request_id.split("-")[:2])  # n > 1: request ids ID-0, ID-1, ...
+    return ChatCompletion(id=request_id, model=served(request).model_name, choices=choices, usage=usage)
 
 
 @router.post("/v1/completions")
@@ -161,10 +176,14 @@ async def completions(body: CompletionRequest, request: Request):
     out = await generate(request, body, prompts, body.max_tokens, shape)
     if isinstance(out, Response):
         return out
-    choices = [shape.completion_choice(i, p, a) for i, (p, a) in enumerate(zip(prompts, out))]
-    usage = shape.usage(sum(len(a.prompt_ids) for a in out), sum(a.num_output_tokens for a in out))
-    request_id = out[0].request_id.removesuffix("-0")  # several prompts: request ids ID-0, ID-1, ...
-    return Completion(id=request_id, model=served(request).model_name, choices=choices, usage=usage)
+    answers, generated = out
+    choices = [  # n choices per prompt, prompt by prompt (OpenAI's order)
+        shape.completion_choice(i * body.n + j, p, a) for i, (p, best) in enumerate(zip(prompts, answers))
+        for j, a in enumerate(best)
+    ]  # fmt: skip
+    usage = shape.usage(sum(len(best[0].prompt_ids) for best in answers), generated)
+    request_id = answers[0][0].request_id.split("-")[:2]  # several prompts or samples: ID-i, ID-i-j
+    return Completion(id="-".join(request_id), model=served(request).model_name, choices=choices, usage=usage)
 
 
 @router.get("/v1/models")

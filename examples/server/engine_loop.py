@@ -36,6 +36,7 @@ class GenerationRequest:
     request_id: str
     prompt_ids: list[int]
     params: SamplingParams
+    sibling_of: str | None = None  # n > 1: an earlier request with the same prompt, computed once for both
 
 
 @dataclass
@@ -170,7 +171,7 @@ class EngineLoop:
     def _add(self, command: _Add) -> None:
         request = command.request
         try:
-            seq = self.engine.add_request(request.prompt_ids, request.params, request.request_id)
+            seq = self.engine.add_request(request.prompt_ids, request.params, request.request_id, request.sibling_of)
         except Exception as e:  # ValueError for bad input; anything else still answers the client
             _post(command.loop, _resolve, command.future, None, e)
             return

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from fastapi import Request
 
@@ -74,13 +74,29 @@ def sampling_params(
 
 
 async def submit(
-    loop: EngineLoop, encoder: PromptEncoder, request_id: str, prompt: Prompt, params: SamplingParams, param: str
-) -> RequestStream:
-    """Tokenize (off the engine thread), then hand the request to the engine thread; rejections
-    become 400 (text), 413 (size), 422 (value) or 503 (shutting down)."""
+    loop: EngineLoop,
+    encoder: PromptEncoder,
+    request_id: str,
+    prompt: Prompt,
+    params: list[SamplingParams],
+    param: str,
+) -> list[RequestStream]:
+    """Tokenize (off the engine thread), then hand one request per sample to the engine thread (the
+    samples after the first as its siblings: the prompt is computed once); rejections become 400
+    (text), 413 (size), 422 (value) or 503 (shutting down)."""
     try:
-        ids = await encoder.encode(prompt, params, param)
-        return await loop.submit(GenerationRequest(request_id, ids, params))
+        ids = await encoder.encode(prompt, params[0], param)
+        ids_of = [request_id] if len(params) == 1 else [f"{request_id}-{j}" for j in range(len(params))]
+        streams = []
+        try:
+            for rid, p in zip(ids_of, params):
+                sibling_of = ids_of[0] if streams else None
+                streams.append(await loop.submit(GenerationRequest(rid, ids, p, sibling_of=sibling_of)))
+        except BaseException:  # a later sample refused: the earlier ones are not wanted either
+            for st in streams:
+                loop.abort(st.request_id)
+            raise
+        return streams
     except BadTextError as e:
         raise APIError(400, str(e), e.param, "invalid_text") from e
     except RequestTooLargeError as e:
@@ -97,6 +113,24 @@ def check_finish(event: GenerationEvent) -> None:
         raise APIError(500, event.error or "the engine failed")
     if event.finish_reason == "abort":
         raise APIError(503, event.error or "the request was cancelled by the server")
+
+
+def samples(params: SamplingParams, n: int, best_of: int) -> list[SamplingParams]:
+    """The sampling of each of a prompt's `best_of` samples: seeded ones get seeds seed, seed + 1, ...
+    (so they differ); with best_of > n each records its tokens' log-probabilities, to be ranked."""
+    if best_of > n and params.logprobs is None:
+        params = replace(params, logprobs=0)
+    if params.seed is None:
+        return [params] * best_of
+    return [replace(params, seed=(params.seed + j) % SamplingParams.SEED_RANGE) for j in range(best_of)]
+
+
+def best(answers: list[Answer], n: int) -> list[Answer]:
+    """The n answers of highest total log-probability, best first (all of them, in order, when n
+    is all there are)."""
+    if len(answers) == n:
+        return answers
+    return sorted(answers, key=lambda a: sum(e.logprob for e in a.logprobs), reverse=True)[:n]
 
 
 @dataclass

@@ -16,7 +16,6 @@ from pydantic_core import PydanticCustomError
 
 # OpenAI fields this server does not implement -> their neutral values (the ones that are accepted)
 UNSUPPORTED = {
-    "best_of": (None, 1),
     "suffix": (None, ""),
     "logit_bias": (None, {}),
     "response_format": (None, {"type": "text"}),
@@ -41,7 +40,7 @@ class SamplingFields(BaseModel):
     temperature: float = Field(1.0, ge=0, le=2)  # 0 is greedy
     top_p: float = Field(1.0, gt=0, le=1)
     top_k: int = Field(0, ge=0)  # 0 disables it
-    n: int = 1
+    n: int = Field(1, ge=1, le=16)  # choices per prompt, sampled from one computation of the prompt
     stop: str | list[str] | None = None
     seed: int | None = None
     stream: bool = False
@@ -52,7 +51,6 @@ class SamplingFields(BaseModel):
     repetition_penalty: float = Field(1.0, gt=0)  # extension (vLLM, MindIE); 1 disables it
     min_tokens: int = Field(0, ge=0)  # extension (vLLM): no eos / stop_token_ids before this many
     stop_token_ids: list[int] | None = None  # extension (vLLM): tokens that end the answer
-    best_of: Any = None
     suffix: Any = None
     logit_bias: Any = None
     response_format: Any = None
@@ -74,13 +72,6 @@ class SamplingFields(BaseModel):
                 {"field": info.field_name, "neutral": neutral},
             )
         return value
-
-    @field_validator("n")
-    @classmethod
-    def _only_one_choice(cls, n: int) -> int:
-        if n != 1:
-            raise ValueError(f"n={n} is not supported; only n=1 (send several requests instead)")
-        return n
 
     @field_validator("stop")
     @classmethod
@@ -121,14 +112,28 @@ class ChatCompletionRequest(SamplingFields):
             raise ValueError(f"top_logprobs={k} needs logprobs=true")
         return k
 
+    best_of: Any = None  # a completions field: refused here unless neutral
+
+    @field_validator("best_of")
+    @classmethod
+    def _no_best_of(cls, best_of: Any) -> Any:
+        if best_of not in (None, 1):
+            raise PydanticCustomError(
+                "unsupported",
+                "{field} is not supported by this server; leave it out (or send {neutral})",
+                {"field": "best_of", "neutral": "null or 1"},
+            )
+        return best_of
+
     def chat(self) -> list[dict[str, str]]:
         """The messages as the chat template takes them ("developer" is the newer "system")."""
         return [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in self.messages]
 
 
 class CompletionRequest(SamplingFields):
-    """`prompt`: a text, token ids, or a list of either (one choice per prompt, in order; not with
-    stream). `logprobs` = k: each token's log-probability and its k most likely alternatives;
+    """`prompt`: a text, token ids, or a list of either (n choices per prompt, in order; not with
+    stream). `best_of`: samples per prompt, of which the n with the highest log-probability return.
+    `logprobs` = k: each token's log-probability and its k most likely alternatives;
     `echo`: the answer starts with the prompt (and, with logprobs, the prompt tokens' log-probabilities:
     what lm-eval's loglikelihood tasks read); `max_tokens` 0 with echo scores the prompt alone."""
 
@@ -136,6 +141,15 @@ class CompletionRequest(SamplingFields):
     max_tokens: int | None = Field(None, ge=0)
     logprobs: int | None = Field(None, ge=0, le=20)
     echo: bool = False
+    best_of: int | None = Field(None, ge=1, le=16)  # sample this many, return the n most likely
+
+    @field_validator("best_of")
+    @classmethod
+    def _at_least_n(cls, best_of: int | None, info) -> int | None:
+        n = info.data.get("n", 1)
+        if best_of is not None and best_of < n:
+            raise ValueError(f"best_of={best_of} must be at least n={n}")
+        return best_of
 
     @field_validator("prompt")
     @classmethod
