@@ -113,3 +113,20 @@ def test_server_n_and_best_of(tiny_models, tmp_path):
         assert [c["index"] for c in two] == [0, 1, 2, 3]
         chat = post("/v1/chat/completions", messages=[{"role": "user", "content": "hi"}], n=2, prompt=None)
         assert [c["index"] for c in chat["choices"]] == [0, 1] and chat["usage"]["completion_tokens"] == 12
+
+
+def test_siblings_fork_at_once_when_the_prefix_cache_holds_all_but_the_last_token(tiny_models):
+    """33 tokens with blocks of 16: the cache holds the first 32, exactly what the siblings need."""
+    path = tiny_models()
+    prompt = list(range(2, 35))
+    params = [SamplingParams(max_tokens=6, temperature=1.0, seed=s, ignore_eos=True) for s in range(3)]
+    eng = engine(path, prefix_caching=True)
+    eng.generate([prompt], SamplingParams(max_tokens=2))  # caches blocks 0-1
+    seqs = [eng.add_request(prompt, params[0], "a")]
+    seqs += [eng.add_request(prompt, p, f"s{i}", sibling_of="a") for i, p in enumerate(params[1:])]
+    eng.step()
+    assert all(s.num_computed_tokens >= 32 for s in seqs) and not eng.scheduler.siblings
+    while eng.has_unfinished():
+        eng.step()
+    alone = engine(path, chunked_prefill=True, max_prefill_tokens=32)
+    assert [s.output_token_ids for s in seqs] == [alone.generate([prompt], p)[0].token_ids for p in params]

@@ -172,7 +172,7 @@ class LLMEngine:
                 bm.cache(seq.block_table, seq.token_ids, seq.num_computed_tokens)
             if seq.snapshot_at and seq.num_computed_tokens == seq.snapshot_at:  # where requests meet
                 bm.snapshot(seq.block_table, seq.token_ids, seq.snapshot_at)
-            if seq.fork_at and seq.num_computed_tokens == seq.fork_at:
+            if seq.fork_at and seq.num_computed_tokens >= seq.fork_at:
                 self.scheduler.fork(seq)
         for seq, tok, lp, out_lp in zip(result.seqs, result.tokens, result.option_logprobs, result.output_logprobs):
             if tok is not None:

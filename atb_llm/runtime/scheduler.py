@@ -44,9 +44,9 @@ class Scheduler:
     def fork(self, parent: Sequence) -> None:
         """After `parent` computed its prompt but the last token: its siblings join the running batch
         on copies of its cache, where the pools and the batch have room (the others queue as new)."""
-        parent.fork_at = 0
+        at, parent.fork_at = parent.fork_at, 0
         for seq in self.siblings.pop(parent, []):
-            room = len(self.running) < self.max_batch_size
+            room = len(self.running) < self.max_batch_size and parent.num_computed_tokens == at
             if room and self.block_manager.can_fork(parent.block_table, parent.num_computed_tokens):
                 seq.block_table = self.block_manager.fork(parent.block_table, parent.num_computed_tokens)
                 seq.num_computed_tokens = parent.num_computed_tokens
@@ -96,6 +96,9 @@ class Scheduler:
             scheduled.append(seq)
             admitted.append(seq)
         self.running.extend(admitted)
+        for seq in admitted:
+            if seq.fork_at and seq.num_computed_tokens >= seq.fork_at:  # the prefix cache had all of it
+                self.fork(seq)
         return scheduled
 
     def _schedule_decode(self) -> list[Sequence]:
