@@ -3,9 +3,12 @@
 Plain Python, no torch. A `full` group grows one block per `block_size` tokens; a `window`
 group stops at its ring of ceil((sink + recent + 1) / block_size) blocks. Blocks of one level
 are allocated for all its groups at once, so admission is decided by the blocks really needed.
-With prefix caching, full-level groups take the blocks of a cached prefix instead (shared,
-counted once), and the blocks a sequence computed are recorded when its prefill ends and when it
-is freed.
+A block may have several holders (a reference count): with prefix caching, full-level groups
+take the blocks of a cached prefix instead of new ones, and the blocks a sequence computed are
+recorded when its prefill ends and when it is freed; n > 1 siblings share their parent's complete
+blocks (`fork`). Window groups never share: they get copies (of a prefix snapshot, of a parent's
+ring), which the block manager only lists (`copies`) for the cache manager to make before the
+next step (`flush_copies`).
 """
 
 from __future__ import annotations

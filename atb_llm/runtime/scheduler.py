@@ -4,6 +4,10 @@ every running one; when blocks run out, preempt the newest and recompute it late
 With chunked prefill (vLLM's chunked prefill, MindIE's SplitFuse) a prefill step computes at most
 `max_prefill_tokens` tokens: a longer prompt is prefilled over several steps, and while it is, prefill
 and decode steps alternate, so running sequences keep producing tokens during a long prompt.
+
+A prompt may also stop short once on purpose: where the prefix cache wants a snapshot of the
+window groups (`snapshot_at`), and, for n > 1 samples, before its last token, where the siblings
+take copies of its cache (`fork_at`).
 """
 
 from __future__ import annotations
@@ -120,7 +124,7 @@ class Scheduler:
 
     def _chunk(self, seq: Sequence, budget: int) -> int:
         """Prompt tokens to compute for `seq` in this step: the rest (chunked: within the budget),
-        stopping where the prefix cache asked for a snapshot."""
+        stopping where the prefix cache asked for a snapshot or the siblings fork."""
         n = min(seq.num_uncomputed_tokens, budget) if self.chunked else seq.num_uncomputed_tokens
         for stop in (seq.snapshot_at, seq.fork_at):
             if seq.num_computed_tokens < stop:

@@ -1,11 +1,14 @@
 """MindIE's run.sh arguments, positional as there, plus a few flags:
 
     pa_{bf16|fp16|fp32} performance CASE_PAIRS BATCH MODEL [WEIGHT_DIR] [WORLD_SIZE] [MAX_POSITION_EMBEDDING]
+    pa_{bf16|fp16|fp32} performance_maxbs CASE_PAIRS MODEL [WEIGHT_DIR] [WORLD_SIZE] [MAX_POSITION_EMBEDDING]
     pa_{bf16|fp16|fp32} full_BoolQ BATCH MODEL [WEIGHT_DIR] [WORLD_SIZE]
     pa_{bf16|fp16|fp32} full_MMLU|full_CEval SHOTS BATCH MODEL [WEIGHT_DIR] [WORLD_SIZE]
     pa_{bf16|fp16|fp32} full_HumanEval|full_HumanEval_X BATCH MODEL [WEIGHT_DIR] [WORLD_SIZE]
 
 CASE_PAIRS: [[input_length,output_length],...], e.g. [[2048,2048],[1024,1024]] (no spaces).
+performance_maxbs runs each case pair at the largest batch whose sequences all fit the KV cache
+(--cache_memory_gb, default: half the device's free memory; at most --max_batch).
 BATCH: 1 or [1]; several for every case pair: 1,8 or [1,8]; one list per case pair:
 [[1,4],[1,8]]. WEIGHT_DIR: a Hugging Face folder; omitted or `default`: the default model.
 WORLD_SIZE: cards; only 1.
@@ -23,6 +26,7 @@ from modeltest.datasets import DATASETS
 
 RESULTS = Path(__file__).resolve().parents[1] / "results"
 CODE_TESTS = ("full_HumanEval", "full_HumanEval_X")  # generated and executed, not scored by options
+PERF_TESTS = ("performance", "performance_maxbs")
 MODES = re.compile(r"^pa_(bf16|fp16|fp32)$")
 MODEL_NAME = re.compile(r"^[A-Za-z][\w.-]*$")
 
@@ -38,7 +42,7 @@ class PerfCase:
 class RunArgs:
     mode: str  # "pa"
     dtype: str  # bf16 / fp16 / fp32
-    test: str  # "performance" or a key of DATASETS
+    test: str  # "performance", "performance_maxbs" or a key of DATASETS
     model_name: str
     weight_dir: str | None  # None: the default model
     world_size: int = 1
@@ -56,6 +60,8 @@ class RunArgs:
     style: str = "auto"  # HumanEval prompts: completion | chat | auto (chat when the tokenizer has a template)
     max_new_tokens: int = 512  # HumanEval
     exec_timeout: float = 10.0  # HumanEval: seconds per program
+    cache_memory_gb: float | None = None  # performance_maxbs: the KV cache budget (None: from the device)
+    max_batch: int = 256  # performance_maxbs: the largest batch tried
 
 
 def _json_list(text: str, what: str, example: str):
@@ -118,25 +124,27 @@ def parse_words(words: list[str]) -> dict:
     fields = dict(mode="pa", dtype=mode.split("_")[1], test=test)
     if test == "performance":
         head, usage = 2, "performance CASE_PAIRS BATCH MODEL"
+    elif test == "performance_maxbs":
+        head, usage = 1, "performance_maxbs CASE_PAIRS MODEL"
     elif test in CODE_TESTS:
         head, usage = 1, f"{test} BATCH MODEL"
     elif test in DATASETS:
         shots = DATASETS[test].takes_shots
         head, usage = (2, f"{test} SHOTS BATCH MODEL") if shots else (1, f"{test} BATCH MODEL")
     else:
-        raise ValueError(f"unknown test {test!r}; choose one of performance, {', '.join((*DATASETS, *CODE_TESTS))}")
+        raise ValueError(f"unknown test {test!r}; choose one of {', '.join((*PERF_TESTS, *DATASETS, *CODE_TESTS))}")
     if len(rest) <= head or not MODEL_NAME.match(rest[head]):
         raise ValueError(f"expected `{usage} [WEIGHT_DIR] [WORLD_SIZE]`, got {' '.join(words[1:])!r}")
     fields["model_name"] = rest[head]
     tail = rest[head + 1 :]
-    if test == "performance" and len(tail) == 3:  # MindIE's trailing max_position_embedding / max_sequence_length
+    if test in PERF_TESTS and len(tail) == 3:  # MindIE's trailing max_position_embedding / max_sequence_length
         if not tail[2].isdigit() or int(tail[2]) < 1:
             raise ValueError(f"max_position_embedding {tail[2]!r} must be a positive number of tokens, e.g. 4096")
         fields["max_position_embedding"] = int(tail.pop())
     fields["weight_dir"], fields["world_size"] = _tail(tail)
-    if test == "performance":
+    if test in PERF_TESTS:
         pairs = parse_case_pairs(rest[0])
-        batches = parse_batch_sizes(rest[1], len(pairs))
+        batches = parse_batch_sizes(rest[1], len(pairs)) if test == "performance" else [()] * len(pairs)
         fields["cases"] = tuple(PerfCase(i, o, b) for (i, o), b in zip(pairs, batches))
         limit = fields.get("max_position_embedding")
         for i, o in pairs:
@@ -171,6 +179,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--style", default="auto", choices=["auto", "completion", "chat"], help="HumanEval prompts")
     ap.add_argument("--max_new_tokens", type=int, default=512, help="HumanEval: tokens per answer")
     ap.add_argument("--exec_timeout", type=float, default=10.0, help="HumanEval: seconds per program")
+    ap.add_argument("--cache_memory_gb", type=float, default=None, help="performance_maxbs: KV cache budget")
+    ap.add_argument("--max_batch", type=int, default=256, help="performance_maxbs: the largest batch tried")
     return ap
 
 
@@ -180,8 +190,10 @@ def parse_args(argv: list[str] | None = None) -> RunArgs:
     fields = parse_words(ns.words)
     if ns.limit is not None and ns.limit < 1:
         raise ValueError(f"--limit {ns.limit} must be at least 1")
-    if ns.limit is not None and fields["test"] == "performance":
+    if ns.limit is not None and fields["test"] in PERF_TESTS:
         raise ValueError("--limit applies to datasets, not to performance")
+    if ns.max_batch < 1 or (ns.cache_memory_gb is not None and ns.cache_memory_gb <= 0):
+        raise ValueError(f"--max_batch {ns.max_batch} and --cache_memory_gb {ns.cache_memory_gb} must be positive")
     if ns.tie_margin < 0:
         raise ValueError(f"--tie-margin {ns.tie_margin} must be >= 0")
     flags = {k: v for k, v in vars(ns).items() if k != "words"}

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 
-from modeltest.args import CODE_TESTS, build_parser, parse_args
+from modeltest.args import CODE_TESTS, PERF_TESTS, build_parser, parse_args
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -14,7 +14,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         args = parse_args(argv)
     except ValueError as e:
         build_parser().error(str(e))
-    if args.test == "performance":
+    if args.test in PERF_TESTS:
         from modeltest.performance import run_performance as run
     elif args.test in CODE_TESTS:
         from modeltest.humaneval import run_humaneval as run

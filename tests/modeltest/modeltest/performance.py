@@ -2,13 +2,19 @@
 with --compare hf), timed by atb_llm.utils.perf: first token ms (the batch's prefill), mean
 non-first token ms, end-to-end tokens/s, peak memory and KV cache size. Written as CSV and a
 Markdown table, and, where a case ran at several batch sizes, a plot of tokens/s against batch
-size."""
+size.
+
+performance_maxbs: each case pair at the largest batch whose sequences (input + output tokens
+each) all fit the KV cache of --cache_memory_gb (default: half of the device's free memory after
+twice the weight files), at most --max_batch; with an MLGC plan more sequences fit the same bytes.
+"""
 
 from __future__ import annotations
 
 import gc
 from pathlib import Path
 
+import torch
 from tqdm import tqdm
 
 from atb_llm.config import parse_dtype
@@ -50,13 +56,39 @@ def markdown_rows(rows: list[dict], columns: list[str]) -> list[dict]:
     return [{COLUMNS[c]: cell(r, c) for c in columns} for r in rows]
 
 
+def cache_budget_gb(args: RunArgs, model_path: str, device: str) -> float:
+    """--cache_memory_gb, or half of what the device has free once the weights (counted twice:
+    loading converts them) are taken."""
+    if args.cache_memory_gb is not None:
+        return args.cache_memory_gb
+    weights = sum(f.stat().st_size for f in Path(model_path).glob("*.safetensors"))
+    if device.startswith("cuda"):
+        free = torch.cuda.mem_get_info(torch.device(device))[0]
+    else:
+        meminfo = dict(line.split(":", 1) for line in Path("/proc/meminfo").read_text().splitlines())
+        free = int(meminfo["MemAvailable"].split()[0]) * 1024
+    return max(0.01, (free - 2 * weights) / 2 / 2**30)
+
+
+def max_batch(engine: LLMEngine, num_tokens: int, cap: int) -> int:
+    """The most sequences of `num_tokens` tokens the engine's pools hold at once, at most `cap`."""
+    need = engine.cache_manager.blocks_for(num_tokens)
+    fit = min(engine.cache_manager.num_blocks[p] // n for p, n in need.items() if n)
+    if fit < 1:
+        raise ValueError(f"not one sequence of {num_tokens} tokens fits the KV cache; give --cache_memory_gb more")
+    return min(fit, cap)
+
+
 def runs_of(args: RunArgs) -> list[tuple[int, int, int]]:
     """(batch, input length, output length) in command-line order: case pairs, then batch sizes."""
     return [(b, c.input_length, c.output_length) for c in args.cases for b in c.batch_sizes]
 
 
-def engine_for(args: RunArgs, model_path: str, device: str, runs: list[tuple[int, int, int]]) -> LLMEngine:
-    """One engine sized for the largest batch, input and output of all runs."""
+def engine_for(
+    args: RunArgs, model_path: str, device: str, runs: list[tuple[int, int, int]], cache_gb: float | None = None
+) -> LLMEngine:
+    """One engine sized for the largest batch, input and output of all runs (its cache: `cache_gb`,
+    else enough for that batch)."""
     max_b, max_in, max_out = (max(r[k] for r in runs) for k in range(3))
     cfg = EngineConfig(
         model_path,
@@ -65,7 +97,8 @@ def engine_for(args: RunArgs, model_path: str, device: str, runs: list[tuple[int
         max_batch_size=max_b,
         max_input_length=max_in,
         max_output_length=max_out,
-        max_prefill_tokens=max_b * max_in,
+        max_prefill_tokens=min(max_b * max_in, max(max_in, 16384)),
+        cache_memory_gb=cache_gb,
         mlgc=args.mlgc,
         progress=False,
     )
@@ -107,8 +140,8 @@ def plot_throughput(rows: list[dict], path: Path) -> Path | None:
 
 def file_stem(args: RunArgs) -> str:
     cases = "_".join(f"{c.input_length}x{c.output_length}" for c in args.cases)
-    batches = "-".join(str(b) for b in sorted({b for c in args.cases for b in c.batch_sizes}))
-    return f"performance_{cases}_batch{batches}_tp1_mlgc-{report.mlgc_tag(args.mlgc)}"
+    batches = "-".join(str(b) for b in sorted({b for c in args.cases for b in c.batch_sizes})) or "max"
+    return f"{args.test}_{cases}_batch{batches}_tp1_mlgc-{report.mlgc_tag(args.mlgc)}"
 
 
 def write(args: RunArgs, device: str, rows: list[dict]) -> str:
@@ -126,8 +159,15 @@ def write(args: RunArgs, device: str, rows: list[dict]) -> str:
 def run_performance(args: RunArgs) -> list[dict]:
     model_path = str(resolve_model_path(args.weight_dir))
     device = report.resolve_device(args.device)
-    runs = runs_of(args)
-    engine = engine_for(args, model_path, device, runs)
+    runs, cache_gb = runs_of(args), None
+    if args.test == "performance_maxbs":  # size the cache first, then find each case's batch in it
+        cache_gb = cache_budget_gb(args, model_path, device)
+        cap = [(args.max_batch, c.input_length, c.output_length) for c in args.cases]
+        engine = engine_for(args, model_path, device, cap, cache_gb)
+        runs = [(max_batch(engine, i + o, args.max_batch), i, o) for _, i, o in cap]
+        print(f"KV cache {cache_gb:.2f} GiB: batch {', '.join(f'{b} at [{i},{o}]' for b, i, o in runs)}")
+    else:
+        engine = engine_for(args, model_path, device, runs)
     engine.warmup()
     rows = [table_row(measure_engine(engine, *run).row()) for run in tqdm(runs, desc="performance atb_llm")]
     del engine

@@ -35,6 +35,16 @@ def test_performance_cases_and_batch_forms():
     assert a.cases == (PerfCase(256, 256, (1, 4)), PerfCase(512, 512, (2, 8)))
 
 
+def test_performance_maxbs_takes_no_batch():
+    a = parse_args(["pa_bf16", "performance_maxbs", "[[256,256],[512,512]]", "qwen2_mlgc", W, "1", "2048"])
+    assert a.cases == (PerfCase(256, 256, ()), PerfCase(512, 512, ())) and a.max_position_embedding == 2048
+    assert (a.cache_memory_gb, a.max_batch) == (None, 256)
+    a = parse_args(["pa_bf16", "performance_maxbs", "[[256,256]]", "qwen2_mlgc", "--cache_memory_gb", "4"])
+    assert a.cache_memory_gb == 4.0
+    with pytest.raises(ValueError, match="--max_batch 0"):
+        parse_args(["pa_bf16", "performance_maxbs", "[[256,256]]", "qwen2_mlgc", "--max_batch", "0"])
+
+
 def test_weight_dir_optional_or_default():
     assert parse_args("pa_bf16 full_BoolQ 1 qwen2_mlgc".split()).weight_dir is None
     assert parse_args("pa_bf16 full_BoolQ 1 qwen2_mlgc default 1".split()).weight_dir is None
@@ -60,7 +70,10 @@ def test_trailing_flags():
 @pytest.mark.parametrize(
     "argv, message",
     [
-        ("pa_bf16 full_GSM8K 1 qwen2_mlgc", "unknown test 'full_GSM8K'; choose one of performance, full_BoolQ"),
+        (
+            "pa_bf16 full_GSM8K 1 qwen2_mlgc",
+            "unknown test 'full_GSM8K'; choose one of performance, performance_maxbs, full_BoolQ",
+        ),
         ("pa_bf16 performance [[2048,2048],[1024]] 1 qwen2_mlgc", "must be [input_length,output_length] pairs"),
         ("pa_bf16 performance [2048,2048] 1 qwen2_mlgc", "must be [input_length,output_length] pairs"),
         ("pa_bf16 performance [[2048,2048],[1024,1024] 1 qwen2_mlgc", "is malformed; write it like [[2048,2048]"),

@@ -132,3 +132,17 @@ def test_lm_eval_through_the_server_gives_the_engine_log_probs(tiny_models, tmp_
     rows = read_csv(f"{stem}_items.csv")
     assert [r["lmeval_predicted"] for r in rows] == [r["predicted"] for r in rows]
     assert "| category | items | atb_llm | lm-eval | diff |" in open(f"{stem}_result.md", encoding="utf-8").read()
+
+
+def test_performance_maxbs_runs_each_case_at_the_largest_batch_that_fits(tiny_models, tmp_path, capsys):
+    """The tiny model in fp32, block 128: a block of one group is 2 x 128 x 16 x 4 B = 16 KiB, and
+    4 groups. 0.5 MiB of cache = 32 blocks: 8 sequences of up to 128 tokens, 4 of up to 256."""
+    argv = ["pa_fp32", "performance_maxbs", "[[16,4],[120,20]]", "qwen2_mlgc", str(tiny_models()), "1"]
+    rows = main(argv + ["--cache_memory_gb", str(0.5 / 1024), "--max_batch", "16", "--out", str(tmp_path)])
+    assert [(r["batch_size"], r["input_length"]) for r in rows] == [(8, 16), (4, 120)]
+    folder = tmp_path / "CPU" / "performance_test" / "pa" / "fp32" / "qwen2_mlgc"
+    saved = read_csv(folder / "performance_maxbs_16x4_120x20_batchmax_tp1_mlgc-off_result.csv")
+    assert [r["batch_size"] for r in saved] == ["8", "4"]
+    assert "batch 8 at [16,4], 4 at [120,20]" in capsys.readouterr().out
+    rows = main(argv + ["--cache_memory_gb", str(0.5 / 1024), "--max_batch", "5", "--out", str(tmp_path)])
+    assert [r["batch_size"] for r in rows] == [5, 4]
