@@ -130,3 +130,21 @@ def test_siblings_fork_at_once_when_the_prefix_cache_holds_all_but_the_last_toke
         eng.step()
     alone = engine(path, chunked_prefill=True, max_prefill_tokens=32)
     assert [s.output_token_ids for s in seqs] == [alone.generate([prompt], p)[0].token_ids for p in params]
+
+
+def test_aborting_forked_siblings_before_the_next_step_corrupts_nothing(tiny_models):
+    """The copies a fork makes are done within the step that forks: blocks the aborted siblings
+    free go to the next request clean."""
+    path = tiny_models()
+    eng = engine(path, LAYOUTS["mixed"], num_blocks=24)
+    prompt, other = list(range(2, 72)), list(range(100, 150))
+    want = engine(path, LAYOUTS["mixed"]).generate([other], SamplingParams(max_tokens=8))[0].token_ids
+    eng.add_request(prompt, SamplingParams(max_tokens=4), "a")
+    for i in range(2):
+        eng.add_request(prompt, SamplingParams(max_tokens=4), f"s{i}", sibling_of="a")
+    eng.step()  # the prompt but its last token, and the fork
+    assert not eng.cache_manager.block_manager.copies  # made in that step, not left for the next one
+    for rid in ("a", "s0", "s1"):
+        eng.abort(rid)
+    assert eng.generate([other], SamplingParams(max_tokens=8))[0].token_ids == want
+    assert all(n == 0 for n in eng.cache_manager.block_manager.num_used().values())

@@ -162,18 +162,18 @@ class LLMEngine:
         if not seqs:
             return []
         result = self.runner.run(seqs, is_prefill)
-        now = time.perf_counter()
+        now, bm = time.perf_counter(), self.cache_manager.block_manager
         for seq in seqs:
             seq.num_computed_tokens += ModelRunner.span(seq, is_prefill)[1]
             if is_prefill and seq.params.prompt_logprobs is not None:  # [0]: the first token has none
                 seq.prompt_logprobs = (seq.prompt_logprobs or [None]) + result.prompt_logprobs.get(seq, [])
-            bm = self.cache_manager.block_manager
             if is_prefill and seq.num_uncomputed_tokens == 0:  # later requests may share its prompt now
                 bm.cache(seq.block_table, seq.token_ids, seq.num_computed_tokens)
             if seq.snapshot_at and seq.num_computed_tokens == seq.snapshot_at:  # where requests meet
                 bm.snapshot(seq.block_table, seq.token_ids, seq.snapshot_at)
             if seq.fork_at and seq.num_computed_tokens >= seq.fork_at:
                 self.scheduler.fork(seq)
+        self.cache_manager.flush_copies()  # snapshots and forks now, while every block is as computed
         for seq, tok, lp, out_lp in zip(result.seqs, result.tokens, result.option_logprobs, result.output_logprobs):
             if tok is not None:
                 seq.output_token_ids.append(tok)
