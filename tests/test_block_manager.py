@@ -117,3 +117,20 @@ def test_idle_cached_blocks_are_evicted_least_recently_used_first_when_needed():
     bm.allocate(t, 64, [7] * 64)  # 4 blocks: the 2 clean ones, then the 2 least recent idle ones
     assert bm.prefix.match(old, 3) == ([], 0) and len(bm.prefix.match(new, 3)[0]) == 3
     assert bm.allocate(BlockTable(), 49, new + [1]) == (48, 0)
+
+
+def test_growing_may_evict_matched_blocks_that_have_no_snapshot():
+    """A full group and a window group: the first prompt's blocks are cached without a snapshot,
+    so the second one matches them but cannot use them, and its own blocks need their room."""
+    from atb_llm.compression.levels import Level, Window
+
+    layout = GroupLayout(1, 2, (Level(), Window(sink=4, recent=12)))
+    bm = BlockManager(layout, {"model": 6}, 16, prefix_caching=True)  # one 64-token sequence: 4 + 2 blocks
+    tokens = list(range(64))
+    a = BlockTable()
+    bm.allocate(a, 64, tokens)
+    bm.deallocate(a, tokens, 64)
+    assert bm.prefix.match(tokens, 3) == ([], 3) and bm.pools["model"].num_idle == 4
+    b = BlockTable()
+    assert bm.allocate(b, 64, tokens) == (0, 48)  # nothing usable; snapshot once 48 tokens are computed
+    assert bm.prefix.entries == {} and bm.num_used() == {"model": 6}

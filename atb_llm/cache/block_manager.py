@@ -111,6 +111,8 @@ class BlockManager:
         if table:
             raise RuntimeError("this block table already holds blocks; deallocate it first")
         entries, matched = self._cached_prefix(tokens, num_tokens)
+        if matched:  # before growing: what the prompt matched is evicted last
+            self.prefix.touch(tokens, matched)
         table.reset(self.layout.num_groups)
         for e in entries:
             for g, b in zip(self.prefix.groups, e.blocks):
@@ -124,7 +126,6 @@ class BlockManager:
             self.copies.append((g, list(ids), table[g][: len(ids)], list(ids)))
         if self.prefix is None or tokens is None:
             return 0, 0
-        self.prefix.touch(tokens, matched)
         self.prefix.query_tokens += num_tokens
         self.prefix.hit_tokens += len(entries) * self.block_size
         later = matched > len(entries) and self.prefix.window_groups
