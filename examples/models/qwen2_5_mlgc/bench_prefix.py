@@ -5,7 +5,8 @@ Face transformers on the same prompts in the same run.
         [--requests 3] [--mlgc off random] [--dtype fp32] [--out DIR]
 
 Each request is the same system prompt followed by its own question, sent one after another (greedy,
-16 new tokens). Prints time to first token per request and cache setting, the ratio of each later
+16 new tokens), to an engine whose cache holds 4 such requests (room for cached blocks and window
+snapshots). Prints time to first token per request and cache setting, the ratio of each later
 request's to the first's, and whether the greedy outputs with the cache equal those without it.
 Writes results/prefix_cache.md.
 """
@@ -38,7 +39,7 @@ def prompts(n: int, system_tokens: int, vocab: int, seed: int = 0) -> list[list[
 
 def run_engine(args, mlgc: str, prefix: bool, ps: list[list[int]]) -> list[dict]:
     cfg = EngineConfig(
-        args.model_path, dtype=args.dtype, max_batch_size=1, max_input_length=max(map(len, ps)),
+        args.model_path, dtype=args.dtype, max_batch_size=4, max_input_length=max(map(len, ps)),
         max_output_length=16, mlgc=mlgc, prefix_caching=prefix, progress=False,
     )  # fmt: skip
     engine = LLMEngine(cfg)
