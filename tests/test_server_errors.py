@@ -43,7 +43,14 @@ CASES = [
     (COMPLETIONS, {**OK, "top_k": -1}, 422, "invalid_value", "top_k", "top_k=-1"),
     (COMPLETIONS, {**OK, "n": 17}, 422, "invalid_value", "n", "less than or equal to 16"),
     (COMPLETIONS, {**OK, "n": 3, "best_of": 2}, 422, "invalid_value", "best_of", "best_of=2 must be at least n=3"),
-    (COMPLETIONS, {**OK, "n": 2, "stream": True}, 400, "unsupported_parameter", "n", "stream with n=2"),
+    (
+        COMPLETIONS,
+        {**OK, "best_of": 2, "stream": True},
+        400,
+        "unsupported_parameter",
+        "best_of",
+        "stream with best_of=2",
+    ),
     (COMPLETIONS, {**OK, "max_tokens": 0}, 422, "invalid_value", "max_tokens", "max_tokens=0"),
     (COMPLETIONS, {**OK, "max_tokens": 33}, 422, "invalid_value", "max_tokens", "max_output_length=32"),
     (

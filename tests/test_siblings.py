@@ -83,6 +83,7 @@ def test_siblings_of_an_aborted_request_start_alone(tiny_models):
 
 # ---- the server: n and best_of ---------------------------------------------------------------------
 def test_server_n_and_best_of(tiny_models, tmp_path):
+    import json
     import shutil
 
     import httpx
@@ -113,6 +114,22 @@ def test_server_n_and_best_of(tiny_models, tmp_path):
         assert [c["index"] for c in two] == [0, 1, 2, 3]
         chat = post("/v1/chat/completions", messages=[{"role": "user", "content": "hi"}], n=2, prompt=None)
         assert [c["index"] for c in chat["choices"]] == [0, 1] and chat["usage"]["completion_tokens"] == 12
+        # streamed: the choices interleave, each chunk names its own; usage comes once, at the end
+        parts, finished, usage = {0: "", 1: "", 2: ""}, [], None
+        with httpx.stream("POST", server.url + "/v1/completions", json={**body, "n": 3, "stream": True}) as r:
+            lines = [x for x in r.iter_lines() if x]
+            for line in lines:
+                if not line.startswith("data: {"):
+                    continue
+                chunk = json.loads(line[6:])
+                for c in chunk["choices"]:
+                    parts[c["index"]] += c["text"]
+                    if c["finish_reason"]:
+                        finished.append(c["index"])
+                usage = chunk.get("usage") or usage
+            assert lines[-1] == "data: [DONE]"
+        assert [parts[j] for j in range(3)] == texts and sorted(finished) == [0, 1, 2]
+        assert usage["completion_tokens"] == 18
 
 
 def test_siblings_fork_at_once_when_the_prefix_cache_holds_all_but_the_last_token(tiny_models):

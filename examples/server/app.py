@@ -98,11 +98,12 @@ async def generate(
     n, best_of = body.n, getattr(body, "best_of", None) or body.n
     if body.stream and len(prompts) > 1:
         raise APIError(422, f"stream takes one prompt; got {len(prompts)}", "prompt", "invalid_value")
-    if body.stream and best_of > 1:
+    if body.stream and best_of > n:
         raise APIError(
             400,
-            f"stream with n={n} (best_of={best_of}) is not supported; ask without stream, or stream n requests",
-            "n",
+            f"stream with best_of={best_of} > n={n} is not supported (the best are known only at the end); "
+            "ask without stream",
+            "best_of",
             "unsupported_parameter",
         )
     request_id = f"{'chatcmpl' if shape.chat else 'cmpl'}-{uuid.uuid4().hex}"
@@ -118,12 +119,12 @@ async def generate(
             streams += await gen.submit(s.loop, s.encoder, rid, prompt, gen.samples(params, n, best_of), param)
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            fmt = gen.ChunkFormat(request_id, s.model_name, shape, include_usage)
+            fmts = [gen.ChunkFormat(request_id, s.model_name, shape, include_usage, j) for j in range(n)]
             return StreamingResponse(
-                gen.event_stream(s.loop, streams[0], fmt, prompts[0]),
+                gen.event_stream(s.loop, streams, fmts, prompts[0]),
                 media_type="text/event-stream",
                 headers=SSE_HEADERS,
-                background=BackgroundTask(gen.abort_unfinished, s.loop, streams[0]),  # runs after a disconnect too
+                background=BackgroundTask(gen.abort_all, s.loop, streams),  # runs after a disconnect too
             )
         tasks = [asyncio.ensure_future(gen.collect(s.loop, st, request)) for st in streams]
         try:

@@ -7,6 +7,7 @@ streaming, when the response is cancelled or closed; non-streaming, by polling t
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from collections.abc import AsyncIterator
@@ -216,6 +217,7 @@ class ChunkFormat:
     model: str
     shape: Shape
     include_usage: bool
+    index: int = 0  # the choice these chunks belong to (n > 1)
     created: int = field(default_factory=lambda: int(time.time()))
     offset: int = 0  # completions: text offset of the next token, for logprobs' text_offset
 
@@ -235,10 +237,10 @@ class ChunkFormat:
         if not self.chat:
             lp = self.shape.completion_logprobs(list(ids), list(entries), self.offset) if ids else None
             self.offset += sum(len(t) for t in lp["tokens"]) if lp else 0
-            return CompletionChoice(text=text or "", logprobs=lp, finish_reason=finish_reason)
+            return CompletionChoice(index=self.index, text=text or "", logprobs=lp, finish_reason=finish_reason)
         delta = ChatDelta(role="assistant", content="") if text is None else ChatDelta(content=text or None)
         lp = self.shape.chat_logprobs(list(entries)) if entries else None
-        return ChatChunkChoice(delta=delta, logprobs=lp, finish_reason=finish_reason)
+        return ChatChunkChoice(index=self.index, delta=delta, logprobs=lp, finish_reason=finish_reason)
 
     def opening(self, prompt: str | list[int], stream: RequestStream, first: GenerationEvent) -> list[str]:
         """Chat: the role. Completions with echo: the prompt (and its log-probabilities)."""
@@ -256,9 +258,11 @@ class ChunkFormat:
         ids = [e.token_id for e in event.logprobs]
         return [self._chunk([self._choice(event.text, None, ids, event.logprobs)])]
 
-    def closing(self, finish_reason: str, usage: Usage) -> list[str]:
-        """The finish chunk; usage rides on it, or, with stream_options.include_usage, follows in a
-        chunk of its own with no choices (OpenAI's shape)."""
+    def closing(self, finish_reason: str, usage: Usage | None) -> list[str]:
+        """The finish chunk; usage (None: not yet, other choices are running) rides on it, or, with
+        stream_options.include_usage, follows in a chunk of its own with no choices (OpenAI's shape)."""
+        if usage is None:
+            return [self._chunk([self._choice("", finish_reason)])]
         if not self.include_usage:
             return [self._chunk([self._choice("", finish_reason)], usage)]
         return [self._chunk([self._choice("", finish_reason)]), self._chunk([], usage)]
@@ -269,36 +273,51 @@ def sse(data: str) -> str:
 
 
 async def event_stream(
-    loop: EngineLoop, stream: RequestStream, fmt: ChunkFormat, prompt: str | list[int]
+    loop: EngineLoop, streams: list[RequestStream], fmts: list[ChunkFormat], prompt: str | list[int]
 ) -> AsyncIterator[str]:
-    """Server-sent events until `data: [DONE]`; an engine-side end (failure, shutdown) sends an
-    error event before it."""
+    """Server-sent events of one prompt's choices (n > 1: interleaved as their tokens come, each
+    chunk naming its choice) until `data: [DONE]`; usage rides on the last finish chunk. An
+    engine-side end (failure, shutdown) of any choice sends an error event before it."""
+    pending: dict[asyncio.Future, int] = {}
     try:
-        event = await stream.next()
-        if event.finish_reason not in ("error", "abort"):
-            for chunk in fmt.opening(prompt, stream, event):
-                yield chunk
-        while True:
-            for chunk in fmt.event(event):
-                yield chunk
-            if event.finish_reason:
-                break
-            event = await stream.next()
-        try:
-            check_finish(event)
-        except APIError as e:  # the error event, then the end of the stream as always
-            yield sse(json.dumps(error_body(e.status, e.message)))
-            yield sse("[DONE]")
-            return
-        for chunk in fmt.closing(
-            event.finish_reason, fmt.shape.usage(stream.num_prompt_tokens, event.num_output_tokens)
-        ):
-            yield chunk
+        pending = {asyncio.ensure_future(st.next()): i for i, st in enumerate(streams)}
+        opened, generated, left = [False] * len(streams), 0, len(streams)
+        while pending:
+            done, _ = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+            for task in sorted(done, key=pending.get):
+                i, event = pending.pop(task), task.result()
+                if not opened[i] and event.finish_reason not in ("error", "abort"):
+                    opened[i] = True
+                    for chunk in fmts[i].opening(prompt, streams[i], event):
+                        yield chunk
+                for chunk in fmts[i].event(event):
+                    yield chunk
+                if not event.finish_reason:
+                    pending[asyncio.ensure_future(streams[i].next())] = i
+                    continue
+                try:
+                    check_finish(event)
+                except APIError as e:  # the error event, then the end of the stream as always
+                    yield sse(json.dumps(error_body(e.status, e.message)))
+                    yield sse("[DONE]")
+                    return
+                generated, left = generated + event.num_output_tokens, left - 1
+                usage = fmts[i].shape.usage(streams[i].num_prompt_tokens, generated) if not left else None
+                for chunk in fmts[i].closing(event.finish_reason, usage):
+                    yield chunk
         yield sse("[DONE]")
     finally:
-        abort_unfinished(loop, stream)
+        for task in pending:
+            task.cancel()
+        for st in streams:
+            abort_unfinished(loop, st)
 
 
 def abort_unfinished(loop: EngineLoop, stream: RequestStream) -> None:
     if not stream.finished:
         loop.abort(stream.request_id)
+
+
+def abort_all(loop: EngineLoop, streams: list[RequestStream]) -> None:
+    for stream in streams:
+        abort_unfinished(loop, stream)
