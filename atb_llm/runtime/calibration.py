@@ -35,6 +35,8 @@ class ProbeBackend(TorchBackend):
         self.rows = torch.zeros(num_layers, dtype=torch.float64)
 
     def prefill(self, q, k, v, kv_cache, layer, meta, scale):
+        if meta.has_context:
+            raise RuntimeError("calibration probes whole prompts; run it without chunked prefill or prefix caching")
         cu = meta.cu_seqlens.tolist()
         for s, e in zip(cu[:-1], cu[1:]):
             self._probe(q[s:e], k[s:e], layer, scale)
