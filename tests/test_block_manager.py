@@ -134,3 +134,26 @@ def test_growing_may_evict_matched_blocks_that_have_no_snapshot():
     b = BlockTable()
     assert bm.allocate(b, 64, tokens) == (0, 48)  # nothing usable; snapshot once 48 tokens are computed
     assert bm.prefix.entries == {} and bm.num_used() == {"model": 6}
+
+
+def test_a_snapshot_made_in_a_full_pool_stays_reachable():
+    """The second request matched the first one's idle blocks in the full group but has no window
+    snapshot; making room for its snapshot evicts those entries, so they are recorded again from its
+    own table and the snapshot hangs on a live entry (no idle block outside an entry)."""
+    from atb_llm.compression.levels import Level, Window
+
+    layout = GroupLayout(1, 2, (Level(), Window(sink=4, recent=12)))
+    bm = BlockManager(layout, {"model": 9}, 16, prefix_caching=True)
+    tokens = list(range(64))
+    a = BlockTable()
+    bm.allocate(a, 64, tokens)
+    bm.deallocate(a, tokens, 64)  # 4 idle blocks in the full group's entries, 5 clean
+    b = BlockTable()
+    assert bm.allocate(b, 64, tokens) == (0, 48)  # 6 blocks of its own: 5 clean, 1 evicted
+    bm.snapshot(b, tokens, 48)  # 2 window blocks: evicts two more entries, records b's blocks
+    bm.flush_copies(lambda pool, src, dst: None)
+    usable, matched = bm.prefix.match(tokens, 3)
+    assert matched == len(usable) == 3 and usable[-1].snapshot is not None
+    held = {x for e in bm.prefix.entries.values() for x in (*e.blocks, *(y for ids in e.snapshot or () for y in ids))}
+    pool = bm.pools["model"]
+    assert pool.num_idle == sum(pool.is_idle(x) for x in held)

@@ -137,9 +137,8 @@ class BlockManager:
         if self.prefix is None or not table or num_tokens % self.block_size:
             return
         n = num_tokens // self.block_size
-        self.prefix.insert(tokens, table.rows, n)
         entry = self.prefix.entry(tokens, n)
-        if entry is None or entry.snapshot is not None:
+        if entry is not None and entry.snapshot is not None:
             return
         groups = self.prefix.window_groups
         need = dict.fromkeys(self.pools, 0)
@@ -148,9 +147,11 @@ class BlockManager:
             need[lv.pool] += lv.blocks(num_tokens, self.block_size)
         if not all(need[p] <= self.pools[p].num_free for p in need):
             return
-        for p, k in need.items():
+        for p, k in need.items():  # room first: this may evict the prefix's entries too...
             if self.pools[p].num_clean < k:
                 self.prefix.evict(p, k)
+        self.prefix.insert(tokens, table.rows, n)  # ...which this records again, from this table
+        entry = self.prefix.entry(tokens, n)
         snapshot = []
         for g in groups:
             lv = self.layout.levels[g]
