@@ -118,11 +118,11 @@ class BlockManager:
             for g, b in zip(self.prefix.groups, e.blocks):
                 table.extend(g, [b])
                 self._hold(g, [b])
-        snapshot = entries[-1].snapshot if entries else None
-        for g, ids in zip(self.prefix.window_groups if snapshot else (), snapshot or ()):
+        snapshot = list(zip(self.prefix.window_groups, entries[-1].snapshot or ())) if entries else []
+        for g, ids in snapshot:
             self._hold(g, ids)  # until copied
         self._grow(table, self._growth(table, num_tokens))
-        for g, ids in zip(self.prefix.window_groups if snapshot else (), snapshot or ()):
+        for g, ids in snapshot:
             self.copies.append((g, list(ids), table[g][: len(ids)], list(ids)))
         if self.prefix is None or tokens is None:
             return 0, 0

@@ -92,12 +92,15 @@ class PrefixCache:
     def entry(self, tokens: list[int], num_blocks: int) -> Entry | None:
         return self.entries.get(self.hashes(tokens, num_blocks)[-1][0]) if num_blocks else None
 
-    def _blocks(self, entry: Entry):
+    def _snapshot_blocks(self, entry: Entry) -> list[tuple[str, int]]:
+        """(pool, block) of the entry's window snapshot (none without one)."""
+        return [
+            (self.layout.levels[g].pool, b) for g, ids in zip(self.window_groups, entry.snapshot or ()) for b in ids
+        ]
+
+    def _blocks(self, entry: Entry) -> list[tuple[str, int]]:
         """(pool, block) of everything the entry holds."""
-        yield from zip(self.group_pools, entry.blocks)
-        for g, ids in zip(self.window_groups, entry.snapshot or ()):
-            for b in ids:
-                yield self.layout.levels[g].pool, b
+        return [*zip(self.group_pools, entry.blocks), *self._snapshot_blocks(entry)]
 
     def idle_blocks(self, entries: list[Entry]) -> dict[str, int]:
         """Blocks of `entries` nobody holds now, per pool: reusing the prefix takes them (the
@@ -106,10 +109,8 @@ class PrefixCache:
         for e in entries:
             for pool, b in zip(self.group_pools, e.blocks):
                 out[pool] += self.pools[pool].is_idle(b)
-        if entries:
-            for g, ids in zip(self.window_groups, entries[-1].snapshot or ()):
-                pool = self.layout.levels[g].pool
-                out[pool] += sum(self.pools[pool].is_idle(b) for b in ids)
+        for pool, b in self._snapshot_blocks(entries[-1]) if entries else ():
+            out[pool] += self.pools[pool].is_idle(b)
         return out
 
     def evict(self, pool: str, needed: int) -> None:
@@ -119,9 +120,7 @@ class PrefixCache:
             if self.pools[pool].num_clean >= needed:
                 return
             entry = self.entries[h]
-            snap = [
-                (self.layout.levels[g].pool, b) for g, ids in zip(self.window_groups, entry.snapshot or ()) for b in ids
-            ]
+            snap = self._snapshot_blocks(entry)
             if snap and all(self.pools[p].is_idle(b) for p, b in snap):
                 entry.snapshot = None
                 for p, b in snap:
@@ -133,4 +132,4 @@ class PrefixCache:
 
     @property
     def num_cached_blocks(self) -> int:
-        return sum(1 for e in self.entries.values() for _ in self._blocks(e))
+        return sum(len(self._blocks(e)) for e in self.entries.values())

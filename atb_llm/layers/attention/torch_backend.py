@@ -37,7 +37,6 @@ class TorchBackend(AttentionBackend):
         n, hq, d = q.shape
         hkv = kv_cache.layout.num_kv_heads
         c = torch.tensor([meta.context_lens[b]], device=meta.input_lengths.device)
-        causal = torch.full((n, n), float("-inf"), dtype=q.dtype, device=q.device).triu(1)
         out = torch.empty(n, hkv, hq // hkv, d, dtype=q.dtype, device=q.device)
         qg = q.view(n, hkv, hq // hkv, d)
         for run in kv_cache.layout.runs(layer):
@@ -54,7 +53,7 @@ class TorchBackend(AttentionBackend):
             mask[:, read : kc.shape[1]] = float("-inf")
             if level.comp_slot is not None and level.comp_slot < read:
                 mask[:, level.comp_slot] = level.comp_bias(c).to(q.dtype)
-            mask[:, kc.shape[1] :] = causal
+            mask[:, kc.shape[1] :] = torch.full((n, n), float("-inf"), dtype=q.dtype, device=q.device).triu(1)
             kr = torch.cat([kc, k[:, heads].transpose(0, 1)], 1).unsqueeze(0)  # [1, h, S + L, D]
             vr = torch.cat([vc, v[:, heads].transpose(0, 1)], 1).unsqueeze(0)
             o = F.scaled_dot_product_attention(qr, kr, vr, attn_mask=mask, scale=scale, enable_gqa=True)
