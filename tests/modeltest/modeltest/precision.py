@@ -19,7 +19,7 @@ from atb_llm.models.base.router import get_router
 from atb_llm.runtime.engine import EngineConfig, LLMEngine
 from atb_llm.utils.default_model import resolve_model_path
 from atb_llm.utils.perf import load_hf
-from modeltest import report
+from modeltest import report, variants
 from modeltest.args import RunArgs
 from modeltest.datasets import DATASETS, Task
 from modeltest.scoring import best_option, encode_prompts, option_tokens, score_engine, score_hf, top_gap
@@ -136,11 +136,13 @@ def evaluate(args: RunArgs, task: Task, model_path: str, device: str, batch_size
         diffs = [abs(a - b) for o, t in zip(ours, theirs) for a, b in zip(o, t)]
         summary.update(max_logprob_diff=max(diffs))
     write(args, task, device, rows, categories, summary)
-    return summary
+    return summary, rows
 
 
-def file_stem(args: RunArgs, task: Task, batch_size: int) -> str:
-    stem = f"{task.name.lower()}_{task.shots}shot_batch{batch_size}_tp1_mlgc-{report.mlgc_tag(args.mlgc)}"
+def file_stem(args: RunArgs, task: Task, batch_size: int, cache: str | None = None) -> str:
+    """<dataset>_<shots>shot_batch<N>_tp1_<cache>[_first<limit>]; cache: mlgc-<tag> by default."""
+    cache = cache or f"mlgc-{report.mlgc_tag(args.mlgc)}"
+    stem = f"{task.name.lower()}_{task.shots}shot_batch{batch_size}_tp1_{cache}"
     return stem + (f"_first{args.limit}" if args.limit else "")
 
 
@@ -174,7 +176,23 @@ def write(args: RunArgs, task: Task, device: str, rows: list[dict], categories: 
 
 
 def run_precision(args: RunArgs) -> list[dict]:
+    """One summary per batch size; with --variant, one per variant and batch size, and per batch
+    size a table of the variants side by side."""
     task = DATASETS[args.test].load(args.shots, args.data).head(args.limit)
-    model_path = str(resolve_model_path(args.weight_dir))
     device = report.resolve_device(args.device)
-    return [evaluate(args, task, model_path, device, batch_size) for batch_size in args.batch_sizes]
+    if not args.variants:
+        model_path = str(resolve_model_path(args.weight_dir))
+        return [evaluate(args, task, model_path, device, batch_size)[0] for batch_size in args.batch_sizes]
+    summaries = []
+    for batch_size in args.batch_sizes:
+        runs = []
+        for v in variants.variants(args):
+            summary, rows = evaluate(variants.args_for(args, v), task, str(resolve_model_path(v.weight_dir)), device,
+                                     batch_size)  # fmt: skip
+            runs.append((v, summary, [dict(id=r["id"], answer=r["predicted"]) for r in rows]))
+            summaries.append(summary)
+        table = variants.side_by_side(runs, "accuracy", "answer")
+        title = f"{task.name}, {len(task.items)} items, {task.shots}-shot, batch {batch_size}, {args.dtype}"
+        stem = file_stem(args, task, batch_size, cache="variants")
+        variants.write(report.results_dir(args, "precision", device), stem, title, table)
+    return summaries

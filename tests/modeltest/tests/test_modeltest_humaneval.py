@@ -128,3 +128,19 @@ def test_command_end_to_end(tiny_models, tmp_path, capsys):
     (summary,) = main(argv + ["--max_new_tokens", "8", "--style", "completion", "--out", str(tmp_path)])
     assert "cobol" in summary["skipped_languages"] and summary["problems"] == 2 - bool(toolchain_missing("cpp"))
     assert "skipping cobol: no runner for cobol" in capsys.readouterr().out
+
+
+@pytest.mark.timeout(600)
+def test_variants_compare_pass_or_fail_per_problem(tiny_models, tmp_path):
+    first, other = tiny_models(), tiny_models(seed=3)
+    write_x(tmp_path / "x")
+    argv = ["pa_fp32", "full_HumanEval_X", "1", "qwen2_mlgc", str(first), "1", "--data", str(tmp_path / "x")]
+    argv += ["--max_new_tokens", "4", "--style", "completion", "--out", str(tmp_path), "--variant", str(other)]
+    summaries = main(argv)
+    folder = tmp_path / "CPU" / "precision_test" / "pa" / "fp32" / "qwen2_mlgc"
+    csv_name = "humaneval_x_completion_batch1_tp1_mlgc-off_problems.csv"
+    passed = [[r["passed"] for r in read_csv(folder / m.name / csv_name)] for m in (first, other)]
+    table = json.loads((folder / "humaneval_x_completion_batch1_tp1_variants.json").read_text())
+    assert [row["variant"] for row in table] == [first.name, other.name]
+    same = sum(a == b for a, b in zip(*passed)) / len(passed[0])
+    assert table[1]["agreement"] == f"{same:.4f}" and table[1]["pass_at_1"] == f"{summaries[1]['pass_at_1']:.4f}"

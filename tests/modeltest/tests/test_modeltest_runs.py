@@ -6,9 +6,11 @@ import csv
 import json
 
 import pytest
+from modeltest.args import parse_args
 from modeltest.cli import main
 from modeltest.datasets import Item, Task
 from modeltest.report import category_accuracy, merge_accuracy
+from modeltest.variants import variants
 
 
 def read_csv(path) -> list[dict]:
@@ -146,3 +148,36 @@ def test_performance_maxbs_runs_each_case_at_the_largest_batch_that_fits(tiny_mo
     assert "batch 8 at [16,4], 4 at [120,20]" in capsys.readouterr().out
     rows = main(argv + ["--cache_memory_gb", str(0.5 / 1024), "--max_batch", "5", "--out", str(tmp_path)])
     assert [r["batch_size"] for r in rows] == [5, 4]
+
+
+def test_variants_side_by_side_compare_each_item_with_the_first(tiny_models, mmlu_dir, tmp_path, capsys):
+    first, other = tiny_models(), tiny_models(seed=3, std=0.6)
+    argv = ["pa_fp32", "full_MMLU", "0", "2", "qwen2_mlgc", str(first), "--data", str(mmlu_dir), "--out", str(tmp_path)]
+    summaries = main(argv + ["--variant", str(other), "--variant", f"{first}@streaming"])
+    folder = tmp_path / "CPU/precision_test/pa/fp32/qwen2_mlgc"
+    names = [first.name, other.name, f"{first.name}+mlgc-streaming"]
+    caches = ["off", "off", "streaming"]
+    answers = [[r["predicted"] for r in read_csv(folder / n / f"mmlu_0shot_batch2_tp1_mlgc-{c}_items.csv")]
+               for n, c in zip(names, caches)]  # fmt: skip
+    assert [s["mlgc"] for s in summaries] == caches
+    table = json.loads((folder / "mmlu_0shot_batch2_tp1_variants.json").read_text())
+    assert [row["variant"] for row in table] == names
+    for row, s, mine in zip(table, summaries, answers):
+        same = sum(a == b for a, b in zip(mine, answers[0])) / 4
+        assert row["agreement"] == f"{same:.4f}" and row["accuracy"] == f"{s['accuracy']:.4f}"
+        assert row["diff_points"] == f"{100 * (s['accuracy'] - summaries[0]['accuracy']):+.2f}"
+    assert answers[1] != answers[0]  # another model: the comparison has something to find
+    assert table[2]["agreement"] == "1.0000"  # prefill scores do not depend on the KV cache's compression
+    assert f"| {names[1]} |" in capsys.readouterr().out
+
+
+def test_variant_errors_name_the_value(tiny_models, tmp_path):
+    base = ["pa_fp32", "full_BoolQ", "1", "qwen2_mlgc", str(tiny_models())]
+    with pytest.raises(ValueError, match=r"--variant '/nowhere@streaming': '/nowhere' is not a folder"):
+        parse_args(base + ["--variant", "/nowhere@streaming"])
+    with pytest.raises(ValueError, match="names no weight folder"):
+        parse_args(base + ["--variant", "@streaming"])
+    with pytest.raises(ValueError, match="not to performance"):
+        parse_args(["pa_fp32", "performance", "[[4,4]]", "1", "qwen2_mlgc", "--variant", "default"])
+    same = parse_args(base + ["--variant", str(tiny_models()), "--variant", "default@random"])
+    assert [v.name for v in variants(same)][1:] == [f"{tiny_models().name}-2", "default+mlgc-random"]
