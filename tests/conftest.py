@@ -30,3 +30,30 @@ def tiny_models(tmp_path_factory):
         return cache[key]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def float_model(tmp_path_factory):
+    from tiny import build_tiny_qwen2
+
+    # hidden 256, intermediate 512: W4A16 groups of 128 give 2 and 4 groups per row
+    return build_tiny_qwen2(tmp_path_factory.mktemp("float"), hidden=256, dtype=torch.bfloat16)
+
+
+@pytest.fixture(scope="session")
+def quantized(float_model, tmp_path_factory):
+    """quantized(variant) -> folder written by msModelSlim, made once per variant."""
+    from tiny import QUANT_KINDS
+
+    from examples.models.qwen2_5_mlgc.convert_quant_weight import convert
+
+    made = {}
+
+    def get(variant):
+        if variant not in made:
+            kind, group = QUANT_KINDS[variant]
+            dst = tmp_path_factory.mktemp("q") / variant
+            made[variant] = convert(float_model, dst, kind, None, 2, "cpu", group)
+        return made[variant]
+
+    return get

@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
+from tiny import QUANT_KINDS as KINDS
 from tiny import build_tiny_qwen2
 
 from atb_llm.quantization.w8a8 import deq_scale_as_float
@@ -22,37 +23,9 @@ from examples.models.qwen2_5_mlgc.convert_quant_weight import convert
 if importlib.util.find_spec("msmodelslim") is None:
     pytest.skip("pip install msmodelslim==26.1.0 (setup.sh does)", allow_module_level=True)
 
-KINDS = {  # variant -> (converter type, W4A16 group size)
-    "w8a16": ("w8a16", 128),
-    "w4a16": ("w4a16", 128),
-    "w4a16_per_channel": ("w4a16", 0),
-    "w8a8": ("w8a8", 128),
-    "w8a8_dynamic": ("w8a8_dynamic", 128),
-}
 LINEARS = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj"]
 LINEARS += ["mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]
 PROMPT = list(range(5, 45))
-
-
-@pytest.fixture(scope="module")
-def float_model(tmp_path_factory):
-    # hidden 256, intermediate 512: W4A16 groups of 128 give 2 and 4 groups per row
-    return build_tiny_qwen2(tmp_path_factory.mktemp("float"), hidden=256, dtype=torch.bfloat16)
-
-
-@pytest.fixture(scope="module")
-def quantized(float_model, tmp_path_factory):
-    """quantized(variant) -> folder written by msModelSlim, made once per variant."""
-    made = {}
-
-    def get(variant):
-        if variant not in made:
-            kind, group = KINDS[variant]
-            dst = tmp_path_factory.mktemp("q") / variant
-            made[variant] = convert(float_model, dst, kind, None, 2, "cpu", group)
-        return made[variant]
-
-    return get
 
 
 def tensors(folder):

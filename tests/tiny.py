@@ -6,6 +6,14 @@ from pathlib import Path
 
 import torch
 
+QUANT_KINDS = {  # quantized tiny checkpoints (conftest `quantized`): variant -> (converter type, W4A16 group size)
+    "w8a16": ("w8a16", 128),
+    "w4a16": ("w4a16", 128),
+    "w4a16_per_channel": ("w4a16", 0),
+    "w8a8": ("w8a8", 128),
+    "w8a8_dynamic": ("w8a8_dynamic", 128),
+}
+
 TEXT = "hello world the quick brown fox jumps over the lazy dog 0123456789 def return if else"
 
 

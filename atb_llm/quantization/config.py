@@ -64,6 +64,7 @@ class QuantConfig:
 
     def __init__(self, description: QuantDescription | None = None, on_load: str | None = None):
         self.description, self.on_load = description, on_load
+        self.triton: bool | None = None  # the methods' kernels (see QuantMethod); the engine sets it
 
     @property
     def name(self) -> str:
@@ -79,7 +80,7 @@ class QuantConfig:
         """prefix: the module path (`model.layers.0.self_attn`); shards: the Hugging Face linears fused
         into this one (`q_proj`, `k_proj`, `v_proj`), or none for a single linear named by prefix."""
         if self.on_load is not None:
-            return make_method(self.on_load.upper(), RTN_GROUP_SIZE, from_float=True)
+            return make_method(self.on_load.upper(), RTN_GROUP_SIZE, from_float=True, triton=self.triton)
         if self.description is None:
             return LinearMethod()
         names = [f"{prefix}.{s}.weight" for s in shards] or [f"{prefix}.weight"]
@@ -90,7 +91,7 @@ class QuantConfig:
                 f"type, got {kinds}; quantize them alike (e.g. list all or none of them in disable_names)"
             )
         kind = next(iter(kinds.values()))
-        return LinearMethod() if kind == "FLOAT" else make_method(kind, self.description.group_size)
+        return LinearMethod() if kind == "FLOAT" else make_method(kind, self.description.group_size, triton=self.triton)
 
 
 def read_quant_config(weight_dir: str | Path, config_json: dict, on_load: str | None = None) -> QuantConfig:

@@ -4,7 +4,8 @@ Checkpoint: weight int8 [N, K], weight_scale and weight_offset [N, 1]; W = (q - 
 On CPU, bf16/fp16 products run in torch's weight-only int8 kernel (`_weight_int8pack_mm`), which
 reads the int8 weight directly: half the bytes of bf16 per decode step. The kernel has no fast
 fp32 path (24x slower than a dense fp32 matmul at 512 rows on an AVX2 CPU), so fp32 models
-dequantize the weight per call instead (see `QuantMethod.dense_fp32`).
+dequantize the weight per call instead (see `QuantMethod.dense_fp32`). On CUDA the product runs in
+the Triton kernel of `triton_gemm`, which dequantizes the int8 tile in registers.
 """
 
 from __future__ import annotations
@@ -47,12 +48,21 @@ class W8A16Method(QuantMethod):
         layer.scales = scale.to(layer.dtype)
         # W x = s * (q x) - s * o * sum(x): the offset term only where offsets are not all zero
         layer.zero_term = (scale * offset).to(layer.dtype) if offset.any() else None
+        layer.gpu = self.gpu_kernels(layer)
+        if layer.gpu:  # W = q * scale + zero, dequantized inside the kernel
+            scale = scale.float()[:, None].contiguous()
+            layer.gemm_scale_zero = (scale, -scale * offset.float()[:, None])
 
     def dequantize(self, layer: LinearBase) -> torch.Tensor:
         w = layer.weight.float() * layer.scales[:, None]
         return w if layer.zero_term is None else w - layer.zero_term[:, None]
 
     def apply(self, layer: LinearBase, x: torch.Tensor) -> torch.Tensor:
+        if layer.gpu:
+            from atb_llm.quantization.triton_gemm import wq_matmul  # triton only where it runs
+
+            y = wq_matmul(x.reshape(-1, layer.input_size), layer.weight, *layer.gemm_scale_zero, layer.bias)
+            return y.view(*x.shape[:-1], layer.output_size)
         if self.dense_fp32(layer):
             return torch.nn.functional.linear(x, self.dequantize(layer), layer.bias)
         x2 = x.reshape(-1, layer.input_size)

@@ -11,7 +11,8 @@ W8A8_DYNAMIC checkpoint: weight int8 [N, K], weight_scale [N, 1], float bias; pe
 The int8 GEMM is oneDNN's (`onednn.qlinear_pointwise`, u8 activations). CPUs without VNNI
 multiply u8 x s8 pairs into saturating int16 sums, which loses precision for activations above
 127; where a probe at load finds that, the activation u = x_q + 128 is split as 2 * (u >> 1) +
-(u & 1) over two exact GEMMs. The int32 sums come back in fp32 and are scaled here.
+(u & 1) over two exact GEMMs. The int32 sums come back in fp32 and are scaled here. On CUDA the
+GEMM is torch._int_mm (cuBLAS int8).
 """
 
 from __future__ import annotations
@@ -62,6 +63,25 @@ class Int8Gemm:
         return acc.sub_(self.shift)
 
 
+class IntMM:
+    """The same product with torch._int_mm (cuBLAS int8 on CUDA, which takes more than 16 rows:
+    decode batches are padded to 17)."""
+
+    def __init__(self, q: torch.Tensor):
+        self.qt = q.t()  # [K, N] column-major, as cuBLAS wants the second operand
+
+    def __call__(self, xq: torch.Tensor) -> torch.Tensor:
+        m = xq.shape[0]
+        x8 = xq.to(torch.int8)
+        if m <= 16:
+            x8 = torch.cat([x8, x8.new_zeros(17 - m, x8.shape[1])])
+        return torch._int_mm(x8, self.qt)[:m].float()
+
+
+def int8_gemm(method: QuantMethod, layer: LinearBase) -> Int8Gemm | IntMM:
+    return IntMM(layer.weight.data) if method.gpu_kernels(layer) else Int8Gemm(layer.weight.data)
+
+
 def _check_symmetric(layer: LinearBase) -> None:
     if layer.weight_offset.data.any():
         raise ValueError(
@@ -88,8 +108,8 @@ class W8A8Method(QuantMethod):
 
     def process_weights_after_loading(self, layer: LinearBase) -> None:
         _check_symmetric(layer)
-        layer.gemm = Int8Gemm(layer.weight.data)
-        layer.weight.data = torch.empty(0, dtype=torch.int8)  # one copy in memory: the packed one
+        layer.gemm = int8_gemm(self, layer)
+        layer.weight.data = layer.weight.data.new_empty(0)  # one copy in memory: the packed one
         layer.deq = layer.deq_scale.data.float()
         layer.gemm_bias = layer.quant_bias.data.float() * layer.deq
         layer.in_scale, layer.in_offset = float(layer.input_scale), float(layer.input_offset)
@@ -112,8 +132,8 @@ class W8A8DynamicMethod(QuantMethod):
 
     def process_weights_after_loading(self, layer: LinearBase) -> None:
         _check_symmetric(layer)
-        layer.gemm = Int8Gemm(layer.weight.data)
-        layer.weight.data = torch.empty(0, dtype=torch.int8)
+        layer.gemm = int8_gemm(self, layer)
+        layer.weight.data = layer.weight.data.new_empty(0)
         layer.w_scale = layer.weight_scale.data.flatten().float()
 
     def apply(self, layer: LinearBase, x: torch.Tensor) -> torch.Tensor:

@@ -57,6 +57,8 @@ class LLMEngine:
         weights = WeightFiles(cfg.model_path)
         backend = backend or get_backend(cfg.device, cfg.attention_backend)
         self.quant = router.get_quant_config(cfg.quantize)
+        if cfg.attention_backend == "triton":  # one kernel family: the quantized linears' GEMMs too
+            self.quant.triton = True
         self.model = router.get_model_cls().build(self.model_config, backend, self.dtype, cfg.device, self.quant)
         self.model.load_weights(weights, progress=cfg.progress)
         self.model.eval()

@@ -21,8 +21,8 @@ class EngineConfig:
     max_prefill_tokens tokens per step, a longer prompt over several steps between decode steps
     (otherwise a prompt is prefilled in one step, however long). prefix_caching: a prompt that
     starts with blocks another request computed shares them instead of computing them again.
-    attention_backend: torch |
-    triton | npu; None = by device."""
+    attention_backend: torch | triton | npu; None = by device. triton also runs the quantized linears
+    in the GPU kernels (on CPU tensors only under Triton's interpreter, TRITON_INTERPRET=1)."""
 
     model_path: str
     dtype: str | None = None
