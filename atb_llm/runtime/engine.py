@@ -4,6 +4,7 @@ schedule -> forward -> sample loop with continuous batching."""
 from __future__ import annotations
 
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import torch
@@ -40,9 +41,16 @@ class RequestOutput:
 
 
 class LLMEngine:
-    def __init__(self, cfg: EngineConfig, layout: GroupLayout | None = None, backend: AttentionBackend | None = None):
+    def __init__(
+        self,
+        cfg: EngineConfig,
+        layout: GroupLayout | None = None,
+        backend: AttentionBackend | None = None,
+        weights: Iterable[tuple[str, torch.Tensor]] | None = None,
+    ):
         """`layout` overrides cfg.mlgc with a group layout; `backend` overrides the device's attention
-        backend (calibration probes attention through it)."""
+        backend (calibration probes attention through it); `weights` gives the checkpoint's (name,
+        tensor) pairs instead of the folder's files (random weights of a config, for benchmarks)."""
         self.cfg = cfg
         router = get_router(cfg.model_path)
         self.model_config = router.get_config()
@@ -54,7 +62,7 @@ class LLMEngine:
                 f"max_input_length + max_output_length = {self.max_seq_len} exceeds the model's "
                 f"max_position_embeddings={self.model_config.max_position_embeddings}; lower them"
             )
-        weights = WeightFiles(cfg.model_path)
+        weights = WeightFiles(cfg.model_path) if weights is None else weights
         backend = backend or get_backend(cfg.device, cfg.attention_backend)
         self.quant = router.get_quant_config(cfg.quantize)
         if cfg.attention_backend == "triton":  # one kernel family: the quantized linears' GEMMs too
