@@ -8,6 +8,7 @@ from triton.compiler import ASTSource
 
 from atb_llm.layers.attention import triton_kernels as K
 from atb_llm.layers.attention.triton_backend import tile_size
+from atb_llm.quantization import triton_gemm as G
 
 SCALARS = {"qk_scale": "fp32"}  # every other non-pointer argument is an i32 (ids, slots, strides)
 
@@ -55,6 +56,12 @@ def main() -> None:
             assert "div.rn.f32" in ptx and "0f4B400000" in ptx and "0fCB400000" in ptx, "int8 rounding changed"
         if comp:
             assert "bar.sync" in ptx or "barrier.sync" in ptx, "no barrier between the fold and the write"
+        n += 1
+    for model, int4, bm in [("bf16", False, 16), ("bf16", True, 64), ("fp32", True, 16)]:
+        ptrs = {"x_ptr": f"*{model}", "w_ptr": "*i8", "s_ptr": "*fp32", "z_ptr": "*fp32", "b_ptr": f"*{model}"}
+        ptrs |= {"y_ptr": f"*{model}"}
+        consts = dict(GROUP=128, INT4=int4, HAS_BIAS=True, PRECISION="ieee" if model == "fp32" else "tf32")
+        compile_sm90(G.wq_matmul_kernel, ptrs, consts | dict(BLOCK_M=bm, BLOCK_N=64, BLOCK_K=64), num_warps=4)
         n += 1
     print(f"compiled {n} kernels for sm_90")
 
