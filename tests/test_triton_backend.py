@@ -176,7 +176,7 @@ def test_kernels_compile_for_sm90():
     script = Path(__file__).with_name("triton_sm90.py")
     r = subprocess.run([sys.executable, str(script)], env=env, cwd=root, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-4000:]
-    assert "compiled 9 kernels for sm_90" in r.stdout
+    assert "compiled 13 kernels for sm_90" in r.stdout
 
 
 @pytest.mark.parametrize("chunked", [False, True])

@@ -6,11 +6,12 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
+from atb_llm.layers import triton_ops as O
 from atb_llm.layers.attention import triton_kernels as K
 from atb_llm.layers.attention.triton_backend import tile_size
 from atb_llm.quantization import triton_gemm as G
 
-SCALARS = {"qk_scale": "fp32"}  # every other non-pointer argument is an i32 (ids, slots, strides)
+SCALARS = {"qk_scale": "fp32", "eps": "fp32"}  # every other non-pointer argument is an i32 (ids, slots, strides)
 
 
 def compile_sm90(fn, pointers: dict[str, str], constexprs: dict, num_warps: int) -> str:
@@ -63,6 +64,12 @@ def main() -> None:
         consts = dict(GROUP=128, INT4=int4, HAS_BIAS=True, PRECISION="ieee" if model == "fp32" else "tf32")
         compile_sm90(G.wq_matmul_kernel, ptrs, consts | dict(BLOCK_M=bm, BLOCK_N=64, BLOCK_K=64), num_warps=4)
         n += 1
+    for model in ("bf16", "fp32"):
+        ptrs = {p: f"*{model}" for p in ("x_ptr", "r_ptr", "w_ptr", "out_ptr", "sum_ptr")}
+        compile_sm90(O.add_rms_norm_kernel, ptrs, dict(HAS_RES=True, BLOCK=4096), num_warps=8)
+        ptrs = {p: f"*{model}" for p in ("x_ptr", "cos_ptr", "sin_ptr", "out_ptr")}
+        compile_sm90(O.rotary_kernel, ptrs, dict(HALF=64, BLOCK_H=32), num_warps=4)
+        n += 2
     print(f"compiled {n} kernels for sm_90")
 
 

@@ -7,9 +7,11 @@ from torch import nn
 
 
 class RMSNorm(nn.Module):
-    def __init__(self, hidden_size: int, eps: float):
+    """fused: one Triton kernel (`triton_ops.add_rms_norm`, the GPU path) instead of torch operations."""
+
+    def __init__(self, hidden_size: int, eps: float, fused: bool = False):
         super().__init__()
-        self.eps = eps
+        self.eps, self.fused = eps, fused
         self.weight = nn.Parameter(torch.ones(hidden_size), requires_grad=False)
 
     def _norm(self, x: torch.Tensor) -> torch.Tensor:
@@ -21,6 +23,10 @@ class RMSNorm(nn.Module):
         self, x: torch.Tensor, residual: torch.Tensor | None = None
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """x: [T, H]. With `residual`, returns (norm(x + residual), x + residual)."""
+        if self.fused:
+            from atb_llm.layers.triton_ops import add_rms_norm  # triton only where it runs
+
+            return add_rms_norm(x, self.weight, self.eps, residual)
         if residual is None:
             return self._norm(x)
         x = x + residual

@@ -36,12 +36,13 @@ class Qwen2Attention(nn.Module):
         self.qkv_proj = MergedLinear(config.hidden_size, shards, bias=True, method=qkv_method)
         self.o_proj = ReplicatedLinear(self.q_size, config.hidden_size, False, quant.method(f"{prefix}.o_proj"))
         self.attn = PagedAttention(layer_idx, self.head_dim**-0.5, backend)
+        self.fused = backend.name == "triton"  # the GPU path: RoPE in one kernel
 
     def forward(
         self, rope: tuple[torch.Tensor, torch.Tensor], hidden: torch.Tensor, kv_cache: KVCache, meta: AttentionMetadata
     ) -> torch.Tensor:
         qkv = self.qkv_proj(hidden).view(-1, self.num_heads + 2 * self.num_kv_heads, self.head_dim)
-        qk = apply_rotary(rope, qkv[:, : self.num_heads + self.num_kv_heads])  # q and k rotated in one pass
+        qk = apply_rotary(rope, qkv[:, : self.num_heads + self.num_kv_heads], self.fused)  # q and k in one pass
         q, k = qk.split([self.num_heads, self.num_kv_heads], dim=1)
         v = qkv[:, self.num_heads + self.num_kv_heads :]
         return self.o_proj(self.attn(q, k, v, kv_cache, meta).flatten(1))
@@ -69,9 +70,10 @@ class Qwen2MLP(nn.Module):
 class Qwen2DecoderLayer(nn.Module):
     def __init__(self, config: ModelConfig, layer_idx: int, backend: AttentionBackend, quant: QuantConfig):
         super().__init__()
-        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        fused = backend.name == "triton"  # the GPU path: residual add and norm in one kernel
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, fused)
         self.self_attn = Qwen2Attention(config, layer_idx, backend, quant)
-        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, fused)
         self.mlp = Qwen2MLP(config, layer_idx, quant)
 
     def forward(self, rope, hidden, residual, kv_cache, meta) -> tuple[torch.Tensor, torch.Tensor]:
@@ -94,7 +96,7 @@ class Qwen2Model(nn.Module):
         self.layers = nn.ModuleList(
             Qwen2DecoderLayer(config, i, backend, quant) for i in range(config.num_hidden_layers)
         )
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, backend.name == "triton")
 
     def forward(self, input_ids, positions, kv_cache, meta) -> torch.Tensor:
         hidden, residual = self.embed_tokens(input_ids), None
