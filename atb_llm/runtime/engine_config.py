@@ -22,7 +22,9 @@ class EngineConfig:
     (otherwise a prompt is prefilled in one step, however long). prefix_caching: a prompt that
     starts with blocks another request computed shares them instead of computing them again.
     attention_backend: torch | triton | npu; None = by device. triton also runs the quantized linears
-    in the GPU kernels (on CPU tensors only under Triton's interpreter, TRITON_INTERPRET=1)."""
+    in the GPU kernels (on CPU tensors only under Triton's interpreter, TRITON_INTERPRET=1).
+    enforce_eager: on CUDA with the triton backend, run decode eagerly instead of replaying CUDA
+    graphs captured per batch-size bucket (see atb_llm.runtime.cuda_graph)."""
 
     model_path: str
     dtype: str | None = None
@@ -41,6 +43,7 @@ class EngineConfig:
     kv_quant: str | None = None
     progress: bool = True
     attention_backend: str | None = None
+    enforce_eager: bool = False
 
     def __post_init__(self):
         for name in ("max_batch_size", "max_input_length", "max_output_length", "max_prefill_tokens"):
@@ -86,6 +89,12 @@ class EngineConfig:
         g.add_argument("--quantize", default=d["quantize"], choices=QUANTIZE_CHOICES, help="quantize at load")
         g.add_argument("--kv_quant", default=d["kv_quant"], choices=["c8"], help="int8 KV cache")
         g.add_argument("--attention_backend", default=d["attention_backend"], choices=["torch", "triton", "npu"])
+        g.add_argument(
+            "--enforce_eager",
+            action="store_true",
+            default=d["enforce_eager"],
+            help="CUDA: decode without CUDA graphs",
+        )
         return parser
 
     @classmethod

@@ -9,6 +9,7 @@ import torch
 from atb_llm.cache.cache_manager import CacheManager
 from atb_llm.cache.kv_cache import KVCache
 from atb_llm.models.base.flash_causal_lm import FlashForCausalLM
+from atb_llm.runtime.cuda_graph import DecodeGraphs
 from atb_llm.runtime.sampler import Sampler, token_logprobs
 from atb_llm.runtime.sequence import Sequence, TokenLogprob
 
@@ -45,12 +46,18 @@ class StepResult:
 
 class ModelRunner:
     def __init__(
-        self, model: FlashForCausalLM, cache_manager: CacheManager, eos_token_ids: frozenset[int] = frozenset()
+        self,
+        model: FlashForCausalLM,
+        cache_manager: CacheManager,
+        eos_token_ids: frozenset[int] = frozenset(),
+        graphs: DecodeGraphs | None = None,
     ):
+        """graphs: decode steps that fit one of its buckets replay its CUDA graphs."""
         self.model = model
         self.cache_manager = cache_manager
         self.device = cache_manager.device
         self.sampler = Sampler(eos_token_ids)
+        self.graphs = graphs
 
     def _tensor(self, values: list[int]) -> torch.Tensor:
         return torch.tensor(values, dtype=torch.int64).to(self.device)
@@ -110,6 +117,8 @@ class ModelRunner:
         )
 
     def _forward(self, b: ForwardBatch) -> torch.Tensor:
+        if not b.is_prefill and self.graphs is not None and self.graphs.fits(b.block_tables):
+            return self.graphs.run(b.input_ids, b.position_ids, b.block_tables, b.slots, b.input_lengths)
         return self.model(
             b.input_ids, b.position_ids, b.is_prefill, b.kv_cache, b.block_tables, b.slots, b.input_lengths,
             b.max_seq_len, b.lm_head_indices, b.q_lens,

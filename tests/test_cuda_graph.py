@@ -1,0 +1,66 @@
+"""Decode through the CUDA-graph runner's static buffers. Without CUDA the runner runs the forward
+eagerly on its buffers, which checks what graphs add: the copies into static buffers, padding a
+batch up to its bucket (rows that must neither write the cache nor fold a window), and buffers
+left over from a larger batch. The graph capture itself needs a GPU."""
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # the triton backend's kernels run on CPU tensors
+
+import pytest
+import torch
+
+from atb_llm.compression.layout import GroupLayout
+from atb_llm.compression.levels import make_level
+from atb_llm.runtime.cuda_graph import DecodeGraphs, buckets
+from atb_llm.runtime.engine import EngineConfig, LLMEngine
+from atb_llm.runtime.sequence import SamplingParams
+
+
+def test_buckets():
+    assert buckets(1) == [1]
+    assert buckets(8) == [1, 2, 4, 8]
+    assert buckets(20) == [1, 2, 4, 8, 16, 20]
+    assert buckets(32) == [1, 2, 4, 8, 16, 24, 32]
+
+
+def run(path, backend, graphs):
+    names = ["full", "window", "window_int8", "full_int8"]  # windows of sink 4 + recent 8: decode folds
+    layout = GroupLayout(2, 2, tuple(make_level(n, 4, 8) for n in names))
+    cfg = EngineConfig(path, dtype="fp32", block_size=16, max_batch_size=8, max_input_length=40, max_output_length=12,
+                       attention_backend=backend, progress=False)  # fmt: skip
+    eng = LLMEngine(cfg, layout=layout)
+    assert eng.runner.graphs is None  # no CUDA: the engine builds none
+    if graphs:
+        eng.runner.graphs = DecodeGraphs(eng.model, eng.cache_manager.kv_cache, 8, 4, eng.max_seq_len, "cpu")
+    prompts = [list(range(3, 40)), list(range(100, 110)), [7] * 3, list(range(50, 70)), [9, 8]]
+    params = [SamplingParams(max_tokens=m, ignore_eos=True, logprobs=1) for m in (12, 3, 7, 5, 9)]
+    outs = eng.generate(prompts, params)
+    return eng, [o.token_ids for o in outs], [[t.logprob for t in o.output_logprobs] for o in outs]
+
+
+def test_decode_through_the_buffers_equals_eager_decode(tiny_models):
+    """5 sequences (bucket 8: three padding rows), then 4, 3, 2, 1 as they finish (buckets 4, 4, 2, 1):
+    the same tokens and log-probs as plain decode, so padding rows wrote nothing and stale rows
+    of larger batches were not read."""
+    path = str(tiny_models())  # the triton backend: the one the engine captures graphs with
+    _, want_tokens, want_lp = run(path, "triton", graphs=False)
+    eng, tokens, lp = run(path, "triton", graphs=True)
+    assert tokens == want_tokens and [len(t) for t in tokens] == [12, 3, 7, 5, 9]
+    for a, b in zip(lp, want_lp):
+        assert max(abs(x - y) for x, y in zip(a, b)) < 1e-4
+    assert sorted(eng.runner.graphs.graphs) == [1, 2, 4, 8]  # every bucket the batch passed through
+
+
+def test_a_step_wider_than_the_buffers_runs_eagerly(tiny_models):
+    cfg = EngineConfig(str(tiny_models()), dtype="fp32", block_size=16, max_input_length=40, progress=False,
+                       attention_backend="triton")  # fmt: skip
+    eng = LLMEngine(cfg)
+    graphs = eng.runner.graphs = DecodeGraphs(eng.model, eng.cache_manager.kv_cache, 2, 1, eng.max_seq_len, "cpu")
+    out = eng.generate([list(range(3, 40)), [5, 6], [7]], SamplingParams(max_tokens=3, ignore_eos=True))
+    assert [len(o.token_ids) for o in out] == [3, 3, 3]
+    assert graphs.graphs == {}  # 3 sequences, then 37+ tokens in 3 blocks: never within 2 x 1 block
+    tables = torch.zeros(4, 3, 1, dtype=torch.int64)
+    assert not graphs.fits(tables) and graphs.fits(tables[:, :2])
+    with pytest.raises(ValueError, match="a decode step of 3 sequences x 1 blocks exceeds the graphs' buffers"):
+        graphs.run(torch.zeros(3), torch.zeros(3), tables, torch.zeros(4, 3), torch.ones(3))
