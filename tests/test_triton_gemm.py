@@ -1,7 +1,7 @@
 """The GPU path of the quantized linears, on CPU tensors under Triton's interpreter: the weight-only
 GEMM kernel against an fp32 reference (int8 and int4, offsets, groups, ragged shapes, decode and
 prefill row counts), and whole quantized models on the triton backend (Triton attention, Triton GEMM
-for W8A16/W4A16, torch._int_mm for W8A8) against the same models on the CPU kernels."""
+for W8A16/W4A16, torch._int_mm for W8A8) against their references."""
 
 import importlib.util
 import os
@@ -10,6 +10,7 @@ os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton_gemm is imported
 
 import pytest
 import torch
+from quant_reference import dequantized_copy
 
 from atb_llm.quantization.triton_gemm import wq_matmul
 from atb_llm.quantization.w4a16 import quantize_w4_groups, unpack_int4
@@ -80,25 +81,28 @@ needs_msmodelslim = pytest.mark.skipif(
 
 @needs_msmodelslim
 @pytest.mark.parametrize("variant", ["w8a16", "w4a16", "w4a16_per_channel", "w8a8", "w8a8_dynamic"])
-def test_quantized_model_on_the_gpu_kernels_equals_the_cpu_kernels(quantized, variant):
+def test_quantized_model_on_the_gpu_kernels_equals_its_reference(float_model, quantized, variant, tmp_path):
     """The triton backend runs attention and the quantized linears in the GPU kernels (here under the
-    interpreter): greedy tokens and their log-probs equal the CPU kernels' (fp32)."""
+    interpreter). Weight-only formats: greedy tokens and their log-probs equal the dequantized float
+    model's on the same backend (fp32: only the GEMM differs). W8A8: equal to the CPU kernels'
+    (both exact integer products)."""
     folder = quantized(variant)
     prompts = [list(range(5, 45)), list(range(60, 63))]
 
-    def run(backend):
-        cfg = EngineConfig(str(folder), dtype="fp32", block_size=16, max_input_length=64, max_output_length=6,
+    def run(path, backend):
+        cfg = EngineConfig(str(path), dtype="fp32", block_size=16, max_input_length=64, max_output_length=6,
                            attention_backend=backend)  # fmt: skip
         eng = LLMEngine(cfg)
         layer = eng.model.model.layers[0].mlp.gate_up_proj
         outs = eng.generate(prompts, SamplingParams(max_tokens=6, ignore_eos=True, logprobs=1))
         return layer, [o.token_ids for o in outs], [[t.logprob for t in o.output_logprobs] for o in outs]
 
-    cpu_layer, cpu_tokens, cpu_lp = run("torch")
-    gpu_layer, gpu_tokens, gpu_lp = run("triton")
+    gpu_layer, gpu_tokens, gpu_lp = run(folder, "triton")
     if variant.startswith("w8a8"):
+        cpu_layer, ref_tokens, ref_lp = run(folder, "torch")
         assert isinstance(gpu_layer.gemm, IntMM) and isinstance(cpu_layer.gemm, Int8Gemm)
     else:
-        assert gpu_layer.gpu and not cpu_layer.gpu
-    assert gpu_tokens == cpu_tokens
-    assert torch.allclose(torch.tensor(gpu_lp), torch.tensor(cpu_lp), atol=1e-4)
+        _, ref_tokens, ref_lp = run(dequantized_copy(float_model, folder, variant, tmp_path / "ref"), "triton")
+        assert gpu_layer.gpu
+    assert gpu_tokens == ref_tokens
+    assert torch.allclose(torch.tensor(gpu_lp), torch.tensor(ref_lp), atol=1e-4)

@@ -33,7 +33,8 @@ class QuantMethod(LinearMethod):
 
     @staticmethod
     def dense_fp32(layer: LinearBase) -> bool:
-        """Whether to dequantize the weight per call and run a dense matmul: torch's CPU weight-only
-        int8/int4 kernels are fast for bf16/fp16 activations only (measured on a 4864 x 896 linear,
-        AVX2: at 512 rows 1257 ms int8 and 2258 ms int4 against 52 ms dequantize + fp32 matmul)."""
+        """Whether the layer computes in fp32 on the CPU, where torch's weight-only int8/int4 kernels
+        are slow on fp32 activations (measured on a 4864 x 896 linear, AVX2: at 512 rows 1257 ms int8
+        and 2258 ms int4 against 52 ms dequantize + fp32 matmul): the methods then dequantize per
+        call or give the kernels bf16 activations (W8A16, W4A16)."""
         return layer.dtype == torch.float32 and layer.weight.device.type == "cpu"

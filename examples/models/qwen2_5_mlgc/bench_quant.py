@@ -2,7 +2,7 @@
 resident weight bytes, batch-1 decode time per token, first-token time.
 
     python -m examples.models.qwen2_5_mlgc.bench_quant --float DIR --variants w8a16=Q1 w4a16=Q2 ... \
-        [--input 256] [--output 32] [--prefill 512]
+        [--input 256] [--output 32] [--prefill 512] [--dtype bf16|fp32]
 
 Prints a Markdown table and writes results/quant_perf.md and results/quant_perf.png.
 """
@@ -16,13 +16,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from atb_llm.config import parse_dtype
 from atb_llm.runtime.engine import EngineConfig, LLMEngine
 from atb_llm.utils.default_model import resolve_model_path
 from atb_llm.utils.perf import load_hf, markdown_table, measure_engine, measure_hf
 
 HERE = Path(__file__).parent
-COLUMNS = ["variant", "weights_mib", "weights_vs_bf16", "decode_ms", "speedup_vs_bf16", "speedup_vs_hf"]
-COLUMNS += ["first_token_ms_at_prefill", "first_token_vs_bf16"]
+COLUMNS = ["variant", "weights_mib", "weights_vs_float", "decode_ms", "speedup_vs_float", "speedup_vs_hf"]
+COLUMNS += ["first_token_ms_at_prefill", "first_token_vs_float"]
 
 
 def resident_bytes(model: nn.Module) -> int:
@@ -54,7 +55,7 @@ def resident_bytes(model: nn.Module) -> int:
 def measure(name: str, path: str, args, quantize: str | None = None) -> dict:
     cfg = EngineConfig(
         path, max_batch_size=1, max_input_length=max(args.input, args.prefill), max_output_length=args.output,
-        quantize=quantize, progress=False,
+        quantize=quantize, progress=False, dtype=args.dtype,
     )  # fmt: skip
     engine = LLMEngine(cfg)
     engine.warmup()
@@ -93,17 +94,18 @@ def plot(rows: list[dict], out: Path) -> None:
 
 def main(argv: list[str] | None = None) -> list[dict]:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--float", dest="float_path", default=None, help="the bf16 folder (default: the default model)")
+    ap.add_argument("--float", dest="float_path", default=None, help="the float folder (default: the default model)")
     ap.add_argument("--variants", nargs="*", default=[], help="NAME=FOLDER (msModelSlim output) or NAME=load:w8a16")
     ap.add_argument("--input", type=int, default=256)
     ap.add_argument("--output", type=int, default=32)
     ap.add_argument("--prefill", type=int, default=512, help="prompt length of the first-token column")
+    ap.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"], help="compute dtype, transformers too")
     ap.add_argument("--no_hf", action="store_true")
     ap.add_argument("--out", type=Path, default=HERE / "results")
     args = ap.parse_args(argv)
     torch.manual_seed(0)
     float_path = str(resolve_model_path(args.float_path))
-    rows = [measure("bf16", float_path, args)]
+    rows = [measure(args.dtype, float_path, args)]
     for spec in args.variants:
         name, _, where = spec.partition("=")
         if where.startswith("load:"):
@@ -112,27 +114,28 @@ def main(argv: list[str] | None = None) -> list[dict]:
             rows.append(measure(name, where, args))
     hf = None
     if not args.no_hf:
-        model = load_hf(float_path, torch.bfloat16)
+        model = load_hf(float_path, parse_dtype(args.dtype))
         hf = [measure_hf(model, 1, args.input, args.output) for _ in range(2)][-1]  # as for the engine
     base = rows[0]
     for r in rows:
-        r["weights_vs_bf16"] = r["weights_mib"] / base["weights_mib"]
-        r["speedup_vs_bf16"] = base["decode_ms"] / r["decode_ms"]
-        r["first_token_vs_bf16"] = base["first_token_ms_at_prefill"] / r["first_token_ms_at_prefill"]
+        r["weights_vs_float"] = r["weights_mib"] / base["weights_mib"]
+        r["speedup_vs_float"] = base["decode_ms"] / r["decode_ms"]
+        r["first_token_vs_float"] = base["first_token_ms_at_prefill"] / r["first_token_ms_at_prefill"]
         if hf is not None:
             r["speedup_vs_hf"] = hf.non_first_token_ms / r["decode_ms"]
     if hf is not None:
-        rows.append({"variant": "transformers bf16", "decode_ms": hf.non_first_token_ms, "speedup_vs_hf": 1.0})
+        rows.append({"variant": f"transformers {args.dtype}", "decode_ms": hf.non_first_token_ms, "speedup_vs_hf": 1.0})
     head = (
-        f"bs1, input {args.input}, output {args.output}; first token at {args.prefill} tokens; "
-        f"threads {torch.get_num_threads()}; ratios: decode speed (bf16 or transformers decode ms / this), "
-        "first token (bf16 ms / this)\n\n"
+        f"{args.dtype}, bs1, input {args.input}, output {args.output}; first token at {args.prefill} tokens; "
+        f"threads {torch.get_num_threads()}; ratios: decode speed (float or transformers decode ms / this), "
+        "first token (float ms / this)\n\n"
     )
     table = markdown_table(rows, COLUMNS)
     print("\n" + head + table)
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "quant_perf.md").write_text(head + table + "\n")
-    plot([r for r in rows if "weights_mib" in r], args.out / "quant_perf.png")
+    stem = "quant_perf" if args.dtype == "bf16" else f"quant_perf_{args.dtype}"
+    (args.out / f"{stem}.md").write_text(head + table + "\n")
+    plot([r for r in rows if "weights_mib" in r], args.out / f"{stem}.png")
     return rows
 
 
