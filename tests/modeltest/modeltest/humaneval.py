@@ -272,7 +272,8 @@ def run_humaneval(args: RunArgs) -> list[dict]:
 
 def evaluate(
     args: RunArgs, problems: list[Problem], model_path: str, device: str, batch: int, skipped: list[str]
-) -> dict:
+) -> tuple[dict, list[dict]]:
+    """Generates, executes and writes the files; (summary, per-problem rows)."""
     max_new = args.max_new_tokens
     cfg = EngineConfig(model_path, dtype=args.dtype, device=device, max_batch_size=batch, mlgc=args.mlgc,
                        max_input_length=2048, max_output_length=max_new, progress=False)  # fmt: skip

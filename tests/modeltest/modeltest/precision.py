@@ -109,7 +109,8 @@ def score_task(args: RunArgs, task: Task, model_path: str, device: str, batch_si
     return results
 
 
-def evaluate(args: RunArgs, task: Task, model_path: str, device: str, batch_size: int) -> dict:
+def evaluate(args: RunArgs, task: Task, model_path: str, device: str, batch_size: int) -> tuple[dict, list[dict]]:
+    """Scores the task and writes its files; (summary, per-item rows)."""
     results = score_task(args, task, model_path, device, batch_size)
     (ours, ours_s), (theirs, theirs_s) = results["atb_llm"], results.get("reference", (None, None))
     prefix, name = REFERENCES.get(args.compare, ("hf", "transformers"))

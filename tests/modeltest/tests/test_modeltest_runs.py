@@ -127,7 +127,7 @@ def test_lm_eval_through_the_server_gives_the_engine_log_probs(tiny_models, tmp_
     task = Task("Words", (" fox", " dog"), ("fox", "dog"), (), items)
     argv = ["pa_fp32", "full_BoolQ", "2", "qwen2_mlgc", str(tiny_models()), "1", "--compare", "lm_eval"]
     args = parse_args(argv + ["--out", str(tmp_path)])
-    summary = evaluate(args, task, str(tiny_models()), "cpu", 2)
+    summary, _ = evaluate(args, task, str(tiny_models()), "cpu", 2)
     assert summary["reference"] == "lm-eval" and summary["items"] == 4
     assert summary["agreement_all"] == 1.0 and summary["max_logprob_diff"] < 1e-4
     stem = tmp_path / "CPU" / "precision_test" / "pa" / "fp32" / "qwen2_mlgc" / "words_0shot_batch2_tp1_mlgc-off"
