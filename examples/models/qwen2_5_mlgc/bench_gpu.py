@@ -15,12 +15,13 @@ TorchBackend, and the weight-only GEMM (int8, int4 groups of 128) and the int8 G
 references. Timings (one Markdown table): decode ms per step at batch 1 and 8 after 256 prompt
 tokens, first-token time at 2048, batch-16 decode at 32K with the full cache and with MLGC 0.25
 (a random plan of the calibrated plans' budget: a quarter of the groups full, the rest windows of
-sink 64 + recent 1024, grown to whole blocks), W8A16 and W4A16 batch-1 decode. Per row: the
-bytes a step must read (weights of the linears and the LM head, plus the K/V slots attention
-reads), the GB/s that makes, and the ratio to transformers (its time over the engine's; for the
-quantized rows, to its bf16 batch-1 decode). Without CUDA, the same code runs on CPU tensors
-under Triton's interpreter at a tiny config and small lengths (fp32), so CI proves the command
-runs; its times say nothing of a GPU.
+sink 64 + recent 1024, grown to whole blocks), W8A16 and W4A16 batch-1 decode, and on CUDA
+batch-1 decode without CUDA graphs (`enforce_eager`). Per row: the bytes a step must read
+(weights of the linears and the LM head, plus the K/V slots attention reads), the GB/s that
+makes, and the ratio to transformers (its time over the engine's; for the quantized rows, to its
+bf16 batch-1 decode). Without CUDA, the same code runs on CPU tensors under Triton's interpreter
+at a tiny config and small lengths (fp32), so CI proves the command runs; its times say nothing
+of a GPU.
 """
 
 from __future__ import annotations
@@ -222,12 +223,14 @@ def hf_model(folder: Path, s: Setup):
     return model.eval()
 
 
-def engine(folder: Path, s: Setup, hf, batch: int, context: int, out: int, quantize=None, layout=None) -> LLMEngine:
+def engine(
+    folder: Path, s: Setup, hf, batch: int, context: int, out: int, quantize=None, layout=None, eager=False
+) -> LLMEngine:
     cfg = EngineConfig(
         str(folder), dtype={torch.bfloat16: "bf16", torch.float16: "fp16"}.get(s.dtype, "fp32"), device=s.device,
         max_batch_size=batch, max_input_length=context, max_output_length=out + 2, block_size=s.block_size,
         quantize=quantize, attention_backend="triton", progress=False, chunked_prefill=True,
-        max_prefill_tokens=min(context, 8192),
+        max_prefill_tokens=min(context, 8192), enforce_eager=eager,
     )  # fmt: skip
     return LLMEngine(cfg, layout=layout, weights=iter(hf.state_dict().items()))
 
@@ -286,6 +289,14 @@ def timings(s: Setup, c: ModelConfig, folder: Path, progress) -> list[dict]:
             ours = measure_engine(eng, 1, s.first, 2)
             theirs = measure_hf(hf, 1, s.first, 2)
             rows.append(row(f"first token, {s.first} in (ms)", ours.first_token_ms, weights, theirs.first_token_ms))
+        del eng
+    if s.device == "cuda":  # what the CUDA graphs save
+        progress("decode batch 1 without CUDA graphs")
+        eng = engine(folder, s, hf, 1, s.short, s.steps, eager=True)
+        ours = measure_engine(eng, 1, s.short, s.steps)
+        nbytes = linear_bytes(eng.model) + kv_bytes(eng, 1, s.short)
+        rows.append(row(f"decode, batch 1, {s.short} in, no CUDA graphs (ms/step)", ours.non_first_token_ms, nbytes,
+                        hf_bs1))  # fmt: skip
         del eng
     for quant in ("w8a16", "w4a16"):
         progress(f"{quant} decode")
