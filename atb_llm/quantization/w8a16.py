@@ -56,6 +56,7 @@ class W8A16Method(QuantMethod):
         layer.scales = scale.to(layer.dtype)
         # W x = s * (q x) - s * o * sum(x): the offset term only where offsets are not all zero
         layer.zero_term = (scale * offset).to(layer.dtype) if offset.any() else None
+        layer.scales16 = scale.bfloat16() if self.dense_fp32(layer) else None  # fp32 models' decode products
         layer.gpu = self.gpu_kernels(layer)
         if layer.gpu:  # W = q * scale + zero, dequantized inside the kernel
             scale = scale.float()[:, None].contiguous()
@@ -75,7 +76,7 @@ class W8A16Method(QuantMethod):
         if self.dense_fp32(layer):
             if x2.shape[0] > DECODE_ROWS:
                 return torch.nn.functional.linear(x, self.dequantize(layer), layer.bias)
-            y = torch._weight_int8pack_mm(x2.bfloat16(), layer.weight, layer.scales.bfloat16()).float()
+            y = torch._weight_int8pack_mm(x2.bfloat16(), layer.weight, layer.scales16).float()
         else:
             y = torch._weight_int8pack_mm(x2, layer.weight, layer.scales)
         if layer.zero_term is not None:
