@@ -31,10 +31,9 @@ def unpack_int4(packed: torch.Tensor, dim: int) -> torch.Tensor:
     return torch.stack([lo, hi], dim + 1).flatten(dim, dim + 1)
 
 
-def dequantize_w4(q: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
-    """q [N, K] int4 values, scale/offset [N, G] -> fp32 W [N, K] (groups of K // G channels)."""
-    g = q.shape[1] // scale.shape[1]
-    return (q.float() - offset.float().repeat_interleave(g, 1)) * scale.float().repeat_interleave(g, 1)
+def pack_int4(q: torch.Tensor) -> torch.Tensor:
+    """int4 values q [N, K] (int8, -8..7) -> [N, K/2] bytes, input channels 2j / 2j+1 in the low / high nibble."""
+    return ((q[:, 0::2] & 0xF) | (q[:, 1::2] << 4)).contiguous()
 
 
 def quantize_w4_groups(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -96,7 +95,7 @@ class W4A16Method(QuantMethod):
         zero = -offset * scale
         layer.gpu = self.gpu_kernels(layer)  # decided before the weight goes
         if layer.gpu:
-            layer.nibbles = ((q[:, 0::2] & 0xF) | (q[:, 1::2] << 4)).contiguous()  # [N, K/2], low nibble first
+            layer.nibbles = pack_int4(q)  # [N, K/2], low nibble first
             layer.scale_zero = (scale.contiguous(), zero.contiguous())  # [N, K/g] each
         else:
             layer.packed = torch._convert_weight_to_int4pack_for_cpu((q.to(torch.int32) + 8).contiguous(), 1)

@@ -49,7 +49,7 @@ from atb_llm.layers.attention.torch_backend import TorchBackend
 from atb_llm.layers.attention.triton_backend import TritonBackend
 from atb_llm.layers.linear import LinearBase
 from atb_llm.models.qwen2_mlgc.config_qwen2_mlgc import load_qwen2_config
-from atb_llm.quantization.w4a16 import quantize_w4_groups
+from atb_llm.quantization.w4a16 import pack_int4, quantize_w4_groups
 from atb_llm.quantization.w8a8 import IntMM
 from atb_llm.runtime.engine import EngineConfig, LLMEngine
 from atb_llm.runtime.model_runner import ModelRunner
@@ -184,7 +184,7 @@ def check_gemm(s: Setup) -> list[str]:
             else:
                 q, scale, offset = quantize_w4_groups(w, group)
                 zero = -offset * scale
-                args = (((q[:, 0::2] & 0xF) | (q[:, 1::2] << 4)).contiguous(), scale, zero)
+                args = (pack_int4(q), scale, zero)
             wq = (q.float().view(n, k // group, group) * scale[..., None] + zero[..., None]).view(n, k)
             want = x.float().cpu() @ wq.T
             got = wq_matmul(x, *(a.to(s.device) for a in args), group=group, int4=kind == "int4").float().cpu()
