@@ -51,6 +51,20 @@ def test_prompt_and_output_logprobs_equal_transformers(engine, hf_logprobs):
         assert lp.top[0] == (lp.token_id, lp.logprob)
 
 
+def test_runner_logits_are_the_last_positions_logits(engine, hf_logprobs):
+    """ModelRunner.logits: one fp32 row per sequence, its next-token logits (two prompts, one batch)."""
+    ids, ref = hf_logprobs
+    for prompt in (PROMPT, PROMPT[:3]):
+        engine.add_request(prompt, SamplingParams(max_tokens=1))
+    seqs, is_prefill = engine.scheduler.schedule()
+    logits = engine.runner.logits(seqs, is_prefill)
+    for seq in seqs:
+        engine.abort(seq.request_id)
+    assert is_prefill and logits.shape == (2, ref.shape[1]) and logits.dtype == torch.float32
+    assert torch.allclose(torch.log_softmax(logits[0], -1), ref[len(PROMPT) - 1], atol=1e-4)
+    assert torch.allclose(torch.log_softmax(logits[1], -1), ref[2], atol=1e-4)
+
+
 def test_scoring_one_request_does_not_change_its_batch(engine):
     plain = SamplingParams(max_tokens=6, ignore_eos=True)
     alone = engine.generate([[7, 8, 9, 10]], plain)[0].token_ids

@@ -127,3 +127,14 @@ def test_decode_equals_direct_computation_over_kept_tokens(level, tol):
         want = direct_attention(q[0], keys, values, level.sink, level.recent, scale)
         assert (got - want).abs().max().item() < tol
     assert len(seq.block_table[0]) == 1  # the ring: ceil((3 + 5 + 1) / 16) blocks, whatever the length
+
+
+def test_kv_quant_c8_stores_every_group_in_int8_at_its_own_geometry(tiny_models):
+    layout = GroupLayout(2, 2, (Level(), Window(sink=4, recent=27), FullInt8(), WindowInt8(sink=2, recent=13)))
+    engine = LLMEngine(
+        EngineConfig(str(tiny_models()), dtype="fp32", block_size=16, num_blocks=64, kv_quant="c8", progress=False),
+        layout=layout,
+    )
+    int8 = (FullInt8(), WindowInt8(sink=4, recent=27), FullInt8(), WindowInt8(sink=2, recent=13))
+    assert engine.layout == GroupLayout(2, 2, int8)
+    assert all(pool.is_int8 for pool in engine.cache_manager.kv_cache.pools.values())

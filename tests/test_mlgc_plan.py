@@ -4,10 +4,16 @@ import json
 import shutil
 
 import pytest
+import torch
+from tiny import hf_greedy
 
-from atb_llm.compression.plan import PLAN_NAME, MlgcPlan, aligned_recent, baseline_plan, resolve_layout
+from atb_llm.compression.layout import GroupLayout
+from atb_llm.compression.levels import FullInt8, Level, Window, WindowInt8
+from atb_llm.compression.plan import PLAN_NAME, MlgcPlan, aligned_recent, baseline_plan, describe, resolve_layout
 from atb_llm.models.qwen2_mlgc.config_qwen2_mlgc import load_qwen2_config
-from atb_llm.runtime.calibration import CalibrationConfig, calibrate, choose_full
+from atb_llm.runtime.calibration import CalibrationConfig, ProbeBackend, calibrate, choose_full, probe_tokens
+from atb_llm.runtime.engine import EngineConfig, LLMEngine
+from atb_llm.runtime.sequence import SamplingParams
 from examples import run_pa
 from examples.models.qwen2_5_mlgc import calibrate as calibrate_cli
 
@@ -34,6 +40,57 @@ def test_calibration_is_deterministic_for_a_seed(tiny, plan):
     assert again.levels == plan.levels and again.scores == plan.scores
     other = calibrate(str(tiny), CalibrationConfig(**{**CAL.__dict__, "seed": 1}), progress=False)
     assert other.scores != plan.scores
+
+
+def hf_probe_scores(path, prompts, period):
+    """Echo and induction scores from transformers' eager attention weights: per query head the mean
+    probability at t - period and t - period + 1 over the repeated rows t, then the max over the
+    query heads of each KV group. -> ([layers, kv_heads], [layers, kv_heads]) float64."""
+    from transformers import Qwen2ForCausalLM
+
+    model = Qwen2ForCausalLM.from_pretrained(path, attn_implementation="eager", dtype=torch.float32)
+    cfg = model.config
+    echo = torch.zeros(cfg.num_hidden_layers, cfg.num_attention_heads, dtype=torch.float64)
+    induction = torch.zeros_like(echo)
+    rows = 0
+    for tokens in prompts:
+        with torch.no_grad():
+            att = model(torch.tensor([tokens]), output_attentions=True).attentions  # [1, heads, T, T] per layer
+        for t in range(period, len(tokens)):
+            for layer, a in enumerate(att):
+                echo[layer] += a[0, :, t, t - period].double()
+                induction[layer] += a[0, :, t, t - period + 1].double()
+            rows += 1
+    group = cfg.num_attention_heads // cfg.num_key_value_heads
+    return tuple(
+        (x / rows).view(cfg.num_hidden_layers, cfg.num_key_value_heads, group).amax(-1) for x in (echo, induction)
+    )
+
+
+def test_calibration_scores_are_the_models_attention_to_echo_and_induction(tiny, plan):
+    echo, induction = hf_probe_scores(tiny, probe_tokens(CAL, 320), CAL.period)
+    assert torch.allclose(torch.tensor(plan.scores["echo"], dtype=torch.float64), echo, atol=1e-6)
+    assert torch.allclose(torch.tensor(plan.scores["induction"], dtype=torch.float64), induction, atol=1e-6)
+    # the full groups are the ones these scores choose
+    flat = [sum(plan.scores[name], []) for name in ("echo", "induction")]
+    full = {i for i, level in enumerate(sum(plan.levels, [])) if level == "full"}
+    assert full == choose_full(*flat, 2)
+
+
+def test_probe_backend_scores_a_batch_and_leaves_the_output_unchanged(tiny):
+    """Two probe prompts of different lengths in one prefill: each sequence is scored on its own rows,
+    and the probe only watches (greedy tokens equal transformers')."""
+    prompts = [p[: 2 * CAL.period - 5 * i] for i, p in enumerate(probe_tokens(CAL, 320))]
+    probe = ProbeBackend(2, 4, CAL.period)
+    engine = LLMEngine(EngineConfig(str(tiny), dtype="fp32", block_size=16, progress=False), backend=probe)
+    outs = engine.generate(prompts, SamplingParams(max_tokens=6, ignore_eos=True))
+    assert [o.token_ids for o in outs] == hf_greedy(tiny, prompts, 6)
+    for got, want in zip(probe.group_scores(2), hf_probe_scores(tiny, prompts, CAL.period)):
+        assert torch.allclose(got, want, atol=1e-6)
+    chunked = EngineConfig(str(tiny), dtype="fp32", block_size=16, max_prefill_tokens=16, chunked_prefill=True)
+    engine = LLMEngine(chunked, backend=ProbeBackend(2, 4, CAL.period))
+    with pytest.raises(RuntimeError, match="calibration probes whole prompts; run it without chunked prefill"):
+        engine.generate(prompts[:1], SamplingParams(max_tokens=1))
 
 
 def test_plan_keeps_the_budget_and_its_scores(plan):
@@ -136,3 +193,15 @@ def test_calibrate_command_writes_auto_plan_and_run_pa_uses_it(tiny, tmp_path, c
     assert len(with_plan.token_ids) == len(without.token_ids) == 40
     # the engine's own layout is the plan's: two full groups and two window groups (4 + 20 + 1 slots)
     assert "full: 2 groups" in report and "window: 2 groups, peak 4 blocks" in report
+
+
+def test_describe_draws_the_layer_by_group_grid():
+    window = Window(sink=4, recent=27)
+    layout = GroupLayout(2, 3, (Level(), window, FullInt8(), WindowInt8(sink=2, recent=13), Level(), window))
+    assert describe(layout).splitlines() == [
+        "layer g0 g1 g2",
+        "    0  F  W  f",
+        "    1  w  F  W",
+        "window: window(sink=4, recent=27), window_int8(sink=2, recent=13)",
+    ]
+    assert describe(GroupLayout.uniform(1, 2)).splitlines() == ["layer g0 g1", "    0  F  F"]  # no windows, no line

@@ -68,6 +68,8 @@ def test_penalties_follow_openai_and_transformers(rp):
     want[9] -= 0.5 + 0.25
     want[3] -= 0.5 + 0.25
     assert torch.allclose(got, want)
+    seq.output_token_ids = []  # the first token: nothing generated, nothing to penalize
+    assert torch.equal(penalize(logits, seq, frozenset()), logits)
 
 
 def test_min_tokens_holds_back_eos_and_stop_tokens():
