@@ -157,3 +157,45 @@ def test_a_snapshot_made_in_a_full_pool_stays_reachable():
     held = {x for e in bm.prefix.entries.values() for x in (*e.blocks, *(y for ids in e.snapshot or () for y in ids))}
     pool = bm.pools["model"]
     assert pool.num_idle == sum(pool.is_idle(x) for x in held)
+
+
+def test_a_prefix_snapshotted_once_is_not_copied_again():
+    from atb_llm.compression.levels import Level, Window
+
+    layout = GroupLayout(1, 2, (Level(), Window(sink=4, recent=12)))
+    bm = BlockManager(layout, {"model": 16}, 16, prefix_caching=True)
+    pool, tokens, a = bm.pools["model"], list(range(64)), BlockTable()
+    bm.allocate(a, 64, tokens)  # 4 + 2 blocks
+    bm.snapshot(a, tokens, 48)  # the window's 2 blocks copied
+    bm.flush_copies(lambda pool, src, dst: None)
+    snap = bm.prefix.entry(tokens, 3).snapshot
+    assert pool.num_clean == 16 - 6 - 2 and pool.num_idle == 2 and len(snap) == 1 and len(snap[0]) == 2
+    bm.snapshot(a, tokens, 48)
+    assert bm.prefix.entry(tokens, 3).snapshot == snap and pool.num_clean == 8 and not bm.copies
+    assert bm.prefix.entry(tokens, 0) is None
+    # once a lets go, its blocks and the snapshot are idle: reusing the prefix takes them off the free count
+    bm.deallocate(a, tokens, 64)
+    usable, matched = bm.prefix.match(tokens, 3)
+    assert (len(usable), matched) == (3, 3)
+    assert bm.prefix.idle_blocks(usable) == {"model": 3 + 2}
+    assert bm.prefix.idle_blocks(usable[:2]) == {"model": 2}  # no snapshot at 32 tokens
+
+
+def test_a_snapshot_being_copied_is_not_evicted():
+    """b reuses a's prefix: the snapshot is held until b's copy of it is made, and eviction in the
+    meantime (another request needing room) keeps it for the requests after b."""
+    from atb_llm.compression.levels import Level, Window
+
+    layout = GroupLayout(1, 2, (Level(), Window(sink=4, recent=12)))
+    bm = BlockManager(layout, {"model": 16}, 16, prefix_caching=True)
+    tokens, a, b = list(range(64)), BlockTable(), BlockTable()
+    bm.allocate(a, 64, tokens)
+    bm.snapshot(a, tokens, 48)
+    bm.flush_copies(lambda pool, src, dst: None)
+    bm.deallocate(a, tokens, 64)
+    assert bm.allocate(b, 56, tokens[:48] + [99] * 8) == (48, 0)
+    bm.prefix.evict("model", 16)  # as much room as can be had: a's idle last block goes
+    bm.flush_copies(lambda pool, src, dst: None)
+    bm.deallocate(b, tokens[:48] + [99] * 8, 56)
+    usable, matched = bm.prefix.match(tokens, 3)
+    assert (len(usable), matched) == (3, 3) and usable[-1].snapshot is not None

@@ -1,6 +1,7 @@
 """One settings surface: the engine's flags are declared once and build the config they describe."""
 
 import argparse
+from dataclasses import fields
 
 import pytest
 
@@ -31,3 +32,29 @@ def test_run_pa_and_server_share_the_flags_with_their_own_defaults():
 def test_bad_settings_name_the_value(kw, match):
     with pytest.raises(ValueError, match=match):
         EngineConfig("W", **kw)
+
+
+def test_every_field_is_a_documented_flag_that_parses_to_it():
+    p = EngineConfig.add_cli_args(argparse.ArgumentParser())
+    flags = {a.dest: a for a in p._actions if a.dest != "help"}
+    assert set(flags) == {f.name for f in fields(EngineConfig)} - {"progress"}
+    assert all(a.help for a in flags.values())
+    assert EngineConfig.from_cli_args(p.parse_args([]), model_path="W") == EngineConfig("W")
+    argv = "-m W --dtype bf16 --device cuda --max_batch_size 3 --max_input_length 100 --max_output_length 7"
+    argv += " --max_prefill_tokens 64 --chunked_prefill --prefix_caching --block_size 32 --num_blocks 10"
+    argv += " --cache_memory_gb 0.5 --mlgc auto --quantize w8a16 --kv_quant c8 --attention_backend triton"
+    argv += " --enforce_eager"
+    want = EngineConfig(
+        "W", "bf16", "cuda", 3, 100, 7, 64, True, True, 32, 10, 0.5, "auto", "w8a16", "c8", True, "triton", True
+    )
+    assert EngineConfig.from_cli_args(p.parse_args(argv.split())) == want
+    on = EngineConfig.add_cli_args(argparse.ArgumentParser(), chunked_prefill=True, prefix_caching=True)
+    args = on.parse_args(["--no-chunked_prefill"])
+    assert (args.chunked_prefill, args.prefix_caching) == (False, True)
+
+
+@pytest.mark.parametrize("flag, value", [("--quantize", "w2a16"), ("--kv_quant", "c4"), ("--dtype", "int8")])
+def test_a_flag_outside_its_choices_is_a_usage_error(flag, value, capsys):
+    with pytest.raises(SystemExit):
+        EngineConfig.add_cli_args(argparse.ArgumentParser()).parse_args([flag, value])
+    assert f"argument {flag}: invalid choice: '{value}'" in capsys.readouterr().err

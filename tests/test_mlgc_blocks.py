@@ -2,6 +2,9 @@
 
 import math
 
+import torch
+
+from atb_llm.cache.cache_manager import CacheConfig, CacheManager
 from atb_llm.compression.layout import GroupLayout
 from atb_llm.compression.levels import Level, Window, WindowInt8
 from atb_llm.runtime.engine import EngineConfig, LLMEngine
@@ -102,3 +105,17 @@ def test_qwen25_7b_at_32k_with_a_quarter_full_is_under_30_percent(tmp_path):
     assert mlgc / full < 0.30
     budget = 16 * 2**30
     assert sequences_that_fit(plan.to_layout(), budget, 32768, 128, torch.bfloat16, 128) == budget // mlgc == 33
+
+
+def test_longest_sequence_is_the_most_tokens_that_fit():
+    mixed = GroupLayout(2, 2, (Level(), Window(sink=4, recent=27), WindowInt8(sink=4, recent=27), Level()))
+    for layout in (GroupLayout.uniform(2, 2), mixed):
+        for num_blocks in (1, 3, 7, 10):
+            cm = CacheManager(layout, CacheConfig(16, num_blocks), 8, torch.float32, 1, 64)
+            for limit in (1, 40, 111, 400):
+                want = max(n for n in range(limit + 1) if cm.fits_alone(n))
+                assert cm.longest_sequence(limit) == want, (layout.levels, num_blocks, limit)
+    # a window group stops growing: the mixed layout holds more tokens in the same blocks
+    assert cm.longest_sequence(400) > CacheManager(
+        GroupLayout.uniform(2, 2), CacheConfig(16, 10), 8, torch.float32, 1, 64
+    ).longest_sequence(400)

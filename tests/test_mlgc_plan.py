@@ -33,6 +33,14 @@ def plan(tiny):
 def test_aligned_recent_fills_whole_blocks():
     assert aligned_recent(64, 1024, 128) == 1087  # 64 + 1087 + 1 = 9 blocks of 128
     assert aligned_recent(4, 20, 16) == 27
+    for sink in (0, 1, 4, 15, 16):
+        for recent in (1, 2, 11, 12, 13, 16, 40):
+            got = aligned_recent(sink, recent, 16)  # the fewest whole blocks that hold what was asked
+            assert (sink + got + 1) % 16 == 0 and recent <= got < recent + 16, (sink, recent)
+    with pytest.raises(ValueError, match="sink=0 must be >= 0 and recent=0 >= 1"):
+        aligned_recent(0, 0, 16)
+    with pytest.raises(ValueError, match="sink=-1"):
+        aligned_recent(-1, 4, 16)
 
 
 def test_calibration_is_deterministic_for_a_seed(tiny, plan):
@@ -97,6 +105,21 @@ def test_plan_keeps_the_budget_and_its_scores(plan):
     assert plan.counts() == {"full": 2, "window": 2}
     assert (plan.sink, plan.recent, plan.block_size) == (4, 27, 16)
     assert [len(r) for r in plan.scores["echo"]] == [2, 2] and len(plan.scores["induction"]) == 2
+    assert plan.calibration == {"seed": 0, "samples": 2, "period": 24, "repeats": 2}
+    assert (plan.method, plan.full_ratio) == ("razor", 0.5)
+
+
+def test_probe_tokens_are_period_periodic_random_sequences():
+    cfg = CalibrationConfig(samples=3, period=10, repeats=3, seed=5)
+    probes = probe_tokens(cfg, 320)
+    assert len(probes) == 3 and all(len(p) == 30 and p[:10] * 3 == p for p in probes)
+    assert len({tuple(p[:10]) for p in probes}) == 3 and all(100 <= t < 320 for p in probes for t in p)
+
+
+def test_calibration_longer_than_the_default_input_limit(tiny):
+    """The probe's prompt length sets the engine's input limit (the default would refuse 2 x 1100 tokens)."""
+    cfg = CalibrationConfig(full_ratio=0.25, sink=4, recent=20, block_size=16, samples=1, period=1100)
+    assert calibrate(str(tiny), cfg, progress=False).counts() == {"full": 1, "window": 3}
 
 
 def test_choose_full_takes_echo_then_induction():
@@ -127,7 +150,7 @@ def test_plan_for_another_model_is_refused(tiny, plan, tmp_path):
 def test_bad_plan_files(tmp_path, plan):
     path = tmp_path / "bad.json"
     path.write_text(json.dumps({"levels": []}))
-    with pytest.raises(ValueError, match="is not an MLGC plan"):
+    with pytest.raises(ValueError, match="is not an MLGC plan .*; make one with .*calibrate.sh -m WEIGHT_DIR$"):
         MlgcPlan.load(path)
     raw = json.loads(plan.save(tmp_path / "p.json").read_text())
     raw["levels"][0][0] = "tiny"
@@ -150,6 +173,8 @@ def test_baselines(tiny):
     assert rnd.counts() == {"full": 2, "window": 2}
     assert rnd.levels == baseline_plan("random", config, 16, 4, 20, 0.5, seed=3).levels
     assert baseline_plan("streaming", config, 16, int8=True).counts() == {"window_int8": 4}
+    assert (streaming.method, streaming.full_ratio, streaming.calibration) == ("streaming", 0.0, {})
+    assert (rnd.method, rnd.full_ratio, rnd.calibration) == ("random", 0.5, {"seed": 3})
 
 
 def test_calibrate_command_writes_auto_plan_and_run_pa_uses_it(tiny, tmp_path, capsys):

@@ -88,7 +88,12 @@ class EngineConfig:
         g.add_argument("--mlgc", default=d["mlgc"], help="KV compression: off | auto | PLAN.json | streaming | random")
         g.add_argument("--quantize", default=d["quantize"], choices=QUANTIZE_CHOICES, help="quantize at load")
         g.add_argument("--kv_quant", default=d["kv_quant"], choices=["c8"], help="int8 KV cache")
-        g.add_argument("--attention_backend", default=d["attention_backend"], choices=["torch", "triton", "npu"])
+        g.add_argument(
+            "--attention_backend",
+            default=d["attention_backend"],
+            choices=["torch", "triton", "npu"],
+            help="default: by device",
+        )
         g.add_argument(
             "--enforce_eager",
             action="store_true",
