@@ -199,3 +199,27 @@ def test_a_snapshot_being_copied_is_not_evicted():
     bm.deallocate(b, tokens[:48] + [99] * 8, 56)
     usable, matched = bm.prefix.match(tokens, 3)
     assert (len(usable), matched) == (3, 3) and usable[-1].snapshot is not None
+
+
+def test_fork_needs_exactly_the_blocks_it_copies_and_evicts_idle_ones_for_them():
+    """A 40-token sequence, one full group (3 blocks) and one window group (2): a fork shares the
+    full group's 2 complete blocks and copies its partial one and both window blocks: 3 blocks."""
+    from atb_llm.compression.levels import Level, Window
+
+    layout = GroupLayout(1, 2, (Level(), Window(sink=4, recent=12)))
+    for total, fits in ((8, True), (7, False)):
+        bm = BlockManager(layout, {"model": total}, 16)
+        a = BlockTable()
+        bm.allocate(a, 40)
+        assert bm.can_fork(a, 40) is fits  # 8 - 5 = 3 free: just enough
+    # with the prefix cache, room that is idle cached blocks is evicted for the copies
+    bm = BlockManager(layout, {"model": 9}, 16, prefix_caching=True)
+    d, a = BlockTable(), BlockTable()
+    bm.allocate(d, 32, list(range(32)))
+    bm.deallocate(d, list(range(32)), 32)  # the full group's 2 blocks stay cached, idle
+    bm.allocate(a, 40, list(range(100, 140)))
+    pool = bm.pools["model"]
+    assert (pool.num_clean, pool.num_idle) == (2, 2) and bm.can_fork(a, 40)
+    child = bm.fork(a, 40)
+    assert child[0][:2] == a[0][:2] and len(child[0]) == 3 and len(child[1]) == 2
+    assert (pool.num_clean, pool.num_idle, len(bm.prefix.entries)) == (0, 1, 1)  # one cached block evicted

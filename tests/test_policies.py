@@ -163,6 +163,7 @@ def test_per_level_block_counts_return_to_zero(tiny):
     )
     engine.generate([[i + 2] * (10 + 7 * i) for i in range(5)], SamplingParams(max_tokens=40, ignore_eos=True))
     usage = engine.cache_manager.usage_by_level()
+    assert all(set(u) == {"groups", "blocks_used", "blocks_peak", "bytes_used", "bytes_peak"} for u in usage.values())
     assert {name: u["blocks_used"] for name, u in usage.items()} == dict.fromkeys(usage, 0)
     # peaks: 5 sequences of up to 78 tokens; a full group holds ceil(n / 16) blocks, a window ring one
     assert usage["window"]["blocks_peak"] == usage["window_int8"]["blocks_peak"] == 5

@@ -15,6 +15,9 @@ def test_top_p_keeps_the_smallest_nucleus():
     probs = torch.tensor([0.5, 0.3, 0.15, 0.05])
     out = _filter(probs.log(), top_k=0, top_p=0.75)  # 0.5 + 0.3 reaches 0.75
     assert torch.isfinite(out[:2]).all() and torch.isinf(out[2:]).all()
+    # top_p = 1 keeps every token, even one whose share rounds away in the cumulative sum
+    logits = torch.tensor([10.0, 0.0, -30.0, -60.0])
+    assert torch.equal(_filter(logits, top_k=0, top_p=1.0), logits)
 
 
 def test_greedy_and_seeded_sampling():

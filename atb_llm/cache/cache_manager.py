@@ -119,7 +119,7 @@ class CacheManager:
         """Groups, blocks and bytes held now (and at peak) per level."""
         bm, out = self.block_manager, {}
         for level, groups in self.layout.groups_by_level().items():
-            row = out.setdefault(level.name, {"groups": 0, "blocks_used": 0, "blocks_peak": 0})
+            row = out.setdefault(level.name, {"groups": 0})
             row["groups"] += len(groups)
         bpb = {lv.name: self.bytes_per_block(lv.pool) for lv in self.layout.groups_by_level()}
         for name, row in out.items():
