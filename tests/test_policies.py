@@ -10,8 +10,9 @@ import pytest
 import torch
 
 from atb_llm.cache.block_manager import BlockManager
+from atb_llm.cache.kv_cache import KVPool
 from atb_llm.compression.layout import GroupLayout
-from atb_llm.compression.levels import FullInt8, Level, Window, WindowInt8
+from atb_llm.compression.levels import INT8_STORAGE, MODEL_STORAGE, FullInt8, Level, Window, WindowInt8
 from atb_llm.compression.plan import PLAN_NAME, baseline_plan
 from atb_llm.runtime.engine import EngineConfig, LLMEngine
 from atb_llm.runtime.sampler import Sampler
@@ -196,3 +197,16 @@ def test_a_layout_of_another_shape_is_refused(tiny):
     cfg = EngineConfig(str(tiny), block_size=BS, max_input_length=64, max_output_length=8, progress=False)
     with pytest.raises(ValueError, match=r"1 layers x 2 KV heads, the model 2 x 2; build it with GroupLayout"):
         LLMEngine(cfg, layout=GroupLayout.uniform(1, 2))
+
+
+@pytest.mark.parametrize("int8", [False, True])
+def test_a_pool_reads_back_what_it_wrote_in_the_asked_dtype(int8):
+    pool = KVPool.allocate(4, 16, 32, torch.bfloat16, INT8_STORAGE if int8 else MODEL_STORAGE)
+    torch.manual_seed(0)
+    k, v, slots = torch.randn(5, 32), torch.randn(5, 32), torch.tensor([0, 17, 18, 40, 63])
+    pool.write(slots, k, v)
+    for dtype in (torch.float32, torch.bfloat16):
+        rk, rv = pool.read(slots, dtype)
+        assert rk.dtype == rv.dtype == dtype
+        step = k.abs().amax(-1, keepdim=True) / 127 if int8 else k.abs() / 128  # int8 / bf16 rounding
+        assert torch.all((rk.float() - k).abs() <= step) and not torch.equal(rk, rv)
