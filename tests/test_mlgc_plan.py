@@ -118,10 +118,13 @@ def test_probe_tokens_are_period_periodic_random_sequences():
     assert {t for p in many for t in p} == set(range(100, 320))  # uniform over [100, vocab)
 
 
-def test_calibration_longer_than_the_default_input_limit(tiny):
-    """The probe's prompt length sets the engine's input limit (the default would refuse 2 x 1100 tokens)."""
+def test_calibration_longer_than_the_default_input_limit(tiny, capsys):
+    """The probe's prompt length sets the engine's input limit (the default would refuse 2 x 1100
+    tokens); with progress on, loading and probing both show a bar."""
     cfg = CalibrationConfig(full_ratio=0.25, sink=4, recent=20, block_size=16, samples=1, period=1100)
-    assert calibrate(str(tiny), cfg, progress=False).counts() == {"full": 1, "window": 3}
+    assert calibrate(str(tiny), cfg, progress=True).counts() == {"full": 1, "window": 3}
+    err = capsys.readouterr().err
+    assert "Loading weights" in err and "Generating" in err
 
 
 def test_choose_full_takes_echo_then_induction():
