@@ -57,6 +57,8 @@ def test_a_step_wider_than_the_buffers_runs_eagerly(tiny_models):
                        attention_backend="triton")  # fmt: skip
     eng = LLMEngine(cfg)
     graphs = eng.runner.graphs = DecodeGraphs(eng.model, eng.cache_manager.kv_cache, 2, 1, eng.max_seq_len, "cpu")
+    buffers = (graphs.input_ids, graphs.positions, graphs.input_lengths, graphs.slots, graphs.block_tables)
+    assert all(t.dtype == torch.int64 for t in buffers)  # what eager decode passes: copies keep the dtype
     out = eng.generate([list(range(3, 40)), [5, 6], [7]], SamplingParams(max_tokens=3, ignore_eos=True))
     assert [len(o.token_ids) for o in out] == [3, 3, 3]
     assert graphs.graphs == {}  # 3 sequences, then 37+ tokens in 3 blocks: never within 2 x 1 block
