@@ -142,10 +142,26 @@ def test_a_stop_string_completed_on_the_last_allowed_token_is_stop(tiny):
     engine = engine_with_plan(tiny, "off")
     ids = engine.tokenizer.encode(" the quick brown fox", add_special_tokens=False)
     (out,) = engine.generate([[5, 6]], SamplingParams(force_tokens=ids, stop=("fox",)))
-    assert len(out.token_ids) == len(ids) == len(ids)  # max_tokens = the forced tokens
+    assert len(out.token_ids) == len(ids)  # max_tokens = the forced tokens
     assert (out.finish_reason, out.text) == ("stop", " the quick brown ")
     (out,) = engine.generate([[5, 6]], SamplingParams(force_tokens=ids, stop=("cat",)))
     assert out.finish_reason == "length"
+
+
+def test_the_text_leaves_out_a_final_stop_token_and_special_tokens(tiny, capsys):
+    engine = engine_with_plan(tiny, "off")
+    ids = engine.tokenizer.encode(" the quick brown fox", add_special_tokens=False)
+    eos = engine.tokenizer.eos_token_id
+    (out,) = engine.generate([[5, 6]], SamplingParams(force_tokens=(*ids, eos, ids[0]), stop_token_ids=(eos,)))
+    assert (out.finish_reason, out.token_ids, out.text) == ("stop", [*ids, eos], " the quick brown fox")
+    (out,) = engine.generate([[5, 6]], SamplingParams(force_tokens=ids, stop_token_ids=(ids[2],)))
+    assert (out.finish_reason, out.token_ids) == ("stop", ids[:3])
+    assert out.text == engine.tokenizer.decode(ids[:2])
+    forced = (ids[0], eos, ids[1])  # an eos inside the output (ignore_eos) makes no text
+    outs = engine.generate([[5, 6], [7]], SamplingParams(force_tokens=forced, ignore_eos=True), use_tqdm=True)
+    assert [(o.finish_reason, o.text) for o in outs] == [("length", engine.tokenizer.decode([ids[0], ids[1]]))] * 2
+    err = capsys.readouterr().err
+    assert "Generating: 100%" in err and "| 2/2 [" in err
 
 
 # ---- block accounting per level ------------------------------------------------------------------
