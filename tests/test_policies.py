@@ -162,6 +162,10 @@ def test_the_text_leaves_out_a_final_stop_token_and_special_tokens(tiny, capsys)
     assert [(o.finish_reason, o.text) for o in outs] == [("length", engine.tokenizer.decode([ids[0], ids[1]]))] * 2
     err = capsys.readouterr().err
     assert "Generating: 100%" in err and "| 2/2 [" in err
+    # stop strings are searched in that same text: across the eos, not in its spelling
+    stop = engine.tokenizer.decode([ids[0], ids[1]])
+    (out,) = engine.generate([[5, 6]], SamplingParams(force_tokens=forced, ignore_eos=True, stop=(stop,)))
+    assert (out.finish_reason, out.text) == ("stop", "")
 
 
 # ---- block accounting per level ------------------------------------------------------------------
