@@ -5,6 +5,7 @@ completes on the last allowed token, that `run_pa --mlgc PLAN` really runs the p
 per-level block accounting."""
 
 import re
+import time
 
 import pytest
 import torch
@@ -166,6 +167,38 @@ def test_the_text_leaves_out_a_final_stop_token_and_special_tokens(tiny, capsys)
     stop = engine.tokenizer.decode([ids[0], ids[1]])
     (out,) = engine.generate([[5, 6]], SamplingParams(force_tokens=forced, ignore_eos=True, stop=(stop,)))
     assert (out.finish_reason, out.text) == ("stop", "")
+
+
+def test_time_to_first_token_is_the_first_steps_and_per_token_time_the_rest(tiny):
+    engine = engine_with_plan(tiny, "off")
+    seq = engine.add_request([5, 6, 7], SamplingParams(max_tokens=5, ignore_eos=True))
+    steps = [time.perf_counter()]
+    while engine.has_unfinished():
+        engine.step()
+        steps.append(time.perf_counter())
+    out = engine.output(seq)
+    assert len(steps) == 6 and steps[0] <= seq.first_token_time <= steps[1]  # stamped in the first step
+    assert out.ttft_s == pytest.approx(seq.first_token_time - seq.arrival_time) and out.ttft_s > 0
+    assert steps[4] <= seq.finish_time <= steps[5]
+    assert out.tpot_s == pytest.approx((seq.finish_time - seq.first_token_time) / 4) and out.tpot_s > 0
+
+
+def test_decode_steps_leave_the_prefix_cache_alone_until_the_sequence_ends(tiny):
+    """The prompt's full blocks are cached once its prefill ends; blocks filled by decode are
+    recorded when the sequence frees them, not hashed again at every step."""
+    cfg = EngineConfig(str(tiny), block_size=BS, max_input_length=64, max_output_length=40, prefix_caching=True,
+                       progress=False)  # fmt: skip
+    engine = LLMEngine(cfg)
+    prefix = engine.cache_manager.block_manager.prefix
+    engine.add_request(list(range(3, 23)), SamplingParams(max_tokens=30, ignore_eos=True))  # 20 tokens: 1 block
+    engine.step()
+    assert len(prefix.entries) == 1
+    for _ in range(20):  # 40 tokens now: two full blocks
+        engine.step()
+    assert len(prefix.entries) == 1
+    while engine.has_unfinished():
+        engine.step()
+    assert len(prefix.entries) == 49 // BS  # the last token is never computed
 
 
 # ---- block accounting per level ------------------------------------------------------------------
