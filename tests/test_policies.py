@@ -4,7 +4,9 @@ on the path run_pa and the server load it through, which finish reason wins when
 completes on the last allowed token, that `run_pa --mlgc PLAN` really runs the plan, and the
 per-level block accounting."""
 
+import json
 import re
+import shutil
 import time
 
 import pytest
@@ -61,6 +63,47 @@ def test_a_lone_sequence_that_cannot_grow_preempts_itself():
     run_prefill(sched, seqs)
     assert sched.schedule() == ([], False)
     assert a.num_preemptions == 1 and list(sched.waiting) == [a]
+
+
+# ---- admission ----------------------------------------------------------------------------------
+def admitted(max_batch: int, budget: int, lengths: list[int]) -> list[int]:
+    """Prompt tokens scheduled in the first step for prompts of `lengths`, queued in that order."""
+    sched = Scheduler(BlockManager(GroupLayout.uniform(1, 1), {"model": 64}, BS), max_batch, budget)
+    for n in lengths:
+        sched.add(Sequence(list(range(2, 2 + n)), SamplingParams()))
+    scheduled, is_prefill = sched.schedule()
+    assert is_prefill and len(sched.running) == len(scheduled)
+    return [s.num_scheduled_tokens for s in scheduled]
+
+
+def test_admission_stops_at_the_batch_size_and_the_prefill_budget():
+    assert admitted(2, 1000, [5, 5, 5]) == [5, 5]  # the batch is full
+    assert admitted(3, 32, [16, 16, 16]) == [16, 16]  # an exact fit is admitted, then the budget is spent
+    assert admitted(3, 32, [16, 17, 1]) == [16]  # in order: the one that does not fit stops the others
+    assert admitted(3, 8, [20, 5]) == [20]  # the first prompt goes in whatever its length
+
+
+def test_admission_counts_the_blocks_a_cached_prefix_saves():
+    """A 6-block pool: a holds 4 blocks; b shares a's first 3 and needs 2 of its own, which fit."""
+    sched = Scheduler(BlockManager(GroupLayout.uniform(1, 1), {"model": 6}, BS, prefix_caching=True), 8, 8192)
+    a = Sequence(list(range(2, 66)), SamplingParams())
+    sched.add(a)
+    assert sched.schedule() == ([a], True)
+    a.num_computed_tokens = 64
+    sched.block_manager.cache(a.block_table, a.token_ids, 64)  # as the engine records a finished prefill
+    b = Sequence(list(range(2, 50)) + [1] * 20, SamplingParams())
+    sched.add(b)
+    assert sched.schedule() == ([b], True)
+    assert (b.num_computed_tokens, b.num_scheduled_tokens) == (48, 20)
+    assert b.block_table[0][:3] == a.block_table[0][:3] and sched.block_manager.num_free() == {"model": 0}
+
+
+def test_siblings_of_a_one_token_prompt_start_together_with_nothing_to_share():
+    sched = full_pool_scheduler(8)
+    a, b = Sequence([5], SamplingParams()), Sequence([5], SamplingParams())
+    sched.add(a)
+    sched.add(b, sibling_of=a)
+    assert sched.schedule() == ([a, b], True) and a.fork_at == 0 and not sched.siblings
 
 
 def test_preempted_sequences_come_back_with_their_tokens(tiny_models):
@@ -136,6 +179,22 @@ def test_run_pa_runs_the_plan_it_is_given(tiny, tmp_path, capsys):
     share = int(re.search(r"uncompressed \((\d+)%\)", report).group(1))
     assert share < 15  # 4 blocks against 4 x 8 for ~127 tokens
     assert windowed.token_ids != full.token_ids
+
+
+def test_chat_prompts_go_through_the_models_chat_template(tiny, tmp_path):
+    model = shutil.copytree(tiny, tmp_path / "chat")
+    config = json.loads((model / "tokenizer_config.json").read_text())
+    config["chat_template"] = (
+        "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    )
+    (model / "tokenizer_config.json").write_text(json.dumps(config))
+    engine = engine_with_plan(model, "off")
+    ids = engine.encode("hello world", chat=True)
+    assert isinstance(ids, list) and all(isinstance(t, int) for t in ids)
+    want = "<|im_start|>user\nhello world<|im_end|>\n<|im_start|>assistant\n"
+    assert engine.tokenizer.decode(ids) == want
+    assert engine.encode("hello world") == engine.tokenizer.encode("hello world", add_special_tokens=False)
 
 
 # ---- finish reasons -----------------------------------------------------------------------------
