@@ -12,7 +12,7 @@ import torch
 
 from atb_llm.compression.layout import GroupLayout
 from atb_llm.compression.levels import make_level
-from atb_llm.runtime.cuda_graph import DecodeGraphs, buckets
+from atb_llm.runtime.cuda_graph import DecodeGraphs, buckets, buffer_blocks, use_graphs
 from atb_llm.runtime.engine import EngineConfig, LLMEngine
 from atb_llm.runtime.sequence import SamplingParams
 
@@ -22,6 +22,15 @@ def test_buckets():
     assert buckets(8) == [1, 2, 4, 8]
     assert buckets(20) == [1, 2, 4, 8, 16, 20]
     assert buckets(32) == [1, 2, 4, 8, 16, 24, 32]
+
+
+def test_graphs_only_on_cuda_with_triton_and_buffers_hold_the_longest_sequence():
+    assert use_graphs("cuda", "triton", False) and use_graphs("cuda:1", "triton", False)
+    assert not use_graphs("cuda", "triton", True)  # --enforce_eager
+    assert not use_graphs("cpu", "triton", False) and not use_graphs("cuda", "torch", False)
+    for n in (1, 15, 16, 17, 100, 4096):
+        blocks = buffer_blocks(n, 16)
+        assert isinstance(blocks, int) and n <= (blocks - 1) * 16 < n + 16
 
 
 def run(path, backend, graphs):

@@ -92,7 +92,10 @@ def test_missing_tensor(tiny_models, tmp_path):
 
 def test_prompt_longer_than_max_input_length(tiny_models):
     e = engine(tiny_models())
-    with pytest.raises(ValueError, match="the prompt has 65 tokens, more than max_input_length=64"):
+    with pytest.raises(
+        ValueError,
+        match="the prompt has 65 tokens, more than max_input_length=64; shorten it or raise --max_input_length$",
+    ):
         e.add_request(list(range(2, 67)))
     assert not e.has_unfinished()
 

@@ -51,7 +51,7 @@ def test_preemption_takes_the_newest_and_requeues_it_ahead_of_later_arrivals():
     scheduled, is_prefill = sched.schedule()
     # a (oldest) grows into c's freed block; b cannot grow and no one newer is left: b goes too
     assert (scheduled, is_prefill) == ([a], False)
-    assert [s.num_preemptions for s in (a, b, c, d)] == [0, 1, 1, 0]
+    assert [s.num_preemptions for s in (a, b, c, d)] == [0, 1, 1, 0] and sched.num_preemptions == 2
     assert [s.request_id for s in sched.waiting] == ["b", "c", "d"]  # preempted ones first, in arrival order
     assert b.status is c.status is SequenceStatus.WAITING and not any(b.block_table.rows)
     assert sched.block_manager.num_free() == {"model": 1}
@@ -195,6 +195,22 @@ def test_chat_prompts_go_through_the_models_chat_template(tiny, tmp_path):
     want = "<|im_start|>user\nhello world<|im_end|>\n<|im_start|>assistant\n"
     assert engine.tokenizer.decode(ids) == want
     assert engine.encode("hello world") == engine.tokenizer.encode("hello world", add_special_tokens=False)
+
+
+def test_eos_is_the_models_and_the_tokenizers(tiny, tmp_path):
+    """Instruct checkpoints name several end tokens (config / generation config) besides the
+    tokenizer's: the engine stops at any of them. (And the triton backend runs the quantized linears
+    in its kernels.)"""
+    model = shutil.copytree(tiny, tmp_path / "eos")
+    config = json.loads((model / "config.json").read_text())
+    tokenizer_eos = engine_with_plan(model, "off").tokenizer.eos_token_id
+    config["eos_token_id"] = [0, 3]
+    (model / "config.json").write_text(json.dumps(config))
+    (model / "generation_config.json").unlink(missing_ok=True)
+    engine = engine_with_plan(model, "off")
+    assert engine.eos_token_ids == {0, 3, tokenizer_eos} and not engine.quant.triton
+    cfg = EngineConfig(str(model), block_size=BS, max_input_length=64, attention_backend="triton", progress=False)
+    assert LLMEngine(cfg).quant.triton
 
 
 # ---- finish reasons -----------------------------------------------------------------------------

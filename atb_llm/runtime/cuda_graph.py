@@ -30,6 +30,17 @@ def buckets(max_batch: int) -> list[int]:
     return sorted(set(sizes) | {max_batch})
 
 
+def use_graphs(device: str, backend: str, enforce_eager: bool) -> bool:
+    """Decode runs as CUDA graphs on CUDA with the triton backend, unless forced eager."""
+    return torch.device(device).type == "cuda" and backend == "triton" and not enforce_eager
+
+
+def buffer_blocks(max_seq_len: int, block_size: int) -> int:
+    """Block-table width of the buffers: a sequence of max_seq_len tokens, and one block to spare
+    (a step with a wider table runs eagerly)."""
+    return -(-max_seq_len // block_size) + 1
+
+
 class DecodeGraphs:
     def __init__(
         self,

@@ -18,7 +18,7 @@ from atb_llm.layers.attention.backend import AttentionBackend
 from atb_llm.layers.attention.selector import get_backend
 from atb_llm.models.base.router import get_router
 from atb_llm.models.base.weights import WeightFiles
-from atb_llm.runtime.cuda_graph import DecodeGraphs
+from atb_llm.runtime.cuda_graph import DecodeGraphs, buffer_blocks, use_graphs
 from atb_llm.runtime.engine_config import EngineConfig
 from atb_llm.runtime.model_runner import ModelRunner
 from atb_llm.runtime.scheduler import Scheduler
@@ -95,10 +95,9 @@ class LLMEngine:
         )
         self.eos_token_ids = set(self.model_config.eos_token_ids) | {self.tokenizer.eos_token_id} - {None}
         graphs = None
-        if torch.device(cfg.device).type == "cuda" and backend.name == "triton" and not cfg.enforce_eager:
-            max_blocks = -(-self.max_seq_len // cfg.block_size) + 1  # wider steps run eagerly
-            kv = self.cache_manager.kv_cache
-            graphs = DecodeGraphs(self.model, kv, cfg.max_batch_size, max_blocks, self.max_seq_len, cfg.device)
+        if use_graphs(cfg.device, backend.name, cfg.enforce_eager):
+            blocks, kv = buffer_blocks(self.max_seq_len, cfg.block_size), self.cache_manager.kv_cache
+            graphs = DecodeGraphs(self.model, kv, cfg.max_batch_size, blocks, self.max_seq_len, cfg.device)
         self.runner = ModelRunner(self.model, self.cache_manager, frozenset(self.eos_token_ids), graphs)
         self._seqs: dict[str, Sequence] = {}
 
