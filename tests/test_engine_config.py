@@ -27,7 +27,13 @@ def test_run_pa_and_server_share_the_flags_with_their_own_defaults():
 
 @pytest.mark.parametrize(
     "kw, match",
-    [({"quantize": "w2a16"}, "quantize='w2a16'"), ({"kv_quant": "c4"}, "kv_quant='c4'"), ({"dtype": "int8"}, "dtype")],
+    [
+        ({"quantize": "w2a16"}, "quantize='w2a16'"),
+        ({"kv_quant": "c4"}, "kv_quant='c4'"),
+        ({"dtype": "int8"}, "dtype"),
+        ({"max_batch_size": 0}, "^max_batch_size=0 must be at least 1$"),
+        ({"max_prefill_tokens": -3}, "^max_prefill_tokens=-3 must be at least 1$"),
+    ],
 )
 def test_bad_settings_name_the_value(kw, match):
     with pytest.raises(ValueError, match=match):
