@@ -7,6 +7,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from atb_llm.cache.cache_manager import CacheConfig
 from atb_llm.runtime.engine import EngineConfig, LLMEngine
 from atb_llm.runtime.sequence import SamplingParams
 
@@ -106,11 +107,39 @@ def test_prompt_longer_than_max_input_length(tiny_models):
         (dict(max_tokens=0), "max_tokens=0 must be at least 1"),
         (dict(temperature=-1), "temperature=-1 must be >= 0"),
         (dict(top_p=0), r"top_p=0 must be in \(0, 1\]"),
+        (dict(top_k=-1), r"top_k=-1 must be >= 0"),
+        (dict(presence_penalty=2.5), r"^presence_penalty=2.5 must be in \[-2, 2\]$"),
+        (dict(frequency_penalty=-2.5), r"^frequency_penalty=-2.5 must be in \[-2, 2\]$"),
+        (dict(repetition_penalty=0), r"repetition_penalty=0 must be > 0"),
+        (dict(min_tokens=-1), r"min_tokens=-1 must be in \[0, max_tokens=64\]"),
+        (dict(min_tokens=5, max_tokens=4), r"min_tokens=5 must be in \[0, max_tokens=4\]"),
+        (dict(logprobs=21), r"^logprobs=21 must be in \[0, 20\] \(alternatives per token\)$"),
+        (dict(prompt_logprobs=-1), r"^prompt_logprobs=-1 must be in \[0, 20\]"),
     ],
 )
 def test_bad_sampling_params(kw, message):
     with pytest.raises(ValueError, match=message):
         SamplingParams(**kw)
+
+
+def test_sampling_params_at_their_limits_are_accepted():
+    p = SamplingParams(
+        max_tokens=1, min_tokens=0, logprobs=20, prompt_logprobs=0, frequency_penalty=2, presence_penalty=-2
+    )
+    assert (p.max_tokens, p.logprobs, p.prompt_logprobs) == (1, 20, 0)
+    assert SamplingParams(max_tokens=3, min_tokens=3, top_k=0, top_p=1.0).min_tokens == 3
+
+
+def test_bad_cache_settings_name_the_value():
+    for kw, message in [
+        ({"block_size": 24}, "block_size=24 must be a positive multiple of 16"),
+        ({"block_size": 0}, "block_size=0 must be a positive multiple of 16"),
+        ({"num_blocks": 0}, "^num_blocks=0 must be at least 1$"),
+        ({"memory_gb": 0.0}, "^memory_gb=0.0 must be positive$"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            CacheConfig(**kw)
+    assert CacheConfig(block_size=16).block_size == 16 and CacheConfig(block_size=32, num_blocks=1).num_blocks == 1
 
 
 def test_bad_requests_leave_the_engine_usable(tiny_models):
