@@ -6,7 +6,7 @@ import torch
 
 from atb_llm.cache.cache_manager import CacheConfig, CacheManager
 from atb_llm.compression.layout import GroupLayout
-from atb_llm.compression.levels import Level, Window, WindowInt8
+from atb_llm.compression.levels import FullInt8, Level, Window, WindowInt8
 from atb_llm.runtime.engine import EngineConfig, LLMEngine
 from atb_llm.runtime.sequence import SamplingParams
 
@@ -119,3 +119,22 @@ def test_longest_sequence_is_the_most_tokens_that_fit():
     assert cm.longest_sequence(400) > CacheManager(
         GroupLayout.uniform(2, 2), CacheConfig(16, 10), 8, torch.float32, 1, 64
     ).longest_sequence(400)
+
+
+def test_pools_are_sized_in_proportion_to_a_sequences_needs():
+    """num_blocks sizes the model-dtype pool (the int8 pool in proportion, or alone when every group
+    is int8); memory_gb fills the budget with whole sequences' worth of each pool."""
+    mixed = GroupLayout(2, 2, (FullInt8(), Level(), Window(sink=4, recent=27), FullInt8()))
+
+    def manager(layout, **cfg):
+        return CacheManager(layout, CacheConfig(16, **cfg), 8, torch.float32, 1, 64)
+
+    cm = manager(mixed, num_blocks=10)
+    assert cm.num_blocks == {"int8": round(10 * cm.per_sequence["int8"] / cm.per_sequence["model"]), "model": 10}
+    assert manager(GroupLayout.uniform(2, 2, FullInt8()), num_blocks=10).num_blocks == {"int8": 10}
+    budget = 2**20
+    cm = manager(mixed, memory_gb=budget / 2**30)
+    seq_bytes = sum(n * cm.bytes_per_block(p) for p, n in cm.per_sequence.items())
+    assert budget - seq_bytes < cm.total_bytes <= budget
+    sequences = {p: cm.num_blocks[p] / n for p, n in cm.per_sequence.items()}
+    assert max(sequences.values()) - min(sequences.values()) < 1  # the same number of sequences in each pool

@@ -170,6 +170,14 @@ def test_auto_without_a_plan_says_how_to_make_one(tiny):
         resolve_layout("auto", tiny, config, 16)
 
 
+def test_mlgc_names_resolve_to_their_layouts(tiny):
+    config = load_qwen2_config(tiny)
+    full = resolve_layout(None, tiny, config, 16)
+    assert full == resolve_layout(" off ", tiny, config, 16) and {lv.name for lv in full.levels} == {"full"}
+    assert resolve_layout("streaming", tiny, config, 16) == baseline_plan("streaming", config, 16).to_layout()
+    assert resolve_layout("random", tiny, config, 16) == baseline_plan("random", config, 16).to_layout()
+
+
 def test_baselines(tiny):
     config = load_qwen2_config(tiny)
     streaming = baseline_plan("streaming", config, 16, sink=4, recent=20)
