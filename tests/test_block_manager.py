@@ -201,6 +201,11 @@ def test_a_snapshot_being_copied_is_not_evicted():
     assert (len(usable), matched) == (3, 3) and usable[-1].snapshot is not None
 
 
+def test_prefix_caching_is_off_unless_asked():
+    assert BlockManager(GroupLayout.uniform(1, 1), {"model": 4}, 16).prefix is None
+    assert BlockManager(GroupLayout.uniform(1, 1), {"model": 4}, 16, prefix_caching=True).prefix is not None
+
+
 def test_fork_needs_exactly_the_blocks_it_copies_and_evicts_idle_ones_for_them():
     """A 40-token sequence, one full group (3 blocks) and one window group (2): a fork shares the
     full group's 2 complete blocks and copies its partial one and both window blocks: 3 blocks."""
