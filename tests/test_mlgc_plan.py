@@ -48,6 +48,8 @@ def test_calibration_is_deterministic_for_a_seed(tiny, plan):
     assert again.levels == plan.levels and again.scores == plan.scores
     other = calibrate(str(tiny), CalibrationConfig(**{**CAL.__dict__, "seed": 1}), progress=False)
     assert other.scores != plan.scores
+    # what made the plan is recorded with it (checked here: the first test that builds the fixture)
+    assert (again.calibration, other.calibration["seed"]) == ({"seed": 0, "samples": 2, "period": 24, "repeats": 2}, 1)
 
 
 def hf_probe_scores(path, prompts, period):
