@@ -6,6 +6,9 @@ from atb_llm.cache.block_manager import BlockManager
 from atb_llm.cache.block_pool import BlockPool, NoFreeBlocksError
 from atb_llm.cache.block_table import BlockTable
 from atb_llm.compression.layout import GroupLayout
+from atb_llm.compression.levels import Level, Window
+
+FULL_AND_WINDOW = GroupLayout(1, 2, (Level(), Window(sink=4, recent=12)))  # one KV head each: 16 + 1 slots
 
 
 def test_pool_allocates_in_order_and_reuses_freed_blocks_last():
@@ -122,9 +125,7 @@ def test_idle_cached_blocks_are_evicted_least_recently_used_first_when_needed():
 def test_growing_may_evict_matched_blocks_that_have_no_snapshot():
     """A full group and a window group: the first prompt's blocks are cached without a snapshot,
     so the second one matches them but cannot use them, and its own blocks need their room."""
-    from atb_llm.compression.levels import Level, Window
-
-    layout = GroupLayout(1, 2, (Level(), Window(sink=4, recent=12)))
+    layout = FULL_AND_WINDOW
     bm = BlockManager(layout, {"model": 6}, 16, prefix_caching=True)  # one 64-token sequence: 4 + 2 blocks
     tokens = list(range(64))
     a = BlockTable()
@@ -140,9 +141,7 @@ def test_a_snapshot_made_in_a_full_pool_stays_reachable():
     """The second request matched the first one's idle blocks in the full group but has no window
     snapshot; making room for its snapshot evicts those entries, so they are recorded again from its
     own table and the snapshot hangs on a live entry (no idle block outside an entry)."""
-    from atb_llm.compression.levels import Level, Window
-
-    layout = GroupLayout(1, 2, (Level(), Window(sink=4, recent=12)))
+    layout = FULL_AND_WINDOW
     bm = BlockManager(layout, {"model": 9}, 16, prefix_caching=True)
     tokens = list(range(64))
     a = BlockTable()
@@ -160,9 +159,7 @@ def test_a_snapshot_made_in_a_full_pool_stays_reachable():
 
 
 def test_a_prefix_snapshotted_once_is_not_copied_again():
-    from atb_llm.compression.levels import Level, Window
-
-    layout = GroupLayout(1, 2, (Level(), Window(sink=4, recent=12)))
+    layout = FULL_AND_WINDOW
     bm = BlockManager(layout, {"model": 16}, 16, prefix_caching=True)
     pool, tokens, a = bm.pools["model"], list(range(64)), BlockTable()
     bm.allocate(a, 64, tokens)  # 4 + 2 blocks
@@ -184,9 +181,7 @@ def test_a_prefix_snapshotted_once_is_not_copied_again():
 def test_a_snapshot_being_copied_is_not_evicted():
     """b reuses a's prefix: the snapshot is held until b's copy of it is made, and eviction in the
     meantime (another request needing room) keeps it for the requests after b."""
-    from atb_llm.compression.levels import Level, Window
-
-    layout = GroupLayout(1, 2, (Level(), Window(sink=4, recent=12)))
+    layout = FULL_AND_WINDOW
     bm = BlockManager(layout, {"model": 16}, 16, prefix_caching=True)
     tokens, a, b = list(range(64)), BlockTable(), BlockTable()
     bm.allocate(a, 64, tokens)
@@ -209,9 +204,7 @@ def test_prefix_caching_is_off_unless_asked():
 def test_fork_needs_exactly_the_blocks_it_copies_and_evicts_idle_ones_for_them():
     """A 40-token sequence, one full group (3 blocks) and one window group (2): a fork shares the
     full group's 2 complete blocks and copies its partial one and both window blocks: 3 blocks."""
-    from atb_llm.compression.levels import Level, Window
-
-    layout = GroupLayout(1, 2, (Level(), Window(sink=4, recent=12)))
+    layout = FULL_AND_WINDOW
     for total, fits in ((8, True), (7, False)):
         bm = BlockManager(layout, {"model": total}, 16)
         a = BlockTable()

@@ -107,18 +107,21 @@ def test_qwen25_7b_at_32k_with_a_quarter_full_is_under_30_percent(tmp_path):
     assert sequences_that_fit(plan.to_layout(), budget, 32768, 128, torch.bfloat16, 128) == budget // mlgc == 33
 
 
+def cache_manager(layout: GroupLayout, **cfg) -> CacheManager:
+    """Blocks of 16 tokens, head_dim 8, fp32, one sequence of up to 64 tokens (pools from `cfg`)."""
+    return CacheManager(layout, CacheConfig(16, **cfg), 8, torch.float32, 1, 64)
+
+
 def test_longest_sequence_is_the_most_tokens_that_fit():
     mixed = GroupLayout(2, 2, (Level(), Window(sink=4, recent=27), WindowInt8(sink=4, recent=27), Level()))
     for layout in (GroupLayout.uniform(2, 2), mixed):
         for num_blocks in (1, 3, 7, 10):
-            cm = CacheManager(layout, CacheConfig(16, num_blocks), 8, torch.float32, 1, 64)
+            cm = cache_manager(layout, num_blocks=num_blocks)
             for limit in (1, 40, 111, 400):
                 want = max(n for n in range(limit + 1) if cm.fits_alone(n))
                 assert cm.longest_sequence(limit) == want, (layout.levels, num_blocks, limit)
     # a window group stops growing: the mixed layout holds more tokens in the same blocks
-    assert cm.longest_sequence(400) > CacheManager(
-        GroupLayout.uniform(2, 2), CacheConfig(16, 10), 8, torch.float32, 1, 64
-    ).longest_sequence(400)
+    assert cm.longest_sequence(400) > cache_manager(GroupLayout.uniform(2, 2), num_blocks=10).longest_sequence(400)
 
 
 def test_pools_are_sized_in_proportion_to_a_sequences_needs():
@@ -126,14 +129,11 @@ def test_pools_are_sized_in_proportion_to_a_sequences_needs():
     is int8); memory_gb fills the budget with whole sequences' worth of each pool."""
     mixed = GroupLayout(2, 2, (FullInt8(), Level(), Window(sink=4, recent=27), FullInt8()))
 
-    def manager(layout, **cfg):
-        return CacheManager(layout, CacheConfig(16, **cfg), 8, torch.float32, 1, 64)
-
-    cm = manager(mixed, num_blocks=10)
+    cm = cache_manager(mixed, num_blocks=10)
     assert cm.num_blocks == {"int8": round(10 * cm.per_sequence["int8"] / cm.per_sequence["model"]), "model": 10}
-    assert manager(GroupLayout.uniform(2, 2, FullInt8()), num_blocks=10).num_blocks == {"int8": 10}
+    assert cache_manager(GroupLayout.uniform(2, 2, FullInt8()), num_blocks=10).num_blocks == {"int8": 10}
     budget = 2**20
-    cm = manager(mixed, memory_gb=budget / 2**30)
+    cm = cache_manager(mixed, memory_gb=budget / 2**30)
     seq_bytes = sum(n * cm.bytes_per_block(p) for p, n in cm.per_sequence.items())
     assert budget - seq_bytes < cm.total_bytes <= budget
     sequences = {p: cm.num_blocks[p] / n for p, n in cm.per_sequence.items()}
