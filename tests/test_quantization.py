@@ -164,9 +164,16 @@ def test_c8_checkpoint_runs_every_group_in_int8(quantized, float_model, tmp_path
     folder = convert(float_model, tmp_path / "c8", "w8a8c8", None, 2, "cpu")
     desc = json.loads((folder / "quant_model_description.json").read_text())
     assert desc["kv_quant_type"] == "C8"
-    eng = engine(folder)
+    eng = engine(folder, dtype="fp32")
     assert all(level.int8 for level in eng.layout.levels)
-    plain = engine(quantized("w8a8"))
+    t = tensors(folder)
+    for i, layer in enumerate(eng.model.model.layers):  # each layer's channel scales, keys' per rotary pair
+        k, v = (t[f"model.layers.{i}.self_attn.{p}_proj.kv_cache_scale"].float().view(2, -1) for p in "kv")
+        k = k.view(2, 2, -1)
+        paired = (k[:, 0] ** 2 + k[:, 1] ** 2).sqrt()
+        assert torch.allclose(layer.self_attn.attn.kv_scale[0], torch.cat([paired, paired], -1))
+        assert torch.equal(layer.self_attn.attn.kv_scale[1], v)
+    plain = engine(quantized("w8a8"), dtype="fp32")
     assert not any(level.int8 for level in plain.layout.levels)
     got, want = prompt_logits(eng), prompt_logits(plain)  # prefill attends over the prompt itself: same logits
     assert torch.allclose(got, want, atol=1e-3)

@@ -76,6 +76,12 @@ class QuantConfig:
     def kv_quant(self) -> str | None:
         return self.description.kv_quant_type if self.description else None
 
+    @property
+    def kv_cache_scales(self) -> bool:
+        """Whether the checkpoint has C8's per-channel K/V scales (`k_proj.kv_cache_scale`, ...)."""
+        d = self.description
+        return d is not None and any(n.endswith("kv_cache_scale") for n, t in d.types.items() if t == "C8")
+
     def method(self, prefix: str, shards: tuple[str, ...] = ()) -> LinearMethod:
         """prefix: the module path (`model.layers.0.self_attn`); shards: the Hugging Face linears fused
         into this one (`q_proj`, `k_proj`, `v_proj`), or none for a single linear named by prefix."""

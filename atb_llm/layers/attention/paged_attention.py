@@ -1,5 +1,14 @@
 """The attention layer on the paged MLGC cache: store this step's K/V, then attend. Where the
-model meets the backend, so the model file never dispatches on prefill/decode or on the device."""
+model meets the backend, so the model file never dispatches on prefill/decode or on the device.
+
+With a C8 checkpoint the layer also holds msModelSlim's per-channel K/V magnitudes
+(`kv_cache_scale`) and uses them to smooth the channels before the int8 cache: keys and values are
+divided by them and the queries multiplied, the output multiplied back (q.k and the value mix are
+unchanged), so each token's int8 scale is no longer set by a few outlier channels. The key scales
+are taken per rotary pair, sqrt(s_i^2 + s_j^2), since the cache holds keys after RoPE and RoPE
+mixes channel i with i + head_dim / 2 (msModelSlim calibrates before RoPE); dividing both channels
+of a pair by one number commutes with the rotation.
+"""
 
 from __future__ import annotations
 
@@ -12,9 +21,21 @@ from atb_llm.layers.attention.metadata import AttentionMetadata
 
 
 class PagedAttention(nn.Module):
-    def __init__(self, layer_idx: int, scale: float, backend: AttentionBackend):
+    def __init__(
+        self,
+        layer_idx: int,
+        scale: float,
+        backend: AttentionBackend,
+        kv_heads: int = 0,
+        head_dim: int = 0,
+        kv_cache_scales: bool = False,
+    ):
         super().__init__()
         self.layer_idx, self.scale, self.backend = layer_idx, scale, backend
+        self.kv_scale: nn.Parameter | None = None  # [2 (k, v), kv_heads, head_dim] fp32
+        if kv_cache_scales:
+            self.kv_scale = nn.Parameter(torch.ones(2, kv_heads, head_dim, dtype=torch.float32), requires_grad=False)
+            self.kv_scale.weight_loader = load_kv_cache_scale
 
     def forward(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: KVCache, meta: AttentionMetadata
@@ -22,9 +43,33 @@ class PagedAttention(nn.Module):
         """q: [T, Hq, D]; k, v: [T, Hkv, D] (keys after RoPE) -> [T, Hq, D]. Prefill attends over
         the chunk for every head and over what each group keeps of earlier chunks, so it reads the
         cache before the chunk is written; decode writes its token, then reads what each group keeps."""
+        if self.kv_scale is not None:
+            ks, vs = self.kv_scale.to(q.dtype).repeat_interleave(q.shape[1] // k.shape[1], 1)  # per query head
+            q, k, v = q * ks, k / self.kv_scale[0].to(k.dtype), v / self.kv_scale[1].to(v.dtype)
+            return self._attend(q, k, v, kv_cache, meta) * vs
+        return self._attend(q, k, v, kv_cache, meta)
+
+    def _attend(self, q, k, v, kv_cache: KVCache, meta: AttentionMetadata) -> torch.Tensor:
         if meta.is_prefill:
             out = self.backend.prefill(q, k, v, kv_cache, self.layer_idx, meta, self.scale)
             self.backend.store(kv_cache, self.layer_idx, k, v, meta)
             return out
         self.backend.store(kv_cache, self.layer_idx, k, v, meta)
         return self.backend.decode(q, kv_cache, self.layer_idx, meta, self.scale)
+
+
+def load_kv_cache_scale(param: nn.Parameter, loaded: torch.Tensor, name: str, shard_id: str) -> None:
+    """`k_proj.kv_cache_scale` / `v_proj.kv_cache_scale` [kv_heads * head_dim] -> row 0 / 1 of param.
+    Keys take one scale per rotary pair; a channel whose scale is 0 or not finite is left as it is
+    (scale 1). The offsets are not needed: the int8 cache computes its scales per token."""
+    if loaded.numel() != param[0].numel():
+        raise ValueError(
+            f"{name} has {loaded.numel()} values but the model has {tuple(param.shape[1:])} KV heads x head_dim; "
+            "the C8 checkpoint and config.json do not belong together"
+        )
+    s = loaded.float().reshape(param.shape[1:])
+    if shard_id == "k":
+        half = s.shape[-1] // 2
+        pair = (s[:, :half] ** 2 + s[:, half:] ** 2).sqrt()
+        s = torch.cat([pair, pair], -1)
+    param.data[0 if shard_id == "k" else 1] = torch.where(torch.isfinite(s) & (s > 0), s, torch.ones_like(s))

@@ -17,9 +17,9 @@ from atb_llm.quantization.config import QuantConfig
 class FlashForCausalLM(nn.Module):
     # Hugging Face name fragment -> (our fused parameter fragment, shard id)
     packed_modules_mapping: dict[str, tuple[str, object]] = {}
-    # checkpoint names that carry nothing the model needs; C8's static K/V scales are calibrated on K
-    # before RoPE and the cache holds K after it, so the int8 cache computes its own scales (README)
-    ignored_weights: tuple[str, ...] = ("rotary_emb.inv_freq", "kv_cache_scale", "kv_cache_offset")
+    # checkpoint names that carry nothing the model needs; C8's K/V offsets are not used: its scales
+    # smooth the channels and the int8 cache computes a scale per token (PagedAttention)
+    ignored_weights: tuple[str, ...] = ("rotary_emb.inv_freq", "kv_cache_offset")
 
     def __init__(self, config: ModelConfig, backend: AttentionBackend):
         super().__init__()

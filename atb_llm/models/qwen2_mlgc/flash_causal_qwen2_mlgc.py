@@ -35,7 +35,8 @@ class Qwen2Attention(nn.Module):
         qkv_method = quant.method(prefix, ("q_proj", "k_proj", "v_proj"))
         self.qkv_proj = MergedLinear(config.hidden_size, shards, bias=True, method=qkv_method)
         self.o_proj = ReplicatedLinear(self.q_size, config.hidden_size, False, quant.method(f"{prefix}.o_proj"))
-        self.attn = PagedAttention(layer_idx, self.head_dim**-0.5, backend)
+        kv_scales = quant.kv_cache_scales  # C8: per-channel K/V smoothing before the int8 cache
+        self.attn = PagedAttention(layer_idx, self.head_dim**-0.5, backend, self.num_kv_heads, self.head_dim, kv_scales)
         self.fused = backend.name == "triton"  # the GPU path: RoPE in one kernel
 
     def forward(
@@ -109,6 +110,8 @@ class Qwen2Model(nn.Module):
 
 class FlashQwen2MlgcForCausalLM(FlashForCausalLM):
     packed_modules_mapping = {
+        "k_proj.kv_cache_scale": ("attn.kv_scale", "k"),  # C8 (before k_proj, which it contains)
+        "v_proj.kv_cache_scale": ("attn.kv_scale", "v"),
         "q_proj": ("qkv_proj", "q"),
         "k_proj": ("qkv_proj", "k"),
         "v_proj": ("qkv_proj", "v"),

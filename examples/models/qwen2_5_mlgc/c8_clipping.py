@@ -1,47 +1,64 @@
-"""How well msModelSlim's static C8 scales fit the keys a runtime caches.
+"""How well msModelSlim's C8 scales fit the K/V a runtime caches, and what the int8 cache costs.
 
 msModelSlim calibrates `k_proj.kv_cache_scale` on the output of k_proj, before RoPE; the cache
 holds keys after RoPE, which mixes each channel i with its partner i + head_dim/2. This runs the
-float model on text, takes every layer's keys before and after RoPE, and reports per variant the
-share of values outside the int8 range and the relative error of the int8 round trip:
+float model on text, takes every layer's keys (before and after RoPE) and values, and reports per
+variant the share of values outside the int8 range and the relative error of the int8 round trip:
 
 - `static pre-RoPE`: the checkpoint's scales on the keys they were calibrated on;
 - `static post-RoPE`: the same scales on the keys actually cached;
 - `static post-RoPE, paired`: scale sqrt(s_i^2 + s_j^2) for both channels of a rotary pair, which
   bounds |rot(k)| whenever |k_i| <= 127 s_i and |k_j| <= 127 s_j;
-- `per-token`: a scale per token and head computed on the cached keys (the engine's int8 cache).
+- `per-token`: a scale per token and head computed on the cached values, nothing else;
+- `per-token, smoothed`: the same after dividing each channel by the checkpoint's scale (paired
+  for keys): what the engine does with a C8 checkpoint (PagedAttention).
 
-    python -m examples.models.qwen2_5_mlgc.c8_clipping --float DIR --c8 QUANT_DIR [--samples 8]
+With `--ppl`, also the perplexity of GPL-3 teacher-forced through decode (64 tokens prefilled,
+the rest read back from the cache) for the float cache, the int8 cache with per-token scales,
+and the int8 cache smoothed by the checkpoint's scales, with the share of positions whose most
+likely token is the float cache's.
+
+    python -m examples.models.qwen2_5_mlgc.c8_clipping --float DIR --c8 QUANT_DIR [--samples 8] [--ppl]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
+from tqdm import tqdm
 
+from atb_llm.layers.attention.paged_attention import load_kv_cache_scale
+from atb_llm.runtime.engine import EngineConfig, LLMEngine
+from atb_llm.runtime.sequence import SamplingParams
 from atb_llm.utils.perf import markdown_table
+from examples.models.qwen2_5_mlgc.bench_accuracy import GPL
 from examples.models.qwen2_5_mlgc.convert_quant_weight import boolq_passages
 
 HERE = Path(__file__).parent
 
 
-def c8_scales(folder: Path) -> dict[int, torch.Tensor]:
-    """layer -> k_proj.kv_cache_scale [kv_heads * head_dim] (offsets are checked to be 0)."""
+def c8_scales(folder: Path) -> dict[str, torch.Tensor]:
+    """`model.layers.N.self_attn.{k,v}_proj.kv_cache_scale` -> [kv_heads * head_dim] (offsets are checked to be 0)."""
     out = {}
     for f in folder.glob("*.safetensors"):
         with safe_open(str(f), "pt") as sf:
             for name in sf.keys():
-                if name.endswith("k_proj.kv_cache_scale"):
-                    out[int(name.split(".")[2])] = sf.get_tensor(name).float()
-                if name.endswith("k_proj.kv_cache_offset") and sf.get_tensor(name).any():
+                if name.endswith("kv_cache_scale"):
+                    out[name] = sf.get_tensor(name).float()
+                if name.endswith("kv_cache_offset") and sf.get_tensor(name).any():
                     raise SystemExit(f"{name} is not zero: this measures symmetric C8 only")
     if not out:
         raise SystemExit(f"{folder} has no k_proj.kv_cache_scale tensors: not a C8 checkpoint")
     return out
+
+
+def scale_of(scales: dict[str, torch.Tensor], layer: int, proj: str) -> torch.Tensor:
+    return scales[f"model.layers.{layer}.self_attn.{proj}_proj.kv_cache_scale"]
 
 
 def texts(samples: int) -> list[str]:
@@ -49,8 +66,8 @@ def texts(samples: int) -> list[str]:
     return [r.get("inputs_pretokenized") or r.get("text") for r in rows[-samples:]]  # not the calibration head
 
 
-def keys(float_dir: Path, samples: int) -> tuple[dict, dict, int]:
-    """layer -> keys [tokens, kv_heads, head_dim] before and after RoPE, and head_dim."""
+def activations(float_dir: Path, samples: int) -> tuple[dict, dict, dict, int]:
+    """layer -> keys before RoPE, keys after RoPE, values [tokens, kv_heads, head_dim]; and head_dim."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.models.qwen2.modeling_qwen2 import apply_rotary_pos_emb
 
@@ -59,10 +76,13 @@ def keys(float_dir: Path, samples: int) -> tuple[dict, dict, int]:
     cfg = model.config
     hd = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     pre: dict[int, list] = {}
-    hooks = [
-        layer.self_attn.k_proj.register_forward_hook(lambda m, i, o, n=n: pre.setdefault(n, []).append(o[0]))
-        for n, layer in enumerate(model.model.layers)
-    ]
+    val: dict[int, list] = {}
+
+    def keep(into: dict, n: int):
+        return lambda module, inputs, out: into.setdefault(n, []).append(out[0])
+
+    hooks = [layer.self_attn.k_proj.register_forward_hook(keep(pre, n)) for n, layer in enumerate(model.model.layers)]
+    hooks += [layer.self_attn.v_proj.register_forward_hook(keep(val, n)) for n, layer in enumerate(model.model.layers)]
     post: dict[int, list] = {}
     with torch.no_grad():
         for text in texts(samples):
@@ -75,16 +95,28 @@ def keys(float_dir: Path, samples: int) -> tuple[dict, dict, int]:
                 post.setdefault(n, []).append(k_rot[0].transpose(0, 1))
     for h in hooks:
         h.remove()
-    pre_t = {n: torch.cat([k.view(k.shape[0], -1, hd) for k in ks]) for n, ks in pre.items()}
-    return pre_t, {n: torch.cat(ks) for n, ks in post.items()}, hd
+
+    def heads(d):
+        return {n: torch.cat([x.view(x.shape[0], -1, hd) for x in xs]) for n, xs in d.items()}
+
+    return heads(pre), heads(post), heads(val), hd
 
 
-def round_trip(k: torch.Tensor, scale: torch.Tensor) -> tuple[float, float]:
-    """(share of values clipped, relative error) of int8 with `scale` broadcast over k."""
-    x = k / scale
-    clipped = (x.abs() > 127.5).float().mean().item()
-    back = torch.round(x).clamp(-127, 127) * scale
-    return clipped, ((back - k).norm() / k.norm()).item()
+def round_trip(x: torch.Tensor, scale: torch.Tensor) -> tuple[float, float]:
+    """(share of values clipped, relative error) of int8 with `scale` broadcast over x."""
+    y = x / scale
+    clipped = (y.abs() > 127.5).float().mean().item()
+    back = torch.round(y).clamp(-127, 127) * scale
+    return clipped, ((back - x).norm() / x.norm()).item()
+
+
+def per_token(x: torch.Tensor, smooth: torch.Tensor | None = None) -> tuple[float, float]:
+    """The engine's int8 cache: a scale per token and head, after dividing the channels by `smooth`."""
+    y = x if smooth is None else x / smooth
+    s = y.abs().amax(-1, keepdim=True).clamp(min=1e-8) / 127
+    back = torch.round(y / s) * s
+    back = back if smooth is None else back * smooth
+    return 0.0, ((back - x).norm() / x.norm()).item()
 
 
 def paired(scale: torch.Tensor, hd: int) -> torch.Tensor:
@@ -93,40 +125,89 @@ def paired(scale: torch.Tensor, hd: int) -> torch.Tensor:
     return torch.cat([both, both], -1).view(-1, hd)
 
 
-def main(argv: list[str] | None = None) -> list[dict]:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--float", dest="float_dir", type=Path, required=True)
-    ap.add_argument("--c8", type=Path, required=True, help="msModelSlim w8a8c8 output of the same model")
-    ap.add_argument("--samples", type=int, default=8)
-    ap.add_argument("--out", type=Path, default=HERE / "results")
-    args = ap.parse_args(argv)
-    scales = c8_scales(args.c8)
-    pre, post, hd = keys(args.float_dir, args.samples)
+def round_trips(scales: dict, pre: dict, post: dict, val: dict, hd: int) -> list[dict]:
     sums: dict[str, list] = {}
-    for n in sorted(scales):
-        s = scales[n].view(-1, hd)
-        per_token = post[n].abs().amax(-1, keepdim=True).clamp(min=1e-8) / 127
-        for name, k, sc in (
-            ("static pre-RoPE", pre[n], s),
-            ("static post-RoPE", post[n], s),
-            ("static post-RoPE, paired", post[n], paired(s, hd)),
-            ("per-token (engine)", post[n], per_token),
+    for n in sorted(post):
+        ks, vs = scale_of(scales, n, "k").view(-1, hd), scale_of(scales, n, "v").view(-1, hd)
+        for name, (clipped, err) in (
+            ("K static pre-RoPE", round_trip(pre[n], ks)),
+            ("K static post-RoPE", round_trip(post[n], ks)),
+            ("K static post-RoPE, paired", round_trip(post[n], paired(ks, hd))),
+            ("K per-token", per_token(post[n])),
+            ("K per-token, smoothed (engine)", per_token(post[n], paired(ks, hd))),
+            ("V static", round_trip(val[n], vs)),
+            ("V per-token", per_token(val[n])),
+            ("V per-token, smoothed (engine)", per_token(val[n], vs)),
         ):
-            sums.setdefault(name, []).append(round_trip(k, sc))
-    rows = [
+            sums.setdefault(name, []).append((clipped, err))
+    return [
         {
-            "keys": name,
+            "int8 round trip": name,
             "clipped_%": 100 * sum(c for c, _ in v) / len(v),
             "worst_layer_clipped_%": 100 * max(c for c, _ in v),
             "rel_error_%": 100 * sum(e for _, e in v) / len(v),
         }
         for name, v in sums.items()
     ]
-    table = markdown_table(rows, ["keys", "clipped_%", "worst_layer_clipped_%", "rel_error_%"])
-    head = f"K int8 round trip, {len(scales)} layers, {args.samples} BoolQ passages, mean over layers\n\n"
-    print(head + table)
+
+
+def forced_decode(engine: LLMEngine, segment: int = 2048, prefix: int = 64) -> tuple[list[float], list[int]]:
+    """GPL-3 in `segment`-token pieces, `prefix` prefilled and the rest teacher-forced through decode
+    -> each forced token's log-probability and the most likely token at its position."""
+    ids = engine.tokenizer.encode(GPL.read_text())
+    segs = [ids[i : i + segment] for i in range(0, len(ids) - segment + 1, segment)]
+    params = [SamplingParams(force_tokens=tuple(s[prefix:]), logprobs=1) for s in segs]
+    outs = engine.generate([s[:prefix] for s in segs], params)
+    lps = [t.logprob for o in outs for t in o.output_logprobs]
+    return lps, [t.top[0][0] for o in outs for t in o.output_logprobs]
+
+
+def ppl_rows(float_dir: Path, scales: dict) -> list[dict]:
+    rows, ref = [], None
+    for name in tqdm(("float cache", "int8 per-token", "int8 per-token, smoothed"), desc="Caches"):
+        cfg = EngineConfig(str(float_dir), dtype="fp32", max_input_length=64, max_output_length=2048, progress=False)
+        if name != "float cache":
+            cfg.kv_quant = "c8"
+        engine = LLMEngine(cfg)
+        if name.endswith("smoothed"):  # the float model given the C8 checkpoint's scales, as a C8 model loads them
+            shape = (2, engine.model_config.num_key_value_heads, engine.model_config.head_dim)
+            for n, layer in enumerate(engine.model.model.layers):
+                attn = layer.self_attn.attn
+                attn.kv_scale = torch.nn.Parameter(torch.ones(shape), requires_grad=False)
+                for proj in "kv":
+                    load_kv_cache_scale(attn.kv_scale, scale_of(scales, n, proj), f"{proj}_proj.kv_cache_scale", proj)
+        lps, top = forced_decode(engine)
+        ref = ref or top
+        rows.append(
+            {
+                "cache": name,
+                "ppl GPL-3": f"{math.exp(-sum(lps) / len(lps)):.3f}",
+                "same top-1 as float cache %": 100 * sum(a == b for a, b in zip(top, ref)) / len(ref),
+                "tokens": len(lps),
+            }
+        )
+    return rows
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--float", dest="float_dir", type=Path, required=True)
+    ap.add_argument("--c8", type=Path, required=True, help="msModelSlim w8a8c8 output of the same model")
+    ap.add_argument("--samples", type=int, default=8)
+    ap.add_argument("--ppl", action="store_true", help="also the decode perplexity per cache (about 20 min on 2 cores)")
+    ap.add_argument("--out", type=Path, default=HERE / "results")
+    args = ap.parse_args(argv)
+    scales = c8_scales(args.c8)
+    rows = round_trips(scales, *activations(args.float_dir, args.samples))
+    text = f"int8 round trip of K and V, every layer, {args.samples} BoolQ passages, mean over layers\n\n"
+    text += markdown_table(rows, list(rows[0]))
+    if args.ppl:
+        ppl = ppl_rows(args.float_dir, scales)
+        text += "\n\nfp32, decode perplexity of GPL-3 (2048-token segments, 64 prefilled)\n\n"
+        text += markdown_table(ppl, list(ppl[0]))
+    print(text)
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "c8_clipping.md").write_text(head + table + "\n")
+    (args.out / "c8_clipping.md").write_text(text + "\n")
     return rows
 
 
