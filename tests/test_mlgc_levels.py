@@ -212,3 +212,46 @@ def test_c8_channel_scales_leave_dead_channels_alone_and_check_their_size():
     assert layer.kv_scale[0].tolist() == [[5.0, 1.0, 5.0, 1.0]]
     with pytest.raises(ValueError, match=r"layers.3.self_attn.v_proj.kv_cache_scale has 6 values .* \(1, 4\)"):
         load_kv_cache_scale(layer.kv_scale, torch.ones(6), "layers.3.self_attn.v_proj.kv_cache_scale", "v")
+
+
+def test_int8_levels_without_c8_scales_measure_them_on_a_probe_at_load(tiny_models):
+    """A float model whose layout has int8 groups: the engine prefills one prompt of 256 random
+    tokens at load and takes each layer's channel scales from its keys (after RoPE, the largest norm
+    of each rotary pair) and values (largest |v|), / 127: the same numbers as transformers' K/V on
+    that prompt, whatever the input limit or chunking. The probe leaves no block taken and nothing
+    in the prefix cache."""
+    from transformers import AutoModelForCausalLM
+    from transformers.models.qwen2.modeling_qwen2 import apply_rotary_pos_emb
+
+    path = tiny_models()
+    layout = GroupLayout(2, 2, (Level(), FullInt8(), Window(sink=4, recent=27), WindowInt8(sink=2, recent=13)))
+    cfg = EngineConfig(
+        str(path), dtype="fp32", block_size=16, num_blocks=64, max_input_length=32, prefix_caching=True,
+        chunked_prefill=True, max_prefill_tokens=8, progress=False,
+    )  # fmt: skip
+    engine = LLMEngine(cfg, layout=layout)
+    n = 256
+    probe = torch.randint(100, engine.model_config.vocab_size, (1, n), generator=torch.Generator().manual_seed(0))
+    hf = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
+    seen = {}
+    for i, layer in enumerate(hf.model.layers):
+        for proj in ("k_proj", "v_proj"):
+            getattr(layer.self_attn, proj).register_forward_hook(lambda m, a, o, key=(i, proj): seen.setdefault(key, o))
+    with torch.no_grad():
+        hf(probe)
+    cos, sin = hf.model.rotary_emb(torch.zeros(1), torch.arange(n)[None])
+    d = engine.model_config.head_dim
+    for i, layer in enumerate(engine.model.model.layers):
+        k = seen[i, "k_proj"].view(1, n, -1, d).transpose(1, 2)
+        k = apply_rotary_pos_emb(k, k, cos, sin)[1][0].transpose(0, 1)  # [n, kv_heads, d]
+        pair = (k[..., : d // 2] ** 2 + k[..., d // 2 :] ** 2).sqrt().amax(0)
+        v = seen[i, "v_proj"].view(n, -1, d).abs().amax(0)
+        got = layer.self_attn.attn.kv_scale
+        assert torch.allclose(got[0], torch.cat([pair, pair], -1) / 127, rtol=1e-4)
+        assert torch.allclose(got[1], v / 127, rtol=1e-4)
+    load_kv_cache_scale(got, torch.ones(2 * d), "k_proj.kv_cache_scale", "k")  # still a parameter to load into
+    bm = engine.cache_manager.block_manager
+    assert all(p.num_used == 0 and p.num_idle == 0 for p in bm.pools.values())
+    assert not bm.prefix.entries
+    full = GroupLayout.uniform(2, 2)
+    assert LLMEngine(cfg, layout=full).model.model.layers[0].self_attn.attn.kv_scale is None  # no int8: no probe

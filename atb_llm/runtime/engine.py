@@ -11,10 +11,12 @@ import torch
 from tqdm import tqdm
 
 from atb_llm.cache.cache_manager import CacheConfig, CacheManager
+from atb_llm.cache.kv_cache import KVCache
 from atb_llm.compression.layout import GroupLayout
 from atb_llm.compression.plan import resolve_layout
 from atb_llm.config import parse_dtype
 from atb_llm.layers.attention.backend import AttentionBackend
+from atb_llm.layers.attention.paged_attention import PagedAttention, observed_kv_scales
 from atb_llm.layers.attention.selector import get_backend
 from atb_llm.models.base.router import get_router
 from atb_llm.models.base.weights import WeightFiles
@@ -23,6 +25,8 @@ from atb_llm.runtime.engine_config import EngineConfig
 from atb_llm.runtime.model_runner import ModelRunner
 from atb_llm.runtime.scheduler import Scheduler
 from atb_llm.runtime.sequence import SamplingParams, Sequence, TokenLogprob
+
+KV_PROBE_TOKENS = 256  # random tokens that measure K/V channel scales for int8 levels (see _measure_kv_scales)
 
 
 @dataclass
@@ -94,12 +98,43 @@ class LLMEngine:
             self.cache_manager.block_manager, cfg.max_batch_size, cfg.max_prefill_tokens, cfg.chunked_prefill
         )
         self.eos_token_ids = set(self.model_config.eos_token_ids) | {self.tokenizer.eos_token_id} - {None}
-        graphs = None
-        if use_graphs(cfg.device, backend.name, cfg.enforce_eager):
-            blocks, kv = buffer_blocks(self.max_seq_len, cfg.block_size), self.cache_manager.kv_cache
-            graphs = DecodeGraphs(self.model, kv, cfg.max_batch_size, blocks, self.max_seq_len, cfg.device)
-        self.runner = ModelRunner(self.model, self.cache_manager, frozenset(self.eos_token_ids), graphs)
+        self.runner = ModelRunner(self.model, self.cache_manager, frozenset(self.eos_token_ids))
         self._seqs: dict[str, Sequence] = {}
+        if any(level.int8 for level in self.layout.levels) and not self.quant.kv_cache_scales:
+            self._measure_kv_scales()
+        if use_graphs(cfg.device, backend.name, cfg.enforce_eager):  # after the model's last change
+            blocks, kv = buffer_blocks(self.max_seq_len, cfg.block_size), self.cache_manager.kv_cache
+            self.runner.graphs = DecodeGraphs(self.model, kv, cfg.max_batch_size, blocks, self.max_seq_len, cfg.device)
+
+    def _measure_kv_scales(self) -> None:
+        """Int8 levels without a C8 checkpoint's scales: measure every layer's K/V channel scales on one
+        prompt of random tokens, prefilled in one piece into a float cache of its own (so the result
+        depends on the model alone, not on the layout, chunking or prefix cache), and smooth with
+        them (PagedAttention), as with a checkpoint's."""
+        cfg, dev, bs = self.model_config, self.cfg.device, self.cfg.block_size
+        n = min(KV_PROBE_TOKENS, cfg.max_position_embeddings)
+        layers = [m for m in self.model.modules() if isinstance(m, PagedAttention)]
+        seen: dict[PagedAttention, tuple[torch.Tensor, torch.Tensor]] = {}
+
+        def observe(layer: PagedAttention, args: tuple) -> None:
+            k, v = observed_kv_scales(args[1], args[2])
+            seen[layer] = (k, v) if layer not in seen else (seen[layer][0].maximum(k), seen[layer][1].maximum(v))
+
+        full = GroupLayout.uniform(cfg.num_hidden_layers, cfg.num_key_value_heads)
+        nb = -(-n // bs)
+        kv = KVCache.allocate(full, {"model": full.num_groups * nb}, bs, cfg.head_dim, self.dtype, dev)
+        tables = torch.arange(full.num_groups * nb, device=dev).view(full.num_groups, 1, nb)  # [G, 1, nb]
+        slots = (tables[:, 0, :, None] * bs + torch.arange(bs, device=dev)).flatten(1)[:, :n]  # [G, n]
+        probe = torch.randint(100, cfg.vocab_size, (n,), generator=torch.Generator().manual_seed(0)).to(dev)
+        hooks = [m.register_forward_pre_hook(observe) for m in layers]
+        try:
+            last, length = torch.tensor([n - 1], device=dev), torch.tensor([n], device=dev)
+            self.model(probe, torch.arange(n, device=dev), True, kv, tables, slots, length, n, last)
+        finally:
+            for h in hooks:
+                h.remove()
+        for m in layers:
+            m.set_kv_scale(*seen[m])
 
     def _layout(self) -> GroupLayout:
         return resolve_layout(self.cfg.mlgc, self.cfg.model_path, self.model_config, self.cfg.block_size)

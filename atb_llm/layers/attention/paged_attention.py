@@ -1,13 +1,13 @@
 """The attention layer on the paged MLGC cache: store this step's K/V, then attend. Where the
 model meets the backend, so the model file never dispatches on prefill/decode or on the device.
 
-With a C8 checkpoint the layer also holds msModelSlim's per-channel K/V magnitudes
-(`kv_cache_scale`) and uses them to smooth the channels before the int8 cache: keys and values are
-divided by them and the queries multiplied, the output multiplied back (q.k and the value mix are
-unchanged), so each token's int8 scale is no longer set by a few outlier channels. The key scales
-are taken per rotary pair, sqrt(s_i^2 + s_j^2), since the cache holds keys after RoPE and RoPE
-mixes channel i with i + head_dim / 2 (msModelSlim calibrates before RoPE); dividing both channels
-of a pair by one number commutes with the rotation.
+Where the cache holds int8, the layer also smooths the channels first: keys and values are divided
+by per-channel scales, the queries multiplied by the key scales and the output by the value scales
+(q.k and the value mix are unchanged), so each token's int8 scale is no longer set by a few outlier
+channels. The scales are a C8 checkpoint's (msModelSlim's `kv_cache_scale`), or measured at load
+(`observed_kv_scales`). Keys take one scale per rotary pair, sqrt(s_i^2 + s_j^2): the cache holds
+keys after RoPE, which mixes channel i with i + head_dim / 2 (msModelSlim calibrates before RoPE),
+and dividing both channels of a pair by one number commutes with the rotation.
 """
 
 from __future__ import annotations
@@ -37,6 +37,10 @@ class PagedAttention(nn.Module):
             self.kv_scale = nn.Parameter(torch.ones(2, kv_heads, head_dim, dtype=torch.float32), requires_grad=False)
             self.kv_scale.weight_loader = load_kv_cache_scale
 
+    def set_kv_scale(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Smooth with these channel scales, [kv_heads, head_dim] each (keys': equal within each rotary pair)."""
+        self.kv_scale = nn.Parameter(usable(torch.stack([k, v]).float()), requires_grad=False)
+
     def forward(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: KVCache, meta: AttentionMetadata
     ) -> torch.Tensor:
@@ -60,8 +64,8 @@ class PagedAttention(nn.Module):
 
 def load_kv_cache_scale(param: nn.Parameter, loaded: torch.Tensor, name: str, shard_id: str) -> None:
     """`k_proj.kv_cache_scale` / `v_proj.kv_cache_scale` [kv_heads * head_dim] -> row 0 / 1 of param.
-    Keys take one scale per rotary pair; a channel whose scale is 0 or not finite is left as it is
-    (scale 1). The offsets are not needed: the int8 cache computes its scales per token."""
+    Keys take one scale per rotary pair; see `usable`. The offsets are not needed: the int8 cache
+    computes its scales per token."""
     if loaded.numel() != param[0].numel():
         raise ValueError(
             f"{name} has {loaded.numel()} values but the model has {tuple(param.shape[1:])} KV heads x head_dim; "
@@ -72,4 +76,18 @@ def load_kv_cache_scale(param: nn.Parameter, loaded: torch.Tensor, name: str, sh
         half = s.shape[-1] // 2
         pair = (s[:, :half] ** 2 + s[:, half:] ** 2).sqrt()
         s = torch.cat([pair, pair], -1)
-    param.data[0 if shard_id == "k" else 1] = torch.where(torch.isfinite(s) & (s > 0), s, torch.ones_like(s))
+    param.data[0 if shard_id == "k" else 1] = usable(s)
+
+
+def observed_kv_scales(k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Channel scales from keys (after RoPE) and values [T, kv_heads, head_dim], in msModelSlim's
+    units (the largest magnitude / 127): per rotary pair the largest norm sqrt(k_i^2 + k_j^2), which
+    RoPE does not change, and per value channel the largest |v|."""
+    half = k.shape[-1] // 2
+    pair = (k[..., :half].float() ** 2 + k[..., half:].float() ** 2).sqrt().amax(0)
+    return torch.cat([pair, pair], -1) / 127, v.float().abs().amax(0) / 127
+
+
+def usable(s: torch.Tensor) -> torch.Tensor:
+    """A channel whose scale is 0 or not finite is left as it is (scale 1)."""
+    return torch.where(torch.isfinite(s) & (s > 0), s, torch.ones_like(s))
