@@ -116,9 +116,8 @@ class LLMEngine:
         layers = [m for m in self.model.modules() if isinstance(m, PagedAttention)]
         seen: dict[PagedAttention, tuple[torch.Tensor, torch.Tensor]] = {}
 
-        def observe(layer: PagedAttention, args: tuple) -> None:
-            k, v = observed_kv_scales(args[1], args[2])
-            seen[layer] = (k, v) if layer not in seen else (seen[layer][0].maximum(k), seen[layer][1].maximum(v))
+        def observe(layer: PagedAttention, args: tuple) -> None:  # args: q, k, v, kv_cache, meta
+            seen[layer] = observed_kv_scales(args[1], args[2])
 
         full = GroupLayout.uniform(cfg.num_hidden_layers, cfg.num_key_value_heads)
         nb = -(-n // bs)
