@@ -48,9 +48,10 @@ class PagedAttention(nn.Module):
         the chunk for every head and over what each group keeps of earlier chunks, so it reads the
         cache before the chunk is written; decode writes its token, then reads what each group keeps."""
         if self.kv_scale is not None:
-            ks, vs = self.kv_scale.to(q.dtype).repeat_interleave(q.shape[1] // k.shape[1], 1)  # per query head
-            q, k, v = q * ks, k / self.kv_scale[0].to(k.dtype), v / self.kv_scale[1].to(v.dtype)
-            return self._attend(q, k, v, kv_cache, meta) * vs
+            ks, vs = self.kv_scale.to(q.dtype)
+            rep = q.shape[1] // k.shape[1]  # query heads per KV head
+            q, k, v = q * ks.repeat_interleave(rep, 0), k / ks, v / vs
+            return self._attend(q, k, v, kv_cache, meta) * vs.repeat_interleave(rep, 0)
         return self._attend(q, k, v, kv_cache, meta)
 
     def _attend(self, q, k, v, kv_cache: KVCache, meta: AttentionMetadata) -> torch.Tensor:
@@ -72,20 +73,21 @@ def load_kv_cache_scale(param: nn.Parameter, loaded: torch.Tensor, name: str, sh
             "the C8 checkpoint and config.json do not belong together"
         )
     s = loaded.float().reshape(param.shape[1:])
-    if shard_id == "k":
-        half = s.shape[-1] // 2
-        pair = (s[:, :half] ** 2 + s[:, half:] ** 2).sqrt()
-        s = torch.cat([pair, pair], -1)
-    param.data[0 if shard_id == "k" else 1] = usable(s)
+    param.data[0 if shard_id == "k" else 1] = usable(pair_norm(s) if shard_id == "k" else s)
 
 
 def observed_kv_scales(k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Channel scales from keys (after RoPE) and values [T, kv_heads, head_dim], in msModelSlim's
     units (the largest magnitude / 127): per rotary pair the largest norm sqrt(k_i^2 + k_j^2), which
     RoPE does not change, and per value channel the largest |v|."""
-    half = k.shape[-1] // 2
-    pair = (k[..., :half].float() ** 2 + k[..., half:].float() ** 2).sqrt().amax(0)
-    return torch.cat([pair, pair], -1) / 127, v.float().abs().amax(0) / 127
+    return pair_norm(k.float()).amax(0) / 127, v.float().abs().amax(0) / 127
+
+
+def pair_norm(x: torch.Tensor) -> torch.Tensor:
+    """[..., D] -> [..., D]: sqrt(x_i^2 + x_j^2) in both channels i and j = i + D/2 of each rotary pair."""
+    half = x.shape[-1] // 2
+    pair = (x[..., :half] ** 2 + x[..., half:] ** 2).sqrt()
+    return torch.cat([pair, pair], -1)
 
 
 def usable(s: torch.Tensor) -> torch.Tensor:

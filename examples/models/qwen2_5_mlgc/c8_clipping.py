@@ -32,7 +32,8 @@ import torch
 from safetensors import safe_open
 from tqdm import tqdm
 
-from atb_llm.layers.attention.paged_attention import load_kv_cache_scale
+from atb_llm.compression.levels import Storage
+from atb_llm.layers.attention.paged_attention import load_kv_cache_scale, pair_norm
 from atb_llm.runtime.engine import EngineConfig, LLMEngine
 from atb_llm.runtime.sequence import SamplingParams
 from atb_llm.utils.perf import markdown_table
@@ -111,30 +112,25 @@ def round_trip(x: torch.Tensor, scale: torch.Tensor) -> tuple[float, float]:
 
 
 def per_token(x: torch.Tensor, smooth: torch.Tensor | None = None) -> tuple[float, float]:
-    """The engine's int8 cache: a scale per token and head, after dividing the channels by `smooth`."""
+    """The engine's int8 cache (its own quantizer): a scale per token and head, after dividing the
+    channels by `smooth`."""
     y = x if smooth is None else x / smooth
-    s = y.abs().amax(-1, keepdim=True).clamp(min=1e-8) / 127
-    back = torch.round(y / s) * s
+    back = Storage.dequantize(*Storage.quantize(y.reshape(-1, y.shape[-1])), torch.float32).view_as(y)
     back = back if smooth is None else back * smooth
     return 0.0, ((back - x).norm() / x.norm()).item()
-
-
-def paired(scale: torch.Tensor, hd: int) -> torch.Tensor:
-    s = scale.view(-1, 2, hd // 2)
-    both = (s[:, 0] ** 2 + s[:, 1] ** 2).sqrt()
-    return torch.cat([both, both], -1).view(-1, hd)
 
 
 def round_trips(scales: dict, pre: dict, post: dict, val: dict, hd: int) -> list[dict]:
     sums: dict[str, list] = {}
     for n in sorted(post):
         ks, vs = scale_of(scales, n, "k").view(-1, hd), scale_of(scales, n, "v").view(-1, hd)
+        paired = pair_norm(ks)  # one scale per rotary pair, as the engine takes them
         for name, (clipped, err) in (
             ("K static pre-RoPE", round_trip(pre[n], ks)),
             ("K static post-RoPE", round_trip(post[n], ks)),
-            ("K static post-RoPE, paired", round_trip(post[n], paired(ks, hd))),
+            ("K static post-RoPE, paired", round_trip(post[n], paired)),
             ("K per-token", per_token(post[n])),
-            ("K per-token, smoothed (engine)", per_token(post[n], paired(ks, hd))),
+            ("K per-token, smoothed (engine)", per_token(post[n], paired)),
             ("V static", round_trip(val[n], vs)),
             ("V per-token", per_token(val[n])),
             ("V per-token, smoothed (engine)", per_token(val[n], vs)),
