@@ -47,34 +47,43 @@ class Sampler:
     def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[int | None]:
         """logits: [B, V] fp32 -> one token id per sequence. A sequence whose sampling fails (say, its
         logits are not finite) gets None and its `error` set; the others are not affected. Penalties
-        change the choice, not the logits the caller keeps (log-probabilities stay raw)."""
+        change the choice, not the logits the caller keeps (log-probabilities stay raw).
+
+        Every choice is made on the logits' device and the tokens come to the host in one transfer
+        per step: sampled rows draw by the exponential race (argmax of p / E, E ~ Exp(1) per token,
+        which picks token i with probability p_i), from the request's own generator when seeded."""
         if any(s.params.penalized for s in seqs):
             rows = [
                 penalize(logits[i], s, self.eos_token_ids) if s.params.penalized else logits[i]
                 for i, s in enumerate(seqs)
             ]
             logits = torch.stack(rows)
-        tokens: list[int | None] = logits.argmax(-1).tolist()
+        chosen = logits.argmax(-1)
+        drawn = [
+            i for i, s in enumerate(seqs) if not s.params.force_tokens and s.params.temperature >= s.params.GREEDY_BELOW
+        ]
+        if drawn:
+            draws = torch.stack([self._draw(logits[i], seqs[i]) for i in drawn])
+            chosen = chosen.index_copy(0, torch.tensor(drawn, device=chosen.device), draws)
+        tokens: list[int | None] = chosen.tolist()  # the step's one device-to-host transfer
         for i, seq in enumerate(seqs):
-            p = seq.params
-            if p.force_tokens:
-                tokens[i] = p.force_tokens[len(seq.output_token_ids)]
-                continue
-            if p.temperature < p.GREEDY_BELOW:
-                continue
-            try:
-                tokens[i] = self._sample(logits[i], seq)
-            except (RuntimeError, ValueError) as err:
-                tokens[i], seq.error = None, f"sampling failed: {err}"
+            if seq.params.force_tokens:
+                tokens[i] = seq.params.force_tokens[len(seq.output_token_ids)]
+            elif tokens[i] < 0:
+                tokens[i], seq.error = None, "sampling failed: the probabilities are not finite (nan or inf logits)"
         return tokens
 
     @staticmethod
-    def _sample(logits: torch.Tensor, seq: Sequence) -> int:
+    def _draw(logits: torch.Tensor, seq: Sequence) -> torch.Tensor:
+        """One sampled token id of one sequence, as a 0-d tensor on the logits' device; -1 where the
+        filtered distribution is not finite."""
         p = seq.params
         if p.seed is not None and seq.generator is None:
             seq.generator = torch.Generator(device=logits.device).manual_seed(p.seed)
-        row = _filter(logits / p.temperature, p.top_k, p.top_p)
-        return int(torch.multinomial(row.softmax(-1), 1, generator=seq.generator))
+        probs = _filter(logits / p.temperature, p.top_k, p.top_p).softmax(-1)
+        race = torch.empty_like(probs).exponential_(generator=seq.generator).clamp_(min=torch.finfo(probs.dtype).tiny)
+        token = (probs / race).argmax()
+        return torch.where(torch.isfinite(probs).all(), token, -1)
 
     @staticmethod
     def logprobs(logits: torch.Tensor, seqs: list[Sequence], tokens: list[int | None]) -> list[dict[int, float] | None]:
