@@ -144,6 +144,28 @@ def test_store_prefill_matches_reference(dtype):
     assert_pools_equal(got, want, exact=dtype == torch.float32)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("head_dim", [64, 80])
+def test_rope_fused_with_the_decode_cache_write(dtype, head_dim):
+    """Decode on the GPU path rotates q and k inside the cache write: the same rotated queries and the
+    same pools as RoPE followed by the reference store, with every level in one layer (each run's
+    launch rotates the query heads of its own groups), 7 query heads per group, q/k/v as strided
+    views of one projection output, and a head_dim whose half is not a power of two. Bit for bit:
+    the kernel rounds where torch does (fp16 here; the interpreter truncates to bf16)."""
+    from atb_llm.layers.rotary import RotaryEmbedding
+
+    want, meta, g = build_step(levels(*LEVELS), LENGTHS, 16, head_dim, dtype, is_prefill=False)
+    got = copy.deepcopy(want)
+    qkv = torch.randn(len(LENGTHS), 4 * 7 + 2 * 4, head_dim, generator=g).to(dtype)
+    q, k, v = qkv.split([28, 4, 4], dim=1)
+    rope = RotaryEmbedding(head_dim, 256, 10000.0).table(meta.input_lengths - 1, dtype)
+    q_want = TorchBackend().decode_store(q, k, v, rope, want, 0, meta)
+    q_got = TritonBackend().decode_store(q, k, v, rope, got, 0, meta)
+    assert (q_want - q).abs().max() > 0.1  # the positions (4 .. 149) do rotate
+    assert torch.equal(q_got, q_want)
+    assert_pools_equal(got, want)
+
+
 def test_block_size_not_a_power_of_two():
     """block_size 48 (a multiple of 16): decode tiles of 16 slots, never straddling two blocks."""
     kv, meta, g = build_step(levels(*LEVELS), LENGTHS, 48, 64, torch.float32, is_prefill=False)
@@ -176,7 +198,7 @@ def test_kernels_compile_for_sm90():
     script = Path(__file__).with_name("triton_sm90.py")
     r = subprocess.run([sys.executable, str(script)], env=env, cwd=root, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-4000:]
-    assert "compiled 13 kernels for sm_90" in r.stdout
+    assert "compiled 15 kernels for sm_90" in r.stdout
 
 
 @pytest.mark.parametrize("chunked", [False, True])

@@ -47,12 +47,14 @@ def main() -> None:
     ptrs = {"out_ptr": "*bf16", "groups_ptr": "*i64"} | {p: "*fp32" for p in ("m_ptr", "l_ptr", "acc_ptr")}
     compile_sm90(K.combine_kernel, ptrs, dict(GQ=7, D=128, D_PAD=128, S_PAD=64), num_warps=1)
     n += 1
-    for int8, comp in [(False, False), (True, True)]:
+    for int8, comp, rope in [(False, False, False), (True, True, False), (True, True, True), (False, False, True)]:
         ptrs = {"k_ptr": "*bf16", "v_ptr": "*bf16"} | pool_pointers(
             "bf16", int8, ("kc_ptr", "vc_ptr", "ks_ptr", "vs_ptr")
         )
         ptrs |= {"slots_ptr": "*i64", "groups_ptr": "*i64", "tables_ptr": "*i64", "evicted_ptr": "*i32"}
-        ptx = compile_sm90(K.store_kernel, ptrs, dict(D=128, D_PAD=128, BLOCK_SIZE=128, INT8=int8, COMP=comp), 1)
+        ptrs |= {p: "*bf16" for p in ("q_ptr", "qo_ptr", "cos_ptr", "sin_ptr")}
+        consts = dict(D=128, D_PAD=128, BLOCK_SIZE=128, INT8=int8, COMP=comp, ROPE=rope, GQ=7, GQ_PAD=8)
+        ptx = compile_sm90(K.store_kernel, ptrs, consts, 1)
         if int8:  # IEEE division and the add/subtract rounding survive compilation
             assert "div.rn.f32" in ptx and "0f4B400000" in ptx and "0fCB400000" in ptx, "int8 rounding changed"
         if comp:

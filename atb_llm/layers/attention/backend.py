@@ -9,6 +9,7 @@ import torch
 
 from atb_llm.cache.kv_cache import KVCache
 from atb_llm.layers.attention.metadata import AttentionMetadata
+from atb_llm.layers.rotary import apply_rotary
 
 
 class AttentionBackend(ABC):
@@ -18,6 +19,24 @@ class AttentionBackend(ABC):
         """k, v: [T, Hkv, D] this step's keys (after RoPE) and values, written into every group of
         `layer` as its level keeps them."""
         kv_cache.store(layer, k, v, meta)
+
+    def decode_store(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor] | None,
+        kv_cache: KVCache,
+        layer: int,
+        meta: AttentionMetadata,
+    ) -> torch.Tensor:
+        """A decode step's cache write: q, k before RoPE when `rope` (RotaryEmbedding.table of the
+        step's positions) is given, rotated already when None. Writes k, v as `store` does and
+        returns q rotated. Backends may fuse the rotation with the write."""
+        if rope is not None:
+            q, k = apply_rotary(rope, q), apply_rotary(rope, k)
+        self.store(kv_cache, layer, k, v, meta)
+        return q
 
     @abstractmethod
     def prefill(

@@ -18,6 +18,7 @@ from torch import nn
 from atb_llm.cache.kv_cache import KVCache
 from atb_llm.layers.attention.backend import AttentionBackend
 from atb_llm.layers.attention.metadata import AttentionMetadata
+from atb_llm.layers.rotary import apply_rotary
 
 
 class PagedAttention(nn.Module):
@@ -42,25 +43,36 @@ class PagedAttention(nn.Module):
         self.kv_scale = nn.Parameter(usable(torch.stack([k, v]).float()), requires_grad=False)
 
     def forward(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: KVCache, meta: AttentionMetadata
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        kv_cache: KVCache,
+        meta: AttentionMetadata,
+        rope: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
-        """q: [T, Hq, D]; k, v: [T, Hkv, D] (keys after RoPE) -> [T, Hq, D]. Prefill attends over
-        the chunk for every head and over what each group keeps of earlier chunks, so it reads the
-        cache before the chunk is written; decode writes its token, then reads what each group keeps."""
-        if self.kv_scale is not None:
-            ks, vs = self.kv_scale.to(q.dtype)
-            rep = q.shape[1] // k.shape[1]  # query heads per KV head
-            q, k, v = q * ks.repeat_interleave(rep, 0), k / ks, v / vs
-            return self._attend(q, k, v, kv_cache, meta) * vs.repeat_interleave(rep, 0)
-        return self._attend(q, k, v, kv_cache, meta)
+        """q: [T, Hq, D]; k, v: [T, Hkv, D] -> [T, Hq, D]. rope: RotaryEmbedding.table of the step's
+        positions, which the layer applies to q and k (the backend may fuse it with the decode cache
+        write); None: q and k come rotated. Prefill attends over the chunk for every head and over
+        what each group keeps of earlier chunks, so it reads the cache before the chunk is written;
+        decode writes its token, then reads what each group keeps."""
+        if self.kv_scale is None:
+            return self._attend(q, k, v, kv_cache, meta, rope)
+        ks, vs = self.kv_scale.to(q.dtype)  # keys: one scale per rotary pair, so before or after RoPE alike
+        rep = q.shape[1] // k.shape[1]  # query heads per KV head
+        q, k, v = q * ks.repeat_interleave(rep, 0), k / ks, v / vs
+        return self._attend(q, k, v, kv_cache, meta, rope) * vs.repeat_interleave(rep, 0)
 
-    def _attend(self, q, k, v, kv_cache: KVCache, meta: AttentionMetadata) -> torch.Tensor:
-        if meta.is_prefill:
-            out = self.backend.prefill(q, k, v, kv_cache, self.layer_idx, meta, self.scale)
-            self.backend.store(kv_cache, self.layer_idx, k, v, meta)
-            return out
+    def _attend(self, q, k, v, kv_cache: KVCache, meta: AttentionMetadata, rope) -> torch.Tensor:
+        if not meta.is_prefill:
+            q = self.backend.decode_store(q, k, v, rope, kv_cache, self.layer_idx, meta)
+            return self.backend.decode(q, kv_cache, self.layer_idx, meta, self.scale)
+        if rope is not None:
+            fused = self.backend.name == "triton"  # the GPU path: RoPE in one kernel
+            q, k = apply_rotary(rope, q, fused), apply_rotary(rope, k, fused)
+        out = self.backend.prefill(q, k, v, kv_cache, self.layer_idx, meta, self.scale)
         self.backend.store(kv_cache, self.layer_idx, k, v, meta)
-        return self.backend.decode(q, kv_cache, self.layer_idx, meta, self.scale)
+        return out
 
 
 def load_kv_cache_scale(param: nn.Parameter, loaded: torch.Tensor, name: str, shard_id: str) -> None:

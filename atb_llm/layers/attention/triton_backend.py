@@ -3,7 +3,8 @@ runs SDPA per sequence, as the torch reference does.
 
 Decode launches one kernel per run (the KV heads of a layer that share a level): each program
 reads one group's kept slots once for all of the group's query heads, dequantizes int8 pools in
-the kernel and biases the window compensation slot by log(n_evicted). The kernels run on CUDA,
+the kernel and biases the window compensation slot by log(n_evicted). The decode cache write
+rotates q and k (RoPE) in the same launch. The kernels run on CUDA,
 and on CPU tensors under Triton's interpreter (TRITON_INTERPRET=1), which is how the tests check
 them against the torch reference.
 """
@@ -73,19 +74,32 @@ class TritonBackend(AttentionBackend):
         return out
 
     def store(self, kv_cache: KVCache, layer: int, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata) -> None:
+        self._store(kv_cache, layer, k, v, meta)
+
+    def decode_store(self, q, k, v, rope, kv_cache: KVCache, layer: int, meta: AttentionMetadata) -> torch.Tensor:
+        """RoPE fused with the cache write: one launch per run rotates the run's keys, writes them and
+        the values, and rotates the query heads of its groups."""
+        if rope is None:
+            return super().decode_store(q, k, v, rope, kv_cache, layer, meta)
+        q_rot = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+        cos, sin = (c.reshape(q.shape[0], -1) for c in rope)  # [B, 1, D] -> [B, D]
+        self._store(kv_cache, layer, k, v, meta, (_rows_contiguous(q), q_rot, cos, sin))
+        return q_rot
+
+    def _store(self, kv_cache: KVCache, layer: int, k, v, meta: AttentionMetadata, rope=None) -> None:
         k, v = _rows_contiguous(k), _rows_contiguous(v)
         base = layer * kv_cache.layout.num_kv_heads
         for run in kv_cache.layout.runs(layer):
             pool, groups, comp = kv_cache.pools[run.pool], self._groups(run, k.device), run.level.comp_slot
             if comp is None:
-                store_kv(pool, k, v, meta.slots, groups, base)
+                store_kv(pool, k, v, meta.slots, groups, base, rope=rope)
             elif meta.is_prefill:
                 heads = list(run.heads)
                 kv_cache.fold_prefill(run, k[:, heads], v[:, heads], meta)
                 store_kv(pool, k, v, meta.slots, groups, base)
             else:
                 _, evicted = meta.level_lengths(run.level)
-                store_kv(pool, k, v, meta.slots, groups, base, meta.block_tables, evicted, comp)
+                store_kv(pool, k, v, meta.slots, groups, base, meta.block_tables, evicted, comp, rope)
 
     def _groups(self, run: Run, device: torch.device) -> torch.Tensor:
         """run.groups on `device`, copied once per run."""
@@ -185,6 +199,7 @@ def store_kv(
     tables: torch.Tensor | None = None,
     evicted: torch.Tensor | None = None,
     comp_slot: int | None = None,
+    rope: tuple[torch.Tensor, ...] | None = None,
 ) -> None:
     """Writes one run's new tokens into its pool (quantized for int8 pools).
 
@@ -192,6 +207,8 @@ def store_kv(
     group ids; group_base: layer * num_kv_heads. For a window run in decode (T = B, token t of
     sequence t) give tables [G, B, max_blocks], evicted [B] int32 (after this step) and comp_slot:
     the token leaving each ring is folded into the compensation slot before it is overwritten.
+    rope: (q [T, Hq, D], q_out [T, Hq, D] contiguous, cos [T, D], sin [T, D]) to rotate k (given
+    before RoPE) on its way into the cache, and the run's query heads from q into q_out.
     """
     t, h, d = k.shape[0], groups.numel(), k.shape[-1]
     if t == 0:
@@ -199,10 +216,12 @@ def store_kv(
     comp = comp_slot is not None
     ks, vs = (pool.k_scale, pool.v_scale) if pool.is_int8 else (pool.k, pool.v)
     tables = tables if comp else slots
+    q, q_out, cos, sin = rope if rope is not None else (k, k, k, k)
+    gq = q.shape[1] // k.shape[1]
     store_kernel[(t, h)](
-        k, v, pool.k, pool.v, ks, vs, slots, groups, tables, evicted if comp else slots,
+        k, v, pool.k, pool.v, ks, vs, slots, groups, tables, evicted if comp else slots, q, q_out, cos, sin,
         group_base, comp_slot or 0, k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-        slots.stride(0), tables.stride(0), tables.stride(1),
+        slots.stride(0), tables.stride(0), tables.stride(1), q.stride(0), q.stride(1), q_out.stride(0),
         D=d, D_PAD=triton.next_power_of_2(d), BLOCK_SIZE=pool.k.shape[1], INT8=pool.is_int8, COMP=comp,
-        num_warps=1,
+        ROPE=rope is not None, GQ=gq, GQ_PAD=triton.next_power_of_2(gq), num_warps=1,
     )  # fmt: skip

@@ -8,6 +8,10 @@ tile is read once for all the group's query heads.
 Softmax is online, in base 2. When the batch alone does not fill the GPU, the context is split
 across programs and a second kernel combines the partial results (flash-decoding).
 
+The cache write runs one program per (token, KV head of a run); in decode it also applies RoPE,
+to the key on its way into the cache and to the group's query heads, so a decode step's q/k
+rotation, K/V write, int8 quantization and window fold are one launch per run.
+
 Every value is converted to fp32 right after it is loaded; dots use TF32 tensor cores for 16-bit
 models (bf16 and fp16 values and int8 codes are exact in TF32) and IEEE fp32 for fp32 models.
 Triton's CPU interpreter has no bf16 arithmetic, so this also lets the kernels run there.
@@ -198,8 +202,18 @@ def _store_row(data_ptr, scale_ptr, slot, x, ok, D: tl.constexpr, D_PAD: tl.cons
 
 
 @triton.jit
+def _rotated(x, partner, sign, c, s, DT: tl.constexpr):
+    """RoPE of rows `x` given each value's rotary partner (x[d + D/2] or x[d - D/2]), its sign (-1 in
+    the first half) and cos / sin: x * cos + rotate_half(x) * sin, each product and the sum rounded
+    to the model dtype DT as torch rounds them."""
+    a = (x * c).to(DT).to(tl.float32)
+    b = (sign * partner * s).to(DT).to(tl.float32)
+    return (a + b).to(DT).to(tl.float32)
+
+
+@triton.jit
 def store_kernel(
-    k_ptr,  # [T, Hkv, D] new keys
+    k_ptr,  # [T, Hkv, D] new keys (before RoPE when ROPE)
     v_ptr,
     kc_ptr,  # [num_blocks, BLOCK_SIZE, D] pool
     vc_ptr,
@@ -209,6 +223,10 @@ def store_kernel(
     groups_ptr,  # [h]
     tables_ptr,  # [G, B, max_blocks] (COMP only)
     evicted_ptr,  # [B] int32 evicted after this step (COMP only)
+    q_ptr,  # [T, Hq, D] queries before RoPE (ROPE only)
+    qo_ptr,  # [T, Hq, D] contiguous: the rotated queries (ROPE only)
+    cos_ptr,  # [T, D] contiguous (ROPE only)
+    sin_ptr,
     group_base,
     comp_slot,
     stride_kt,
@@ -218,15 +236,24 @@ def store_kernel(
     stride_sg,
     stride_tg,
     stride_tb,
+    stride_qt,
+    stride_qh,
+    stride_qot,
     D: tl.constexpr,
     D_PAD: tl.constexpr,
     BLOCK_SIZE: tl.constexpr,
     INT8: tl.constexpr,
     COMP: tl.constexpr,
+    ROPE: tl.constexpr,
+    GQ: tl.constexpr,
+    GQ_PAD: tl.constexpr,
 ):
     """One program per (token, KV head of the run). With COMP (decode: token t is sequence t), a
     window group first folds the token leaving its ring, the one in the slot about to be
-    overwritten, into the running mean held in the compensation slot."""
+    overwritten, into the running mean held in the compensation slot. With ROPE (decode) the
+    program also applies RoPE: to its key before the write, and to its group's GQ query heads,
+    written to qo (a run's launch rotates the query heads of its groups; the runs of a layer
+    cover them all)."""
     t = tl.program_id(0)
     g = tl.load(groups_ptr + tl.program_id(1))
     head = g - group_base
@@ -249,7 +276,25 @@ def store_kernel(
         tl.debug_barrier()  # the old row is read by every thread before the new token replaces it
     dims = tl.arange(0, D_PAD)
     mask = _row_mask(keep, D, D_PAD)
-    k = tl.load(k_ptr + t * stride_kt + head * stride_kh + dims, mask=mask, other=0.0).to(tl.float32)
+    k_row = k_ptr + t * stride_kt + head * stride_kh
+    k = tl.load(k_row + dims, mask=mask, other=0.0).to(tl.float32)
     v = tl.load(v_ptr + t * stride_vt + head * stride_vh + dims, mask=mask, other=0.0).to(tl.float32)
+    if ROPE:
+        DT: tl.constexpr = q_ptr.dtype.element_ty
+        first = dims < D // 2
+        partner = tl.where(first, dims + D // 2, dims - D // 2)
+        sign = tl.where(first, -1.0, 1.0)
+        dim_ok = dims < D
+        c = tl.load(cos_ptr + t * D + dims, mask=dim_ok, other=0.0).to(tl.float32)
+        s = tl.load(sin_ptr + t * D + dims, mask=dim_ok, other=0.0).to(tl.float32)
+        k = _rotated(k, tl.load(k_row + partner, mask=mask, other=0.0).to(tl.float32), sign, c, s, DT)
+        rows = tl.arange(0, GQ_PAD)
+        qh = head * GQ + rows
+        q_mask = (rows < GQ)[:, None] & dim_ok[None, :]
+        q_row = q_ptr + t * stride_qt + qh[:, None] * stride_qh
+        x = tl.load(q_row + dims[None, :], mask=q_mask, other=0.0).to(tl.float32)
+        xp = tl.load(q_row + partner[None, :], mask=q_mask, other=0.0).to(tl.float32)
+        qr = _rotated(x, xp, sign[None, :], c[None, :], s[None, :], DT)
+        tl.store(qo_ptr + t * stride_qot + qh[:, None] * D + dims[None, :], qr, mask=q_mask)
     _store_row(kc_ptr, ks_ptr, slot, k, keep, D, D_PAD, INT8)
     _store_row(vc_ptr, vs_ptr, slot, v, keep, D, D_PAD, INT8)

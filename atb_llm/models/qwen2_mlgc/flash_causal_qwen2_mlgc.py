@@ -19,7 +19,7 @@ from atb_llm.layers.attention.paged_attention import PagedAttention
 from atb_llm.layers.embedding import LMHead, VocabEmbedding
 from atb_llm.layers.linear import MergedLinear, ReplicatedLinear
 from atb_llm.layers.norm import RMSNorm
-from atb_llm.layers.rotary import RotaryEmbedding, apply_rotary
+from atb_llm.layers.rotary import RotaryEmbedding
 from atb_llm.models.base.flash_causal_lm import FlashForCausalLM
 from atb_llm.quantization.config import QuantConfig
 
@@ -37,16 +37,13 @@ class Qwen2Attention(nn.Module):
         self.o_proj = ReplicatedLinear(self.q_size, config.hidden_size, False, quant.method(f"{prefix}.o_proj"))
         kv_scales = quant.kv_cache_scales  # C8: per-channel K/V smoothing before the int8 cache
         self.attn = PagedAttention(layer_idx, self.head_dim**-0.5, backend, self.num_kv_heads, self.head_dim, kv_scales)
-        self.fused = backend.name == "triton"  # the GPU path: RoPE in one kernel
 
     def forward(
         self, rope: tuple[torch.Tensor, torch.Tensor], hidden: torch.Tensor, kv_cache: KVCache, meta: AttentionMetadata
     ) -> torch.Tensor:
         qkv = self.qkv_proj(hidden).view(-1, self.num_heads + 2 * self.num_kv_heads, self.head_dim)
-        qk = apply_rotary(rope, qkv[:, : self.num_heads + self.num_kv_heads], self.fused)  # q and k in one pass
-        q, k = qk.split([self.num_heads, self.num_kv_heads], dim=1)
-        v = qkv[:, self.num_heads + self.num_kv_heads :]
-        return self.o_proj(self.attn(q, k, v, kv_cache, meta).flatten(1))
+        q, k, v = qkv.split([self.num_heads, self.num_kv_heads, self.num_kv_heads], dim=1)
+        return self.o_proj(self.attn(q, k, v, kv_cache, meta, rope).flatten(1))  # RoPE: the attention layer's
 
 
 class Qwen2MLP(nn.Module):
