@@ -9,6 +9,7 @@ os.environ.setdefault("TRITON_INTERPRET", "1")  # the triton backend's kernels r
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from atb_llm.compression.layout import GroupLayout
 from atb_llm.compression.levels import make_level
@@ -75,3 +76,71 @@ def test_a_step_wider_than_the_buffers_runs_eagerly(tiny_models):
     assert not graphs.fits(tables) and graphs.fits(tables[:, :2])
     with pytest.raises(ValueError, match="a decode step of 3 sequences x 1 blocks exceeds the graphs' buffers"):
         graphs.run(torch.zeros(3), torch.zeros(3), tables, torch.zeros(4, 3), torch.ones(3))
+
+
+# ---- no host synchronisation --------------------------------------------------------------------
+class HostSyncs(TorchDispatchMode):
+    """Records the operations that make the host wait for the device: reading a value back
+    (.item(), int(), bool() of a tensor), and those whose result size depends on the data
+    (nonzero, boolean-mask indexing, masked_select, repeats given as a tensor). A CUDA graph
+    cannot capture them. Device-to-host copies (.cpu(), .tolist()) are invisible on a CPU."""
+
+    NAMES = ("_local_scalar_dense", "nonzero", "masked_select", "unique", "repeat_interleave.Tensor")
+
+    def __init__(self):
+        super().__init__()
+        self.seen: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = str(func)
+        indices = args[1] if name.startswith("aten.index.") else ()
+        if any(n in name for n in self.NAMES) or any(getattr(i, "dtype", None) == torch.bool for i in indices):
+            self.seen.append(name)
+        return func(*args, **(kwargs or {}))
+
+
+def test_the_detector_sees_host_syncs():
+    x = torch.arange(4.0)
+    with HostSyncs() as m:
+        int(x[1]), x[x > 1], x.nonzero(), x.repeat_interleave(torch.tensor([1, 2, 1, 1]))
+        x[torch.tensor([0, 2])], x.argmax(-1)  # index by position, a reduction: no sync
+    assert m.seen == ["aten._local_scalar_dense.default", "aten.index.Tensor", "aten.nonzero.default",
+                      "aten.repeat_interleave.Tensor"]  # fmt: skip
+
+
+def test_decode_forward_and_sampling_wait_for_no_device_value(tiny_models):
+    """What a graph captures, the decode forward on the triton backend (every level, int8 levels with
+    their measured smoothing scales, batch sizes 2 then 1), reads no value back from the device;
+    sampling (greedy, seeded, top-k, top-p rows in one batch) brings the tokens back in one copy
+    (.tolist(), not seen here) and waits for nothing else."""
+    names = ["full", "window", "window_int8", "full_int8"]
+    layout = GroupLayout(2, 2, tuple(make_level(n, 4, 8) for n in names))
+    cfg = EngineConfig(str(tiny_models()), dtype="fp32", block_size=16, max_input_length=40, max_output_length=8,
+                       attention_backend="triton", progress=False)  # fmt: skip
+    eng = LLMEngine(cfg, layout=layout)
+    model, sampler, decode_syncs, sample_syncs = eng.runner.model, eng.runner.sampler, [], []
+
+    def watched_model(*args):
+        if args[2]:  # prefill: not captured
+            return model(*args)
+        with HostSyncs() as m:
+            out = model(*args)
+        decode_syncs.append(m.seen)
+        return out
+
+    def watched_sampler(logits, seqs):
+        with HostSyncs() as m:
+            out = sampler(logits, seqs)
+        sample_syncs.append(m.seen)
+        return out
+
+    watched_sampler.logprobs = sampler.logprobs
+    eng.runner.model, eng.runner.sampler = watched_model, watched_sampler
+    params = [
+        SamplingParams(max_tokens=6, ignore_eos=True),
+        SamplingParams(max_tokens=4, ignore_eos=True, temperature=0.8, seed=3, top_k=5, top_p=0.9),
+    ]
+    outs = eng.generate([list(range(3, 30)), [5, 6]], params)
+    assert [len(o.token_ids) for o in outs] == [6, 4]
+    assert len(decode_syncs) == 5 and decode_syncs == [[]] * 5  # 3 steps of two sequences, 2 of one
+    assert len(sample_syncs) == 6 and sample_syncs == [[]] * 6

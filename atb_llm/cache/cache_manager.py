@@ -102,7 +102,14 @@ class CacheManager:
         out = torch.zeros(self.layout.num_groups, len(tabs), width, dtype=torch.int64)
         for i, t in enumerate(tabs):
             out[:, i, : t.shape[1]] = t
-        return out.to(self.device)
+        return self.to_device(out)
+
+    def to_device(self, t: torch.Tensor) -> torch.Tensor:
+        """A host tensor of step inputs on the cache's device; on CUDA copied from pinned memory
+        without blocking, so the host queues the copy behind the running step instead of waiting."""
+        if self.device.type != "cuda":
+            return t.to(self.device)
+        return t.pin_memory().to(self.device, non_blocking=True)
 
     def slots(
         self, block_tables: torch.Tensor, seq_idx: torch.Tensor, positions: torch.Tensor, input_lengths: torch.Tensor

@@ -55,12 +55,11 @@ class ModelRunner:
         """graphs: decode steps that fit one of its buckets replay its CUDA graphs."""
         self.model = model
         self.cache_manager = cache_manager
-        self.device = cache_manager.device
         self.sampler = Sampler(eos_token_ids)
         self.graphs = graphs
 
     def _tensor(self, values: list[int]) -> torch.Tensor:
-        return torch.tensor(values, dtype=torch.int64).to(self.device)
+        return self.cache_manager.to_device(torch.tensor(values, dtype=torch.int64))
 
     @staticmethod
     def span(seq: Sequence, is_prefill: bool) -> tuple[int, int]:
