@@ -24,6 +24,7 @@ def test_cpu_run_checks_the_kernels_and_prints_every_row(default_model, tmp_path
     assert (tmp_path / "report.md").read_text() == report and report in capsys.readouterr().out
     assert "W4A16 GEMM 64x128 @ 256x128" in report and "W8A8 int8 GEMM 16x128 @ 256x128: exact" in report
     assert "cache write, pool int8, k_scale" in report and "decode attention, lengths [1, 7, 37, 38" in report
+    assert "decode RoPE of q (fused with the cache write): max |triton - torch| 0 (<= 1e-05)" in report
     rows = table(report)
     names = ["decode, batch 1, 16 in", "first token, 64 in", "decode, batch 8, 16 in"]
     names += ["W8A16 decode, batch 1, 16 in", "W4A16 decode, batch 1, 16 in"]

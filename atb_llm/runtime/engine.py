@@ -116,7 +116,7 @@ class LLMEngine:
         layers = [m for m in self.model.modules() if isinstance(m, PagedAttention)]
         seen: dict[PagedAttention, tuple[torch.Tensor, torch.Tensor]] = {}
 
-        def observe(layer: PagedAttention, args: tuple) -> None:  # args: q, k, v, kv_cache, meta
+        def observe(layer: PagedAttention, args: tuple) -> None:  # args: q, k, v, kv_cache, meta, rope
             seen[layer] = observed_kv_scales(args[1], args[2])
 
         full = GroupLayout.uniform(cfg.num_hidden_layers, cfg.num_key_value_heads)

@@ -89,9 +89,9 @@ def load_kv_cache_scale(param: nn.Parameter, loaded: torch.Tensor, name: str, sh
 
 
 def observed_kv_scales(k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Channel scales from keys (after RoPE) and values [T, kv_heads, head_dim], in msModelSlim's
-    units (the largest magnitude / 127): per rotary pair the largest norm sqrt(k_i^2 + k_j^2), which
-    RoPE does not change, and per value channel the largest |v|."""
+    """Channel scales from keys (before or after RoPE alike) and values [T, kv_heads, head_dim], in
+    msModelSlim's units (the largest magnitude / 127): per rotary pair the largest norm
+    sqrt(k_i^2 + k_j^2), which RoPE does not change, and per value channel the largest |v|."""
     return pair_norm(k.float()).amax(0) / 127, v.float().abs().amax(0) / 127
 
 

@@ -10,18 +10,18 @@ config.json on the device and the engine loads the same tensors, so both compute
 function. The engine runs the triton backend: paged MLGC decode attention and, for the quantized
 rows, the Triton weight-only GEMM (W8A16 / W4A16 made at load from the same weights).
 
-Checks: decode attention and the cache write of every MLGC level (int8 included) against
-TorchBackend, and the weight-only GEMM (int8, int4 groups of 128) and the int8 GEMM against fp32
-references. Timings (one Markdown table): decode ms per step at batch 1 and 8 after 256 prompt
-tokens, first-token time at 2048, batch-16 decode at 32K with the full cache and with MLGC 0.25
-(a random plan of the calibrated plans' budget: a quarter of the groups full, the rest windows of
-sink 64 + recent 1024, grown to whole blocks), W8A16 and W4A16 batch-1 decode, and on CUDA
-batch-1 decode without CUDA graphs (`enforce_eager`). Per row: the bytes a step must read
-(weights of the linears and the LM head, plus the K/V slots attention reads), the GB/s that
-makes, and the ratio to transformers (its time over the engine's; for the quantized rows, to its
-bf16 batch-1 decode). Without CUDA, the same code runs on CPU tensors under Triton's interpreter
-at a tiny config and small lengths (fp32), so CI proves the command runs; its times say nothing
-of a GPU.
+Checks: decode attention and the cache write of every MLGC level (int8 included), with RoPE of q
+and k fused into the write, against TorchBackend, and the weight-only GEMM (int8, int4 groups of
+128) and the int8 GEMM against fp32 references. Timings (one Markdown table): decode ms per step at
+batch 1 and 8 after 256 prompt tokens, first-token time at 2048, batch-16 decode at 32K with the
+full cache and with MLGC 0.25 (a random plan of the calibrated plans' budget: a quarter of the
+groups full, the rest windows of sink 64 + recent 1024, grown to whole blocks), W8A16 and W4A16
+batch-1 decode, and on CUDA batch-1 decode without CUDA graphs (`enforce_eager`). Per row: the
+bytes a step must read (weights of the linears and the LM head, plus the K/V slots attention
+reads), the GB/s that makes, and the ratio to transformers (its time over the engine's; for the
+quantized rows, to its bf16 batch-1 decode). Without CUDA, the same code runs on CPU tensors under
+Triton's interpreter at a tiny config and small lengths (fp32), so CI proves the command runs; its
+times say nothing of a GPU.
 """
 
 from __future__ import annotations
@@ -48,6 +48,7 @@ from atb_llm.layers.attention.metadata import AttentionMetadata
 from atb_llm.layers.attention.torch_backend import TorchBackend
 from atb_llm.layers.attention.triton_backend import TritonBackend
 from atb_llm.layers.linear import LinearBase
+from atb_llm.layers.rotary import RotaryEmbedding
 from atb_llm.models.qwen2_mlgc.config_qwen2_mlgc import load_qwen2_config
 from atb_llm.quantization.w4a16 import pack_int4, quantize_w4_groups
 from atb_llm.quantization.w8a8 import IntMM
@@ -144,19 +145,24 @@ def check_attention(s: Setup, c: ModelConfig) -> list[str]:
     want = copy.deepcopy(got)
     q = torch.randn(len(lengths), c.num_attention_heads, c.head_dim, device=s.device, dtype=s.dtype)
     k, v = torch.randn(2, len(lengths), c.num_key_value_heads, c.head_dim, device=s.device, dtype=s.dtype)
-    scale, worst = c.head_dim**-0.5, 0.0
+    rotary = RotaryEmbedding(c.head_dim, max(lengths), c.rope_theta).to(s.device)
+    rope = rotary.table(meta.input_lengths - 1, s.dtype)
+    scale, worst, worst_q = c.head_dim**-0.5, 0.0, 0.0
     triton_be, torch_be = TritonBackend(), TorchBackend()
-    for layer in range(c.num_hidden_layers):
-        torch_be.store(want, layer, k, v, meta)
-        triton_be.store(got, layer, k, v, meta)
-        ref = torch_be.decode(q, want, layer, meta, scale)
-        out = triton_be.decode(q, want, layer, meta, scale)  # the same cache: attention alone
+    for layer in range(c.num_hidden_layers):  # RoPE + cache write, then attention over the same cache
+        q_ref = torch_be.decode_store(q, k, v, rope, want, layer, meta)
+        q_rot = triton_be.decode_store(q, k, v, rope, got, layer, meta)
+        worst_q = max(worst_q, (q_rot.float() - q_ref.float()).abs().max().item())
+        ref = torch_be.decode(q_ref, want, layer, meta, scale)
+        out = triton_be.decode(q_ref, want, layer, meta, scale)
         worst = max(worst, (out.float() - ref.float()).abs().max().item())
-    limit = 5e-2 if s.dtype != torch.float32 else 1e-4
+    limit, limit_q = (5e-2, 2e-2) if s.dtype != torch.float32 else (1e-4, 1e-5)
     lines = [
-        f"decode attention, lengths {lengths}, block {s.block_size}: max |triton - torch| {worst:.2g} (<= {limit})"
+        f"decode RoPE of q (fused with the cache write): max |triton - torch| {worst_q:.2g} (<= {limit_q})",
+        f"decode attention, lengths {lengths}, block {s.block_size}: max |triton - torch| {worst:.2g} (<= {limit})",
     ]
-    assert worst <= limit, lines[-1]
+    assert worst_q <= limit_q, lines[0]
+    assert worst <= limit, lines[1]
     for name, p in want.pools.items():  # 16-bit K/V: an ulp; int8: a code; scales: fp32 rounding
         for part in ("k", "v", "k_scale", "v_scale") if p.is_int8 else ("k", "v"):
             err = (getattr(got.pools[name], part).float() - getattr(p, part).float()).abs().max().item()
