@@ -47,20 +47,22 @@ def test_add_rms_norm_equals_torch(tokens, hidden, dtype):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("head_dim, q_heads, kv_heads", [(16, 4, 2), (64, 14, 2), (128, 7, 1)])
-def test_rotary_over_a_view_of_qkv_equals_torch(head_dim, q_heads, kv_heads, dtype):
+def test_rotary_over_views_of_qkv_equals_torch(head_dim, q_heads, kv_heads, dtype):
     torch.manual_seed(head_dim)
     rope = RotaryEmbedding(head_dim, 4096, 1e6)
     positions = torch.tensor([0, 1, 17, 500, 4095])
     table = rope.table(positions, dtype)
     qkv = torch.randn(len(positions), q_heads + 2 * kv_heads, head_dim).to(dtype)
-    qk = qkv[:, : q_heads + kv_heads]  # as the model passes it: a strided view of the fused projection
-    assert not qk.is_contiguous()
-    want = apply_rotary(table, qk)
-    assert close(rotary(table, qk), want, dtype)
-    assert torch.equal(apply_rotary(table, qk, fused=True), rotary(table, qk))
+    q, k, _ = qkv.split([q_heads, kv_heads, kv_heads], 1)  # as the model passes them: strided views
+    assert not q.is_contiguous() and not k.is_contiguous()
+    want = apply_rotary(table, q, k)
+    got = rotary(table, q, k)
+    assert all(close(g, w, dtype) for g, w in zip(got, want))
+    assert all(torch.equal(a, b) for a, b in zip(apply_rotary(table, q, k, fused=True), got))
+    assert (want[0] - q).abs().max() > 0.1 and (want[1] - k).abs().max() > 0.1  # positions > 0 rotate
 
 
 def test_rotary_keeps_torch_for_head_dims_the_kernel_cannot_tile():
     rope = RotaryEmbedding(80, 64, 1e4)  # half 40: not a power of two
-    table, x = rope.table(torch.arange(3), torch.float32), torch.randn(3, 2, 80)
-    assert torch.equal(apply_rotary(table, x, fused=True), apply_rotary(table, x))
+    table, q, k = rope.table(torch.arange(3), torch.float32), torch.randn(3, 2, 80), torch.randn(3, 1, 80)
+    assert all(torch.equal(a, b) for a, b in zip(apply_rotary(table, q, k, fused=True), apply_rotary(table, q, k)))

@@ -69,8 +69,8 @@ def main() -> None:
     for model in ("bf16", "fp32"):
         ptrs = {p: f"*{model}" for p in ("x_ptr", "r_ptr", "w_ptr", "out_ptr", "sum_ptr")}
         compile_sm90(O.add_rms_norm_kernel, ptrs, dict(HAS_RES=True, BLOCK=4096), num_warps=8)
-        ptrs = {p: f"*{model}" for p in ("x_ptr", "cos_ptr", "sin_ptr", "out_ptr")}
-        compile_sm90(O.rotary_kernel, ptrs, dict(HALF=64, BLOCK_H=32), num_warps=4)
+        ptrs = {p: f"*{model}" for p in ("q_ptr", "k_ptr", "cos_ptr", "sin_ptr", "qo_ptr", "ko_ptr")}
+        compile_sm90(O.rotary_kernel, ptrs, dict(HALF=64, BLOCK_Q=32, BLOCK_K=4), num_warps=4)
         n += 2
     print(f"compiled {n} kernels for sm_90")
 

@@ -65,13 +65,15 @@ class RotaryEmbedding(nn.Module):
         return self.cos[positions].unsqueeze(1).to(dtype), self.sin[positions].unsqueeze(1).to(dtype)
 
 
-def apply_rotary(rope: tuple[torch.Tensor, torch.Tensor], x: torch.Tensor, fused: bool = False) -> torch.Tensor:
-    """rope: RotaryEmbedding.table(positions); x: [T, H, D] (queries and keys together) -> rotated x.
-    fused: one Triton kernel (`triton_ops.rotary`, the GPU path) where D / 2 is a power of two."""
-    d = x.shape[-1]
+def apply_rotary(
+    rope: tuple[torch.Tensor, torch.Tensor], q: torch.Tensor, k: torch.Tensor, fused: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """rope: RotaryEmbedding.table(positions); q: [T, Hq, D], k: [T, Hkv, D] -> rotated q and k.
+    fused: one Triton kernel for both (`triton_ops.rotary`, the GPU path) where D / 2 is a power of two."""
+    d = q.shape[-1]
     if fused and (d // 2) & (d // 2 - 1) == 0:  # a power of two: tl.arange needs one
         from atb_llm.layers.triton_ops import rotary  # triton only where it runs
 
-        return rotary(rope, x)
+        return rotary(rope, q, k)
     cos, sin = rope
-    return x * cos + _rotate_half(x) * sin
+    return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin

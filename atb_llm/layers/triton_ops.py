@@ -1,10 +1,11 @@
 """Fused elementwise kernels of the GPU path: residual add + RMSNorm, and RoPE over q and k.
 
-Each replaces a chain of torch operations (eight launches for a norm, six for RoPE) with one
-launch, which matters most in small-batch decode. They round where the torch code rounds (the
-residual sum, the normalised value and the RoPE products in the model dtype), so they give the
-torch results up to the last bit of a 16-bit value. They run on CUDA, and on CPU tensors under
-Triton's interpreter (TRITON_INTERPRET=1), where the tests compare them with the torch code.
+Each replaces a chain of torch operations (eight launches for a norm, twelve for RoPE of q and k)
+with one launch. In decode, RoPE runs inside the cache-write kernel instead (triton_kernels), so
+`rotary` serves prefill. They round where the torch code rounds (the residual sum, the normalised
+value and the RoPE products in the model dtype), so they give the torch results up to the last bit
+of a 16-bit value. They run on CUDA, and on CPU tensors under Triton's interpreter
+(TRITON_INTERPRET=1), where the tests compare them with the torch code.
 """
 
 from __future__ import annotations
@@ -57,18 +58,10 @@ def add_rms_norm(
 
 
 @triton.jit
-def rotary_kernel(
-    x_ptr,  # [T, HEADS, 2 * HALF], rows and heads strided
-    cos_ptr,  # [T, 2 * HALF] contiguous
-    sin_ptr,
-    out_ptr,  # [T, HEADS, 2 * HALF] contiguous
-    stride_xt,
-    stride_xh,
-    HEADS,
-    HALF: tl.constexpr,
-    BLOCK_H: tl.constexpr,
+def _rotate_heads(
+    x_ptr, out_ptr, t, stride_xt, stride_xh, HEADS, c1, c2, s1, s2, HALF: tl.constexpr, BLOCK_H: tl.constexpr
 ):
-    t = tl.program_id(0).to(tl.int64)
+    """RoPE of token t's HEADS heads of x (rows and heads strided) into out [T, HEADS, 2 * HALF]."""
     h = tl.arange(0, BLOCK_H)[:, None]
     d = tl.arange(0, HALF)[None, :]
     ok = h < HEADS
@@ -76,9 +69,6 @@ def rotary_kernel(
     src = x_ptr + t * stride_xt + h * stride_xh + d
     x1 = tl.load(src, mask=ok, other=0.0).to(tl.float32)
     x2 = tl.load(src + HALF, mask=ok, other=0.0).to(tl.float32)
-    table = t * 2 * HALF + d
-    c1, c2 = tl.load(cos_ptr + table).to(tl.float32), tl.load(cos_ptr + table + HALF).to(tl.float32)
-    s1, s2 = tl.load(sin_ptr + table).to(tl.float32), tl.load(sin_ptr + table + HALF).to(tl.float32)
     # x * cos + rotate_half(x) * sin, rotate_half(x) = (-x2, x1), each product rounded as torch does
     o1 = (x1 * c1).to(dtype).to(tl.float32) + (-x2 * s1).to(dtype).to(tl.float32)
     o2 = (x2 * c2).to(dtype).to(tl.float32) + (x1 * s2).to(dtype).to(tl.float32)
@@ -87,14 +77,46 @@ def rotary_kernel(
     tl.store(dst + HALF, o2.to(dtype), mask=ok)
 
 
-def rotary(rope: tuple[torch.Tensor, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
-    """As apply_rotary: rope = (cos, sin) [T, 1, D] in x's dtype; x [T, heads, D] with unit stride
-    along D (a view into the fused qkv output is fine) -> rotated x, contiguous."""
+@triton.jit
+def rotary_kernel(
+    q_ptr,  # [T, HQ, 2 * HALF], rows and heads strided
+    k_ptr,  # [T, HK, 2 * HALF], rows and heads strided
+    cos_ptr,  # [T, 2 * HALF] contiguous
+    sin_ptr,
+    qo_ptr,  # [T, HQ, 2 * HALF] contiguous
+    ko_ptr,  # [T, HK, 2 * HALF] contiguous
+    stride_qt,
+    stride_qh,
+    stride_kt,
+    stride_kh,
+    HQ,
+    HK,
+    HALF: tl.constexpr,
+    BLOCK_Q: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """One program per token: its query and key heads."""
+    t = tl.program_id(0).to(tl.int64)
+    table = t * 2 * HALF + tl.arange(0, HALF)[None, :]
+    c1, c2 = tl.load(cos_ptr + table).to(tl.float32), tl.load(cos_ptr + table + HALF).to(tl.float32)
+    s1, s2 = tl.load(sin_ptr + table).to(tl.float32), tl.load(sin_ptr + table + HALF).to(tl.float32)
+    _rotate_heads(q_ptr, qo_ptr, t, stride_qt, stride_qh, HQ, c1, c2, s1, s2, HALF, BLOCK_Q)
+    _rotate_heads(k_ptr, ko_ptr, t, stride_kt, stride_kh, HK, c1, c2, s1, s2, HALF, BLOCK_K)
+
+
+def rotary(
+    rope: tuple[torch.Tensor, torch.Tensor], q: torch.Tensor, k: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """As apply_rotary, in one launch: rope = (cos, sin) [T, 1, D] in q's dtype; q [T, Hq, D] and
+    k [T, Hkv, D] with unit stride along D (views into the fused qkv output are fine) -> rotated
+    q and k, contiguous."""
     cos, sin = (c.contiguous() for c in rope)
-    t, heads, d = x.shape
-    if x.stride(2) != 1:
-        x = x.contiguous()
-    out = torch.empty(t, heads, d, dtype=x.dtype, device=x.device)
-    rotary_kernel[(t,)](x, cos, sin, out, x.stride(0), x.stride(1), heads, HALF=d // 2,
-                        BLOCK_H=triton.next_power_of_2(heads))  # fmt: skip
-    return out
+    q, k = (x if x.stride(2) == 1 else x.contiguous() for x in (q, k))
+    (t, hq, d), hk = q.shape, k.shape[1]
+    q_out = torch.empty(t, hq, d, dtype=q.dtype, device=q.device)
+    k_out = torch.empty(t, hk, d, dtype=k.dtype, device=k.device)
+    rotary_kernel[(t,)](
+        q, k, cos, sin, q_out, k_out, q.stride(0), q.stride(1), k.stride(0), k.stride(1), hq, hk, HALF=d // 2,
+        BLOCK_Q=triton.next_power_of_2(hq), BLOCK_K=triton.next_power_of_2(hk),
+    )  # fmt: skip
+    return q_out, k_out

@@ -34,7 +34,7 @@ class AttentionBackend(ABC):
         step's positions) is given, rotated already when None. Writes k, v as `store` does and
         returns q rotated. Backends may fuse the rotation with the write."""
         if rope is not None:
-            q, k = apply_rotary(rope, q), apply_rotary(rope, k)
+            q, k = apply_rotary(rope, q, k)
         self.store(kv_cache, layer, k, v, meta)
         return q
 
