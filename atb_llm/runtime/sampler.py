@@ -59,12 +59,11 @@ class Sampler:
             ]
             logits = torch.stack(rows)
         chosen = logits.argmax(-1)
-        drawn = [
-            i for i, s in enumerate(seqs) if not s.params.force_tokens and s.params.temperature >= s.params.GREEDY_BELOW
-        ]
-        if drawn:
-            draws = torch.stack([self._draw(logits[i], seqs[i]) for i in drawn])
-            chosen = chosen.index_copy(0, torch.tensor(drawn, device=chosen.device), draws)
+        drawn = [not s.params.force_tokens and s.params.temperature >= s.params.GREEDY_BELOW for s in seqs]
+        if any(drawn):
+            chosen = torch.stack(
+                [self._draw(logits[i], s) if d else chosen[i] for i, (s, d) in enumerate(zip(seqs, drawn))]
+            )
         tokens: list[int | None] = chosen.tolist()  # the step's one device-to-host transfer
         for i, seq in enumerate(seqs):
             if seq.params.force_tokens:
