@@ -28,16 +28,16 @@ def test_cpu_run_checks_the_kernels_and_prints_every_row(default_model, tmp_path
     rows = table(report)
     names = ["decode, batch 1, 16 in", "first token, 64 in", "decode, batch 8, 16 in"]
     names += ["W8A16 decode, batch 1, 16 in", "W4A16 decode, batch 1, 16 in"]
-    names += ["decode, batch 16 at 96, full cache", "decode, batch 16 at 96, MLGC 0.25"]
+    names += ["decode, batch 4 at 96, full cache", "decode, batch 4 at 96, MLGC 0.25"]
     assert [n.split(" (")[0] for n in rows][:7] == names
     mb = {n.split(" (")[0]: float(r[3]) for n, r in rows.items()}
     assert mb["W4A16 decode, batch 1, 16 in"] < mb["W8A16 decode, batch 1, 16 in"] < mb["decode, batch 1, 16 in"]
-    # tiny config: 2 layers x 2 KV heads, head_dim 32, fp32; 16 sequences of 96 tokens. Full: every
+    # tiny config: 2 layers x 2 KV heads, head_dim 32, fp32; 4 sequences of 96 tokens. Full: every
     # group reads 96 slots of K and V; MLGC 0.25: one group in four, the others windows of sink 4 +
     # compensation 1 + recent 43 (the recent 32 asked for, grown to fill 3 whole blocks of 16)
     slot = 2 * 32 * 4
-    full, mlgc = 16 * 4 * 96 * slot, 16 * (96 + 3 * 48) * slot
-    got = mb["decode, batch 16 at 96, full cache"] - mb["decode, batch 16 at 96, MLGC 0.25"]
+    full, mlgc = 4 * 4 * 96 * slot, 4 * (96 + 3 * 48) * slot
+    got = mb["decode, batch 4 at 96, full cache"] - mb["decode, batch 4 at 96, MLGC 0.25"]
     assert abs(got - (full - mlgc) / 1e6) < 0.011  # the table rounds to 0.01 MB
     for r in rows.values():
         assert float(r[0]) > 0 and float(r[4]) >= 0

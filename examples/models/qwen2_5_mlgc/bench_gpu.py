@@ -103,7 +103,7 @@ def make_setup(config_path: Path | None, device: str | None) -> Setup:
             "TRITON_INTERPRET=1 python examples/models/qwen2_5_mlgc/bench_gpu.py"
         )
     config = json.loads(config_path.read_text()) if config_path else tiny_config()
-    return Setup("cpu", torch.float32, config, 16, 64, 96, 16, 3, 4, 32, 16)
+    return Setup("cpu", torch.float32, config, 16, 64, 96, 4, 3, 4, 32, 16)
 
 
 # ---- checks ----------------------------------------------------------------------------------
