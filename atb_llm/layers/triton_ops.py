@@ -58,6 +58,16 @@ def add_rms_norm(
 
 
 @triton.jit
+def rotate_values(x, partner, sign, c, s, DT: tl.constexpr):
+    """RoPE of values `x` given each one's rotary partner (x[d + D/2] or x[d - D/2]), its sign (-1 in
+    the first half) and cos / sin: x * cos + rotate_half(x) * sin, each product and the sum rounded
+    to the model dtype DT as torch rounds them; fp32 out."""
+    a = (x * c).to(DT).to(tl.float32)
+    b = (sign * partner * s).to(DT).to(tl.float32)
+    return (a + b).to(DT).to(tl.float32)
+
+
+@triton.jit
 def _rotate_heads(
     x_ptr, out_ptr, t, stride_xt, stride_xh, HEADS, c1, c2, s1, s2, HALF: tl.constexpr, BLOCK_H: tl.constexpr
 ):
@@ -69,12 +79,9 @@ def _rotate_heads(
     src = x_ptr + t * stride_xt + h * stride_xh + d
     x1 = tl.load(src, mask=ok, other=0.0).to(tl.float32)
     x2 = tl.load(src + HALF, mask=ok, other=0.0).to(tl.float32)
-    # x * cos + rotate_half(x) * sin, rotate_half(x) = (-x2, x1), each product rounded as torch does
-    o1 = (x1 * c1).to(dtype).to(tl.float32) + (-x2 * s1).to(dtype).to(tl.float32)
-    o2 = (x2 * c2).to(dtype).to(tl.float32) + (x1 * s2).to(dtype).to(tl.float32)
     dst = out_ptr + t * HEADS * 2 * HALF + h * 2 * HALF + d
-    tl.store(dst, o1.to(dtype), mask=ok)
-    tl.store(dst + HALF, o2.to(dtype), mask=ok)
+    tl.store(dst, rotate_values(x1, x2, -1.0, c1, s1, dtype).to(dtype), mask=ok)
+    tl.store(dst + HALF, rotate_values(x2, x1, 1.0, c2, s2, dtype).to(dtype), mask=ok)
 
 
 @triton.jit

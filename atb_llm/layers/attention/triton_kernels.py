@@ -22,6 +22,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from atb_llm.layers.triton_ops import rotate_values
+
 # Adding then subtracting 1.5 * 2**23 rounds an fp32 |x| < 2**22 to the nearest integer, ties to
 # even (as torch.round), in plain IEEE arithmetic on every target, the CPU interpreter included.
 _RINT_MAGIC = tl.constexpr(12582912.0)
@@ -202,16 +204,6 @@ def _store_row(data_ptr, scale_ptr, slot, x, ok, D: tl.constexpr, D_PAD: tl.cons
 
 
 @triton.jit
-def _rotated(x, partner, sign, c, s, DT: tl.constexpr):
-    """RoPE of rows `x` given each value's rotary partner (x[d + D/2] or x[d - D/2]), its sign (-1 in
-    the first half) and cos / sin: x * cos + rotate_half(x) * sin, each product and the sum rounded
-    to the model dtype DT as torch rounds them."""
-    a = (x * c).to(DT).to(tl.float32)
-    b = (sign * partner * s).to(DT).to(tl.float32)
-    return (a + b).to(DT).to(tl.float32)
-
-
-@triton.jit
 def store_kernel(
     k_ptr,  # [T, Hkv, D] new keys (before RoPE when ROPE)
     v_ptr,
@@ -287,14 +279,14 @@ def store_kernel(
         dim_ok = dims < D
         c = tl.load(cos_ptr + t * D + dims, mask=dim_ok, other=0.0).to(tl.float32)
         s = tl.load(sin_ptr + t * D + dims, mask=dim_ok, other=0.0).to(tl.float32)
-        k = _rotated(k, tl.load(k_row + partner, mask=mask, other=0.0).to(tl.float32), sign, c, s, DT)
+        k = rotate_values(k, tl.load(k_row + partner, mask=mask, other=0.0).to(tl.float32), sign, c, s, DT)
         rows = tl.arange(0, GQ_PAD)
         qh = head * GQ + rows
         q_mask = (rows < GQ)[:, None] & dim_ok[None, :]
         q_row = q_ptr + t * stride_qt + qh[:, None] * stride_qh
         x = tl.load(q_row + dims[None, :], mask=q_mask, other=0.0).to(tl.float32)
         xp = tl.load(q_row + partner[None, :], mask=q_mask, other=0.0).to(tl.float32)
-        qr = _rotated(x, xp, sign[None, :], c[None, :], s[None, :], DT)
+        qr = rotate_values(x, xp, sign[None, :], c[None, :], s[None, :], DT)
         tl.store(qo_ptr + t * stride_qot + qh[:, None] * D + dims[None, :], qr, mask=q_mask)
     _store_row(kc_ptr, ks_ptr, slot, k, keep, D, D_PAD, INT8)
     _store_row(vc_ptr, vs_ptr, slot, v, keep, D, D_PAD, INT8)
