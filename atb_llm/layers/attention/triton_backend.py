@@ -73,9 +73,6 @@ class TritonBackend(AttentionBackend):
             )
         return out
 
-    def store(self, kv_cache: KVCache, layer: int, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata) -> None:
-        self._store(kv_cache, layer, k, v, meta)
-
     def decode_store(self, q, k, v, rope, kv_cache: KVCache, layer: int, meta: AttentionMetadata) -> torch.Tensor:
         """RoPE fused with the cache write: one launch per run rotates the run's keys, writes them and
         the values, and rotates the query heads of its groups."""
@@ -83,10 +80,11 @@ class TritonBackend(AttentionBackend):
             return super().decode_store(q, k, v, rope, kv_cache, layer, meta)
         q_rot = torch.empty(q.shape, dtype=q.dtype, device=q.device)
         cos, sin = (c.reshape(q.shape[0], -1) for c in rope)  # [B, 1, D] -> [B, D]
-        self._store(kv_cache, layer, k, v, meta, (_rows_contiguous(q), q_rot, cos, sin))
+        self.store(kv_cache, layer, k, v, meta, (_rows_contiguous(q), q_rot, cos, sin))
         return q_rot
 
-    def _store(self, kv_cache: KVCache, layer: int, k, v, meta: AttentionMetadata, rope=None) -> None:
+    def store(self, kv_cache: KVCache, layer: int, k, v, meta: AttentionMetadata, rope=None) -> None:
+        """rope (decode_store's): (q, q_out, cos, sin), k given before RoPE; see `store_kv`."""
         k, v = _rows_contiguous(k), _rows_contiguous(v)
         base = layer * kv_cache.layout.num_kv_heads
         for run in kv_cache.layout.runs(layer):
