@@ -110,7 +110,9 @@ def test_prompt_longer_than_max_input_length(tiny_models):
         (dict(top_k=-1), r"top_k=-1 must be >= 0"),
         (dict(presence_penalty=2.5), r"^presence_penalty=2.5 must be in \[-2, 2\]$"),
         (dict(frequency_penalty=-2.5), r"^frequency_penalty=-2.5 must be in \[-2, 2\]$"),
-        (dict(repetition_penalty=0), r"repetition_penalty=0 must be > 0"),
+        (dict(repetition_penalty=0), r"repetition_penalty=0 must be in \[0.01, 100.0\]"),
+        (dict(repetition_penalty=1e-300), r"repetition_penalty=1e-300 must be in \[0.01, 100.0\]"),
+        (dict(repetition_penalty=100.5), r"repetition_penalty=100.5 must be in \[0.01, 100.0\]"),
         (dict(min_tokens=-1), r"min_tokens=-1 must be in \[0, max_tokens=64\]"),
         (dict(min_tokens=5, max_tokens=4), r"min_tokens=5 must be in \[0, max_tokens=4\]"),
         (dict(logprobs=21), r"^logprobs=21 must be in \[0, 20\] \(alternatives per token\)$"),
@@ -147,7 +149,7 @@ def test_bad_requests_leave_the_engine_usable(tiny_models):
     good = e.add_request([5, 6, 7], SamplingParams(max_tokens=4, ignore_eos=True), request_id="x")
     for bad, message in [
         ([], "the prompt is empty"),
-        ([5, 999], r"token id\(s\) \[999\] are outside"),
+        ([5, 999], r"prompt has token id\(s\) outside the vocabulary \[0, 320\): 999;"),
         ([5], "max_tokens=17 exceeds max_output_length=16"),
     ]:
         with pytest.raises(ValueError, match=message):

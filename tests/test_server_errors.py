@@ -63,7 +63,7 @@ CASES = [
     ),
     (COMPLETIONS, {**OK, "stop": ["a", "b", "c", "d", "e"]}, 422, "invalid_value", "stop", "at most 4"),
     (COMPLETIONS, {**OK, "presence_penalty": 2.5}, 422, "invalid_value", "presence_penalty", "less than or equal to 2"),
-    (COMPLETIONS, {**OK, "repetition_penalty": 0}, 422, "invalid_value", "repetition_penalty", "greater than 0"),
+    (COMPLETIONS, {**OK, "repetition_penalty": 0}, 422, "invalid_value", "repetition_penalty", "[0.01, 100.0]"),
     (COMPLETIONS, {**OK, "min_tokens": 5}, 422, "invalid_value", "", "min_tokens=5 must be in [0, max_tokens=4]"),
     (COMPLETIONS, {**OK, "prompt": ["a", "b"], "stream": True}, 422, "invalid_value", "prompt", "stream takes one"),
     (COMPLETIONS, {**OK, "prompt": ["a"] * 17}, 422, "invalid_value", "prompt", "at most 16"),
@@ -162,23 +162,28 @@ def test_server_keeps_serving_and_never_500s(server):
     assert httpx.get(server.url + "/health").json()["status"] == "ok"
 
 
-def test_engine_failure_ends_the_stream_with_an_error_event(server, monkeypatch):
-    engine = server.loop.engine
-    real_step = engine.step
+def test_engine_failure_stops_the_engine_cleanly(tiny_models, monkeypatch):
+    """A step that fails for no one request's reason (here: the forward) ends every stream with an
+    error event (503, code shutting_down), and the server then refuses work and fails its health
+    check instead of serving from a cache in an unknown state."""
+    with running_server(tiny_models(), block_size=16, max_input_length=MAX_INPUT, max_output_length=MAX_OUTPUT) as s:
+        runner = s.loop.engine.runner
 
-    def failing_step():
-        monkeypatch.setattr(engine, "step", real_step)  # fail once
-        raise RuntimeError("simulated device error")
+        def failing_forward(batch):
+            raise RuntimeError("simulated device error")
 
-    monkeypatch.setattr(engine, "step", failing_step)
-    with httpx.stream("POST", server.url + COMPLETIONS, json={**OK, "stream": True}, timeout=30) as r:
-        lines = [ln for ln in r.iter_lines() if ln]
-    assert r.status_code == 200
-    assert json.loads(lines[-2].removeprefix("data: "))["error"]["message"].endswith("simulated device error")
-    assert lines[-1] == "data: [DONE]"
-    r = httpx.post(server.url + COMPLETIONS, json=OK, timeout=30)
-    assert r.status_code == 200 and r.json()["choices"][0]["finish_reason"] in ("stop", "length")
-    wait_until(lambda: server.loop.stats.blocks_used == 0, 10, "all blocks to be free")
+        monkeypatch.setattr(runner, "_forward", failing_forward)
+        with httpx.stream("POST", s.url + COMPLETIONS, json={**OK, "stream": True}, timeout=30) as r:
+            lines = [ln for ln in r.iter_lines() if ln]
+        assert r.status_code == 200
+        error = json.loads(lines[-2].removeprefix("data: "))["error"]
+        assert error["code"] == "shutting_down" and "simulated device error" in error["message"]
+        assert lines[-1] == "data: [DONE]"
+        wait_until(lambda: not s.loop.alive, 10, "the engine thread to stop")
+        r = httpx.post(s.url + COMPLETIONS, json=OK, timeout=30)
+        assert r.status_code == 503 and r.json()["error"]["code"] == "shutting_down"
+        assert "RuntimeError: simulated device error" in r.json()["error"]["message"]
+        assert httpx.get(s.url + "/health").status_code == 503
 
 
 def test_neutral_values_of_unsupported_fields_are_accepted(server):

@@ -1,48 +1,32 @@
-"""The engine: requests in, tokens out. Loads the model, sizes the cache, runs the
-schedule -> forward -> sample loop with continuous batching."""
+"""The engine: requests in, tokens out. Loads the model, sizes the cache, and runs the loop of
+continuous batching: schedule, run, postprocess."""
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterable
-from dataclasses import dataclass, field
 
 import torch
 from tqdm import tqdm
 
 from atb_llm.cache.cache_manager import CacheConfig, CacheManager
-from atb_llm.cache.kv_cache import KVCache
 from atb_llm.compression.layout import GroupLayout
 from atb_llm.compression.plan import resolve_layout
 from atb_llm.config import parse_dtype
 from atb_llm.layers.attention.backend import AttentionBackend
-from atb_llm.layers.attention.paged_attention import PagedAttention, observed_kv_scales
 from atb_llm.layers.attention.selector import get_backend
 from atb_llm.models.base.router import get_router
 from atb_llm.models.base.weights import WeightFiles
 from atb_llm.runtime.cuda_graph import DecodeGraphs, buffer_blocks, use_graphs
 from atb_llm.runtime.engine_config import EngineConfig
+from atb_llm.runtime.kv_probe import measure_kv_scales
 from atb_llm.runtime.model_runner import ModelRunner
+from atb_llm.runtime.outputs import Detokenizer, RequestOutput
+from atb_llm.runtime.request_limits import RequestError, RequestLimits
 from atb_llm.runtime.scheduler import Scheduler
-from atb_llm.runtime.sequence import SamplingParams, Sequence, TokenLogprob
+from atb_llm.runtime.sequence import SamplingParams, Sequence
+from atb_llm.runtime.stats import EngineStats
 
-KV_PROBE_TOKENS = 256  # random tokens that measure K/V channel scales for int8 levels (see _measure_kv_scales)
-
-
-@dataclass
-class RequestOutput:
-    request_id: str
-    prompt_token_ids: list[int]
-    token_ids: list[int]
-    text: str
-    finished: bool
-    finish_reason: str | None
-    ttft_s: float | None
-    tpot_s: float | None
-    num_preemptions: int = 0
-    logprobs: list[dict[int, float]] = field(default_factory=list)
-    output_logprobs: list[TokenLogprob] = field(default_factory=list)
-    prompt_logprobs: list[TokenLogprob | None] | None = None
+__all__ = ["EngineConfig", "LLMEngine", "RequestOutput"]
 
 
 class LLMEngine:
@@ -99,41 +83,19 @@ class LLMEngine:
         )
         self.eos_token_ids = set(self.model_config.eos_token_ids) | {self.tokenizer.eos_token_id} - {None}
         self.runner = ModelRunner(self.model, self.cache_manager, frozenset(self.eos_token_ids))
+        self.detokenizer = Detokenizer(self.tokenizer, frozenset(self.eos_token_ids), self.max_seq_len)
+        self.limits = RequestLimits(
+            cfg.max_input_length,
+            cfg.max_output_length,
+            self.model_config.vocab_size,
+            self.cache_manager.longest_sequence(self.max_seq_len),
+        )
         self._seqs: dict[str, Sequence] = {}
         if any(level.int8 for level in self.layout.levels) and not self.quant.kv_cache_scales:
-            self._measure_kv_scales()
+            measure_kv_scales(self.model, self.model_config, self.dtype, cfg.device, cfg.block_size)
         if use_graphs(cfg.device, backend.name, cfg.enforce_eager):  # after the model's last change
             blocks, kv = buffer_blocks(self.max_seq_len, cfg.block_size), self.cache_manager.kv_cache
             self.runner.graphs = DecodeGraphs(self.model, kv, cfg.max_batch_size, blocks, self.max_seq_len, cfg.device)
-
-    def _measure_kv_scales(self) -> None:
-        """Int8 levels without a C8 checkpoint's scales: measure every layer's K/V channel scales on one
-        prompt of random tokens, prefilled in one piece into a float cache of its own (so the result
-        depends on the model alone, not on the layout, chunking or prefix cache), and smooth with
-        them (PagedAttention), as with a checkpoint's."""
-        cfg, dev, bs = self.model_config, self.cfg.device, self.cfg.block_size
-        n = min(KV_PROBE_TOKENS, cfg.max_position_embeddings)
-        layers = [m for m in self.model.modules() if isinstance(m, PagedAttention)]
-        seen: dict[PagedAttention, tuple[torch.Tensor, torch.Tensor]] = {}
-
-        def observe(layer: PagedAttention, args: tuple) -> None:  # args: q, k, v, kv_cache, meta, rope
-            seen[layer] = observed_kv_scales(args[1], args[2])
-
-        full = GroupLayout.uniform(cfg.num_hidden_layers, cfg.num_key_value_heads)
-        nb = -(-n // bs)
-        kv = KVCache.allocate(full, {"model": full.num_groups * nb}, bs, cfg.head_dim, self.dtype, dev)
-        tables = torch.arange(full.num_groups * nb, device=dev).view(full.num_groups, 1, nb)  # [G, 1, nb]
-        slots = (tables[:, 0, :, None] * bs + torch.arange(bs, device=dev)).flatten(1)[:, :n]  # [G, n]
-        probe = torch.randint(100, cfg.vocab_size, (n,), generator=torch.Generator().manual_seed(0)).to(dev)
-        hooks = [m.register_forward_pre_hook(observe) for m in layers]
-        try:
-            last, length = torch.tensor([n - 1], device=dev), torch.tensor([n], device=dev)
-            self.model(probe, torch.arange(n, device=dev), True, kv, tables, slots, length, n, last)
-        finally:
-            for h in hooks:
-                h.remove()
-        for m in layers:
-            m.set_kv_scale(*seen[m])
 
     def _layout(self) -> GroupLayout:
         return resolve_layout(self.cfg.mlgc, self.cfg.model_path, self.model_config, self.cfg.block_size)
@@ -155,44 +117,21 @@ class LLMEngine:
         request_id: str | None = None,
         sibling_of: str | None = None,
     ) -> Sequence:
-        """`sibling_of`: the id of a running request with the same prompt (n > 1 samples of one
+        """Queue a request after `self.limits` checked it (RequestError / ContextLengthError if not).
+        `sibling_of`: the id of an unfinished request with the same prompt (n > 1 samples of one
         prompt): the prompt is computed once and the siblings start from copies of its cache."""
         params = params or SamplingParams()
         ids = self.encode(prompt)
-        self._validate(ids, params, request_id)
+        self.limits.check(ids, params)
+        if request_id is not None and request_id in self._seqs:
+            raise RequestError(f"request_id {request_id!r} is already in use", "request_id")
         parent = self._seqs.get(sibling_of) if sibling_of is not None else None
         if sibling_of is not None and (parent is None or parent.prompt_token_ids != ids):
-            raise ValueError(f"sibling_of={sibling_of!r} names no unfinished request with the same prompt")
+            raise RequestError(f"sibling_of={sibling_of!r} names no unfinished request with the same prompt")
         seq = Sequence(ids, params, request_id or "")
         self._seqs[seq.request_id] = seq
         self.scheduler.add(seq, parent)
         return seq
-
-    def _validate(self, ids: list[int], params: SamplingParams, request_id: str | None) -> None:
-        cfg, vocab = self.cfg, self.model_config.vocab_size
-        if not ids:
-            raise ValueError("the prompt is empty; give at least one token")
-        if len(ids) > cfg.max_input_length:
-            raise ValueError(
-                f"the prompt has {len(ids)} tokens, more than max_input_length={cfg.max_input_length}; "
-                "shorten it or raise --max_input_length"
-            )
-        if params.max_tokens > cfg.max_output_length:
-            raise ValueError(
-                f"max_tokens={params.max_tokens} exceeds max_output_length={cfg.max_output_length}; "
-                "lower it or raise --max_output_length"
-            )
-        bad = [t for t in ids if not 0 <= t < vocab]
-        if bad:
-            raise ValueError(f"token id(s) {bad[:5]} are outside the vocabulary [0, {vocab})")
-        if request_id is not None and request_id in self._seqs:
-            raise ValueError(f"request_id {request_id!r} is already in use")
-        if not self.cache_manager.fits_alone(len(ids) + params.max_tokens):
-            raise ValueError(
-                f"a sequence of {len(ids) + params.max_tokens} tokens needs "
-                f"{self.cache_manager.blocks_for(len(ids) + params.max_tokens)} cache blocks but the "
-                f"pools hold {self.cache_manager.num_blocks}; give the cache more memory"
-            )
 
     def abort(self, request_id: str) -> None:
         """Cancel a request; its blocks are freed at once."""
@@ -205,84 +144,33 @@ class LLMEngine:
 
     # ---- the loop ---------------------------------------------------------------------------
     def step(self) -> list[Sequence]:
-        """One forward pass. Returns the sequences that got a token (finished ones included); a
-        prefill chunk that does not end its prompt gives none."""
+        """One forward pass. Returns the sequences that got a token or failed alone (finished ones
+        included); a prefill chunk that does not end its prompt gives none. What raises here is a
+        failure of the engine, not of one request."""
         seqs, is_prefill = self.scheduler.schedule()
         if not seqs:
             return []
         result = self.runner.run(seqs, is_prefill)
-        now, bm = time.perf_counter(), self.cache_manager.block_manager
-        for seq in seqs:
-            seq.num_computed_tokens += ModelRunner.span(seq, is_prefill)[1]
-            if is_prefill and seq.params.prompt_logprobs is not None:  # [0]: the first token has none
-                seq.prompt_logprobs = (seq.prompt_logprobs or [None]) + result.prompt_logprobs.get(seq, [])
-            if is_prefill and seq.num_uncomputed_tokens == 0:  # later requests may share its prompt now
-                bm.cache(seq.block_table, seq.token_ids, seq.num_computed_tokens)
-            if seq.snapshot_at and seq.num_computed_tokens == seq.snapshot_at:  # where requests meet
-                bm.snapshot(seq.block_table, seq.token_ids, seq.snapshot_at)
-            if seq.fork_at and seq.num_computed_tokens >= seq.fork_at:
-                self.scheduler.fork(seq)
-        self.cache_manager.flush_copies()  # snapshots and forks now, while every block is as computed
-        for seq, tok, lp, out_lp in zip(result.seqs, result.tokens, result.option_logprobs, result.output_logprobs):
-            if tok is not None:
-                seq.output_token_ids.append(tok)
-                if lp is not None:
-                    seq.logprobs.append(lp)
-                if out_lp is not None:
-                    seq.output_logprobs.append(out_lp)
-                seq.first_token_time = seq.first_token_time or now
-            # None: sampling failed for this sequence alone (seq.error says why)
-            reason = "error" if tok is None else self._finish_reason(seq, tok)
-            if reason:
-                seq.finish_time = now
-                self.scheduler.finish(seq, reason)
+        out = self.scheduler.postprocess(seqs, is_prefill, result, self.detokenizer.finish_reason)
+        self.cache_manager.flush_copies()  # snapshots and forks, before any block is written again
+        for seq in out:
+            if seq.is_finished:
                 self._seqs.pop(seq.request_id, None)
-        return result.seqs
-
-    def _finish_reason(self, seq: Sequence, tok: int) -> str | None:
-        p = seq.params
-        if (tok in self.eos_token_ids and not p.ignore_eos) or tok in p.stop_token_ids:
-            return "stop"
-        if p.stop:  # search the uncut text: text_of already cuts before a stop string
-            text = self.tokenizer.decode(seq.output_token_ids, skip_special_tokens=True)
-            if any(s in text for s in p.stop):
-                return "stop"
-        if len(seq.output_token_ids) >= p.max_tokens or seq.num_tokens >= self.max_seq_len:
-            return "length"
-        return None
-
-    def visible_tokens(self, seq: Sequence) -> list[int]:
-        """The output tokens that make its text: all but a final eos / stop token."""
-        ids = seq.output_token_ids
-        stop_ids = self.eos_token_ids | set(seq.params.stop_token_ids)
-        if seq.finish_reason == "stop" and ids and ids[-1] in stop_ids:
-            return ids[:-1]
-        return ids
+        return out
 
     def text_of(self, seq: Sequence) -> str:
-        """Decoded output, cut before a stop string, without the eos / stop token."""
-        text = self.tokenizer.decode(self.visible_tokens(seq), skip_special_tokens=True)
-        for s in seq.params.stop:
-            i = text.find(s)
-            if i >= 0:
-                text = text[:i]
-        return text
+        return self.detokenizer.text_of(seq)
 
     def output(self, seq: Sequence) -> RequestOutput:
-        return RequestOutput(
-            seq.request_id,
-            seq.prompt_token_ids,
-            list(seq.output_token_ids),
-            self.text_of(seq),
-            seq.is_finished,
-            seq.finish_reason,
-            seq.time_to_first_token(),
-            seq.time_per_output_token(),
-            seq.num_preemptions,
-            list(seq.logprobs),
-            list(seq.output_logprobs),
-            seq.prompt_logprobs,
-        )
+        return self.detokenizer.output(seq)
+
+    def stats(self) -> EngineStats:
+        cache, sched = self.cache_manager, self.scheduler
+        pool_of_level = {lv.name: lv.pool for lv in self.layout.groups_by_level()}
+        levels = {(pool_of_level[name], name): row for name, row in cache.usage_by_level().items()}
+        prefix = cache.block_manager.prefix
+        hits = None if prefix is None else (prefix.query_tokens, prefix.hit_tokens, prefix.num_cached_blocks)
+        return EngineStats(len(sched.running), len(sched.waiting), sched.num_preemptions, cache.usage(), levels, hits)
 
     def generate(
         self,

@@ -61,22 +61,13 @@ class ModelRunner:
     def _tensor(self, values: list[int]) -> torch.Tensor:
         return self.cache_manager.to_device(torch.tensor(values, dtype=torch.int64))
 
-    @staticmethod
-    def span(seq: Sequence, is_prefill: bool) -> tuple[int, int]:
-        """(first position, tokens) this step computes for `seq`: in prefill the scheduled chunk
-        after the cached tokens (all the rest if none was scheduled), in decode the last token."""
-        if not is_prefill:
-            return seq.num_tokens - 1, 1
-        c = seq.num_computed_tokens
-        return c, seq.num_scheduled_tokens or seq.num_tokens - c
-
     def prepare(self, seqs: list[Sequence], is_prefill: bool) -> ForwardBatch:
         """The forward contract's arguments for this step."""
         self.cache_manager.flush_copies()
         input_ids, positions, seq_idx, q_lens, lengths = [], [], [], [], []
         rows, ends, sampled, prompt_rows, start = [], [], [], [], 0
         for i, s in enumerate(seqs):
-            c, n = self.span(s, is_prefill)
+            c, n = s.step_span(is_prefill)
             end = c + n
             input_ids += s.token_ids[c:end]
             positions += range(c, end)
@@ -130,24 +121,59 @@ class ModelRunner:
         return logits if b.sample_rows is None else logits[b.sample_rows]
 
     def run(self, seqs: list[Sequence], is_prefill: bool) -> StepResult:
+        """One step: the forward of the whole batch (a failure there is the engine's and propagates),
+        then each sequence's own outputs. Those are computed for the batch at once; should that
+        raise, they are computed again one sequence at a time, and a sequence whose own outputs fail
+        gets `error` set and no token, while the others get exactly what they would have alone."""
         b = self.prepare(seqs, is_prefill)
         logits = self._forward(b)
         prompt = {}
         for i, first, lo, hi in b.prompt_rows:  # row at position p scores prompt token p + 1
             s = seqs[i]
-            prompt[s] = token_logprobs(
-                logits[first : first + hi - lo], s.prompt_token_ids[lo + 1 : hi + 1], s.params.prompt_logprobs
-            )
+            try:
+                prompt[s] = token_logprobs(
+                    logits[first : first + hi - lo], s.prompt_token_ids[lo + 1 : hi + 1], s.params.prompt_logprobs
+                )
+            except Exception as e:
+                s.fail(e)
         if b.sample_rows is not None:
             logits = logits[b.sample_rows]
-        seqs = [seqs[i] for i in b.sampled]
-        if not seqs:
-            return StepResult([], [], [], [], prompt)
+        sampled = [seqs[i] for i in b.sampled]
+        tokens, options, output = self._sample_isolated(logits, sampled) if sampled else ([], [], [])
+        return StepResult(sampled, tokens, options, output, prompt)
+
+    def _sample_isolated(self, logits: torch.Tensor, seqs: list[Sequence]) -> tuple[list, list, list]:
+        seeded = {
+            s: None if s.generator is None else s.generator.get_state() for s in seqs if s.params.seed is not None
+        }
+        try:
+            return self._sample(logits, seqs)
+        except Exception:  # find whose: one sequence at a time, seeded ones from where they were
+            for s, state in seeded.items():
+                if state is None:
+                    s.generator = None
+                else:
+                    s.generator.set_state(state)
+        outs = ([], [], [])
+        for i, s in enumerate(seqs):
+            try:
+                one = self._sample(logits[i : i + 1], [s])
+            except Exception as e:
+                s.fail(e)
+                one = ([None], [None], [None])
+            for out, value in zip(outs, one):
+                out += value
+        return outs
+
+    def _sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> tuple[list, list, list]:
+        """(tokens, option log-probabilities, output log-probabilities), one each per sequence; None
+        for a sequence that already failed or whose sampling failed."""
         tokens = self.sampler(logits, seqs)
+        tokens = [None if s.error else t for s, t in zip(seqs, tokens)]
         output: list[TokenLogprob | None] = [None] * len(seqs)
         wanted = [i for i, s in enumerate(seqs) if s.params.logprobs is not None and tokens[i] is not None]
         for k in {seqs[i].params.logprobs for i in wanted}:  # one batched call per k asked for
             rows = [i for i in wanted if seqs[i].params.logprobs == k]
             for i, lp in zip(rows, token_logprobs(logits[rows], [tokens[i] for i in rows], k)):
                 output[i] = lp
-        return StepResult(seqs, tokens, self.sampler.logprobs(logits, seqs, tokens), output, prompt)
+        return tokens, self.sampler.logprobs(logits, seqs, tokens), output

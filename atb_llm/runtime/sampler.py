@@ -90,6 +90,7 @@ class Sampler:
         wanted = {
             i: list(s.params.logprob_token_ids) + ([tokens[i]] if s.params.force_tokens else [])
             for i, s in enumerate(seqs)
+            if tokens[i] is not None
         }
         wanted = {i: ids for i, ids in wanted.items() if ids}
         out: list[dict[int, float] | None] = [None] * len(seqs)

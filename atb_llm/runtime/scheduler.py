@@ -12,7 +12,9 @@ take copies of its cache (`fork_at`).
 
 from __future__ import annotations
 
+import time
 from collections import deque
+from collections.abc import Callable
 
 from atb_llm.cache.block_manager import BlockManager
 from atb_llm.runtime.sequence import Sequence, SequenceStatus
@@ -121,6 +123,44 @@ class Scheduler:
                 seq.num_scheduled_tokens = 1
                 scheduled.append(seq)
         return scheduled
+
+    def postprocess(self, seqs: list[Sequence], is_prefill: bool, result, finish_reason: Callable) -> list[Sequence]:
+        """After a step: each sequence's computed tokens, prompt log-probabilities, prefix-cache records
+        and forks; then each new token, and the end of the sequences it finishes (`finish_reason(seq)`:
+        stop | length | None). `result` is the runner's StepResult. A sequence whose own part fails
+        (its sampling, its stop check) ends alone, with reason "error"; the others go on. Returns the
+        sequences that got a token."""
+        bm, now = self.block_manager, time.perf_counter()
+        for seq in seqs:
+            seq.num_computed_tokens += seq.step_span(is_prefill)[1]
+            if is_prefill and seq.params.prompt_logprobs is not None:  # [0]: the first token has none
+                seq.prompt_logprobs = (seq.prompt_logprobs or [None]) + result.prompt_logprobs.get(seq, [])
+            if is_prefill and seq.num_uncomputed_tokens == 0:  # later requests may share its prompt now
+                bm.cache(seq.block_table, seq.token_ids, seq.num_computed_tokens)
+            if seq.snapshot_at and seq.num_computed_tokens == seq.snapshot_at:  # where requests meet
+                bm.snapshot(seq.block_table, seq.token_ids, seq.snapshot_at)
+            if seq.fork_at and seq.num_computed_tokens >= seq.fork_at:
+                self.fork(seq)
+        for seq, tok, lp, out_lp in zip(result.seqs, result.tokens, result.option_logprobs, result.output_logprobs):
+            reason = "error"
+            if tok is not None:  # None: this sequence's sampling failed (seq.error says why)
+                seq.output_token_ids.append(tok)
+                if lp is not None:
+                    seq.logprobs.append(lp)
+                if out_lp is not None:
+                    seq.output_logprobs.append(out_lp)
+                seq.first_token_time = seq.first_token_time or now
+                try:
+                    reason = finish_reason(seq)
+                except Exception as e:  # its stop strings or text: its own failure
+                    seq.fail(e)
+            if reason:
+                seq.finish_time = now
+                self.finish(seq, reason)
+        failed = [s for s in seqs if s.error and not s.is_finished]  # mid-prompt: its prompt log-probabilities
+        for seq in failed:
+            self.finish(seq, "error")
+        return result.seqs + failed
 
     def _chunk(self, seq: Sequence, budget: int) -> int:
         """Prompt tokens to compute for `seq` in this step: the rest (chunked: within the budget),

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from enum import Enum, auto
 
 from atb_llm.cache.block_table import BlockTable
+from atb_llm.runtime.request_limits import RequestError
 
 
 @dataclass
@@ -36,6 +37,7 @@ class SamplingParams:
     MAX_LOGPROBS = 20  # alternatives per position, as OpenAI's top_logprobs
     GREEDY_BELOW = 1e-5  # temperatures under this sample greedily (dividing by them overflows)
     SEED_RANGE = 2**64  # seeds are unsigned 64-bit, as torch.Generator takes them
+    REPETITION_RANGE = (0.01, 100.0)  # beyond it logits / penalty leave float32's range (inf, then nan)
 
     max_tokens: int = 64
     temperature: float = 0.0
@@ -58,27 +60,25 @@ class SamplingParams:
         self.force_tokens = tuple(self.force_tokens)
         if self.force_tokens:
             self.max_tokens, self.ignore_eos = len(self.force_tokens), True
-        if self.max_tokens < 1:
-            raise ValueError(f"max_tokens={self.max_tokens} must be at least 1")
-        if self.temperature < 0:
-            raise ValueError(f"temperature={self.temperature} must be >= 0 (0 is greedy)")
+        for name, ok, rule in (
+            ("max_tokens", self.max_tokens >= 1, "must be at least 1"),
+            ("temperature", self.temperature >= 0, "must be >= 0 (0 is greedy)"),
+            ("top_k", self.top_k >= 0, "must be >= 0 (0 disables it)"),
+            ("top_p", 0 < self.top_p <= 1, "must be in (0, 1]"),
+            ("presence_penalty", -2 <= self.presence_penalty <= 2, "must be in [-2, 2]"),
+            ("frequency_penalty", -2 <= self.frequency_penalty <= 2, "must be in [-2, 2]"),
+            ("repetition_penalty", self.REPETITION_RANGE[0] <= self.repetition_penalty <= self.REPETITION_RANGE[1],
+             f"must be in [{self.REPETITION_RANGE[0]}, {self.REPETITION_RANGE[1]}] (1 disables it)"),
+            ("min_tokens", 0 <= self.min_tokens <= self.max_tokens, f"must be in [0, max_tokens={self.max_tokens}]"),
+        ):  # fmt: skip
+            if not ok:
+                raise RequestError(f"{name}={getattr(self, name)} {rule}", name)
         if self.seed is not None and not 0 <= self.seed < self.SEED_RANGE:
-            raise ValueError(f"seed={self.seed} is outside [0, 2**64 - 1]; use a non-negative 64-bit seed")
-        if self.top_k < 0:
-            raise ValueError(f"top_k={self.top_k} must be >= 0 (0 disables it)")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p={self.top_p} must be in (0, 1]")
-        for name in ("presence_penalty", "frequency_penalty"):
-            if not -2 <= getattr(self, name) <= 2:
-                raise ValueError(f"{name}={getattr(self, name)} must be in [-2, 2]")
-        if not self.repetition_penalty > 0:
-            raise ValueError(f"repetition_penalty={self.repetition_penalty} must be > 0 (1 disables it)")
-        if not 0 <= self.min_tokens <= self.max_tokens:
-            raise ValueError(f"min_tokens={self.min_tokens} must be in [0, max_tokens={self.max_tokens}]")
+            raise RequestError(f"seed={self.seed} is outside [0, 2**64 - 1]; use a non-negative 64-bit seed", "seed")
         for name in ("logprobs", "prompt_logprobs"):
             k = getattr(self, name)
             if k is not None and not 0 <= k <= self.MAX_LOGPROBS:
-                raise ValueError(f"{name}={k} must be in [0, {self.MAX_LOGPROBS}] (alternatives per token)")
+                raise RequestError(f"{name}={k} must be in [0, {self.MAX_LOGPROBS}] (alternatives per token)", name)
         if isinstance(self.stop, str):
             self.stop = (self.stop,)
         self.stop = tuple(s for s in self.stop if s)
@@ -143,9 +143,16 @@ class Sequence:
         """Tokens not yet in the cache: 1 while decoding (the last sampled), more while prefilling."""
         return self.num_tokens - self.num_computed_tokens
 
-    @property
-    def last_token(self) -> int:
-        return self.output_token_ids[-1] if self.output_token_ids else self.prompt_token_ids[-1]
+    def step_span(self, is_prefill: bool) -> tuple[int, int]:
+        """(first position, tokens) a step computes: in prefill the scheduled chunk after the cached
+        tokens (all the rest if none was scheduled), in decode the last token."""
+        if not is_prefill:
+            return self.num_tokens - 1, 1
+        return self.num_computed_tokens, self.num_scheduled_tokens or self.num_tokens - self.num_computed_tokens
+
+    def fail(self, error: BaseException | str) -> None:
+        """Record why this sequence alone cannot go on (it then finishes with reason "error")."""
+        self.error = error if isinstance(error, str) else f"{type(error).__name__}: {error}"
 
     @property
     def is_finished(self) -> bool:

@@ -13,10 +13,11 @@ from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Res
 from fastapi.staticfiles import StaticFiles
 from starlette.background import BackgroundTask
 
+from atb_llm.runtime.request_limits import short
 from examples.server import generation as gen
 from examples.server.engine_loop import EngineLoop
 from examples.server.errors import APIError, install_error_handlers
-from examples.server.limits import ApiKey, BodyLimit
+from examples.server.limits import LOOPBACK_NAMES, ApiKey, BodyLimit, HostCheck
 from examples.server.logprobs import TokenTexts
 from examples.server.prompts import PromptEncoder
 from examples.server.protocol import (
@@ -46,14 +47,13 @@ class Served:
     created: int = field(default_factory=lambda: int(time.time()))
 
     def __post_init__(self):
-        engine = self.loop.engine  # the longest prompt + answer the limits and the cache allow
-        self.max_model_len = engine.cache_manager.longest_sequence(engine.max_seq_len)
+        self.max_model_len = self.loop.engine.limits.max_sequence_tokens  # the longest prompt + answer
 
     def check_model(self, name: str | None) -> None:
         if name is not None and name != self.model_name:
             raise APIError(
                 404,
-                f"model {name!r} does not exist; this server serves {self.model_name!r} (see GET /v1/models)",
+                f"model {short(name)} does not exist; this server serves {self.model_name!r} (see GET /v1/models)",
                 "model",
                 "model_not_found",
             )
@@ -68,15 +68,20 @@ class Served:
         )
 
 
-def create_app(loop: EngineLoop, model_name: str, api_key: str | None = None) -> FastAPI:
+def create_app(loop: EngineLoop, model_name: str, api_key: str | None = None, hosts: set[str] | None = None) -> FastAPI:
     """The server around a started EngineLoop; `model_name` is what /v1/models lists; with `api_key`,
-    every /v1 route wants `Authorization: Bearer API_KEY` (as vLLM's --api-key)."""
+    every /v1 route wants `Authorization: Bearer API_KEY` (as vLLM's --api-key); without one, only
+    requests whose Host is one of `hosts` (default: the loopback names) are served."""
+    if api_key is not None and not api_key.strip():
+        raise ValueError("the API key is empty; give a non-empty --api_key, or leave the flag out (loopback only)")
     encoder = PromptEncoder(loop.engine)
     app = FastAPI(title="atb_llm OpenAI-compatible server", docs_url=None, redoc_url=None)
     app.state.served = Served(loop, encoder, TokenTexts(encoder.tokenizer), model_name, api_key)
     install_error_handlers(app, loop.metrics)
     if api_key:
         app.add_middleware(ApiKey, key=api_key, metrics=loop.metrics)
+    else:
+        app.add_middleware(HostCheck, allowed=set(LOOPBACK_NAMES) | (hosts or set()), metrics=loop.metrics)
     app.add_middleware(BodyLimit, max_bytes=encoder.max_body_bytes())  # 413 before a body no prompt needs is read
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
     app.include_router(router)
@@ -108,9 +113,7 @@ async def generate(
         )
     request_id = f"{'chatcmpl' if shape.chat else 'cmpl'}-{uuid.uuid4().hex}"
     k = shape.logprobs
-    params = gen.sampling_params(
-        body, max_tokens, s.loop.engine.cfg.max_output_length, k, k if shape.echo and k is not None else None
-    )
+    params = gen.sampling_params(body, max_tokens, s.loop.engine.limits, k, k if shape.echo and k is not None else None)
     streams = []
     try:
         for i, prompt in enumerate(prompts):

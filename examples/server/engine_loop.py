@@ -19,14 +19,15 @@ import torch
 
 from atb_llm.runtime.engine import LLMEngine
 from atb_llm.runtime.sequence import SamplingParams, Sequence, TokenLogprob
-from examples.server.metrics import EngineStats, Metrics, cache_stats
+from atb_llm.runtime.stats import EngineStats
+from examples.server.metrics import Metrics
 from examples.server.text_stream import TextStream
 
 log = logging.getLogger("atb_llm.server")
 
 
 class ShuttingDownError(RuntimeError):
-    """The server is stopping and takes no new request (HTTP 503)."""
+    """The server is stopping, or its engine failed, and takes no new request (HTTP 503)."""
 
 
 @dataclass
@@ -83,7 +84,10 @@ class _Live:
 
 @dataclass
 class _Add:
-    request: GenerationRequest
+    """Requests added together, in one command: the samples of one prompt (siblings) are all in the
+    engine before its next step, whatever the first of them does at its first token."""
+
+    requests: list[GenerationRequest]
     loop: asyncio.AbstractEventLoop
     future: asyncio.Future
 
@@ -92,11 +96,12 @@ class EngineLoop:
     def __init__(self, engine: LLMEngine, metrics: Metrics | None = None):
         self.engine = engine
         self.metrics = metrics or Metrics()
-        self.stats: EngineStats = cache_stats(engine)  # replaced (never mutated) by the engine thread
+        self.stats: EngineStats = engine.stats()  # replaced (never mutated) by the engine thread
         self._commands: queue.Queue = queue.Queue()
         self._live: dict[str, _Live] = {}
         self._thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
         self._stopping = False
+        self.failure: str | None = None  # set when a step failed for a reason no one request explains
 
     # ---- called from the HTTP side ----------------------------------------------------------
     def start(self) -> None:
@@ -116,19 +121,25 @@ class EngineLoop:
     def alive(self) -> bool:
         return self._thread.is_alive()
 
-    async def submit(self, request: GenerationRequest) -> RequestStream:
-        """Queue a request; returns its stream once the engine accepted it. Raises the engine's
-        ValueError for a request it rejects, ShuttingDownError once stopping."""
+    async def submit(self, *requests: GenerationRequest) -> list[RequestStream]:
+        """Queue requests together (all or none); returns their streams once the engine accepted them.
+        Raises the engine's RequestError for a request it rejects, ShuttingDownError once stopping."""
         if self._stopping:
-            raise ShuttingDownError("the server is shutting down; retry on another replica or later")
+            raise ShuttingDownError(self._stop_reason())
         loop = asyncio.get_running_loop()
         future = loop.create_future()
-        self._commands.put(_Add(request, loop, future))
+        self._commands.put(_Add(list(requests), loop, future))
         try:
             return await future
-        except asyncio.CancelledError:  # the client left before the engine took the request
-            self.abort(request.request_id)
+        except asyncio.CancelledError:  # the client left before the engine took the requests
+            for request in requests:
+                self.abort(request.request_id)
             raise
+
+    def _stop_reason(self) -> str:
+        if self.failure:
+            return f"the engine failed and stopped ({self.failure}); restart the server"
+        return "the server is shutting down; retry on another replica or later"
 
     def abort(self, request_id: str) -> None:
         """Cancel a request (unknown or finished ids are ignored); its blocks are freed at once."""
@@ -141,17 +152,16 @@ class EngineLoop:
                 self._drain(block=not self.engine.has_unfinished())
                 if self.engine.has_unfinished() and not self._stopping:
                     self._step()
-                self.stats = cache_stats(self.engine)
+                self.stats = self.engine.stats()
         for request_id in list(self._live):
-            self._abort(request_id, "abort", "the server is shutting down")
+            self._abort(request_id, "abort", self._stop_reason())
         while True:  # requests queued while it stopped: tell them, or their clients wait forever
             try:
                 command = self._commands.get_nowait()
             except queue.Empty:
                 return
             if isinstance(command, _Add):
-                error = ShuttingDownError("the server is shutting down; retry on another replica or later")
-                _post(command.loop, _resolve, command.future, None, error)
+                _post(command.loop, _resolve, command.future, None, ShuttingDownError(self._stop_reason()))
 
     def _drain(self, block: bool) -> None:
         try:
@@ -169,28 +179,40 @@ class EngineLoop:
                 return
 
     def _add(self, command: _Add) -> None:
-        request = command.request
+        streams = []
         try:
-            seq = self.engine.add_request(request.prompt_ids, request.params, request.request_id, request.sibling_of)
-        except Exception as e:  # ValueError for bad input; anything else still answers the client
+            for request in command.requests:
+                seq = self.engine.add_request(
+                    request.prompt_ids, request.params, request.request_id, request.sibling_of
+                )
+                stream = RequestStream(request.request_id, request.prompt_ids)
+                self._live[request.request_id] = _Live(seq, stream, command.loop, TextStream(request.params.stop))
+                streams.append(stream)
+        except Exception as e:  # RequestError for bad input; anything else still answers the client
+            for stream in streams:  # all or none
+                self._live.pop(stream.request_id, None)
+                self.engine.abort(stream.request_id)
             _post(command.loop, _resolve, command.future, None, e)
             return
-        stream = RequestStream(request.request_id, request.prompt_ids)
-        self._live[request.request_id] = _Live(seq, stream, command.loop, TextStream(request.params.stop))
-        _post(command.loop, _resolve, command.future, stream, None)
+        _post(command.loop, _resolve, command.future, streams, None)
 
     def _step(self) -> None:
         try:
             seqs = self.engine.step()
-        except Exception as e:  # keep serving: fail the requests in flight, whose state is now unknown
-            log.exception("engine step failed; aborting %d request(s)", len(self._live))
-            for request_id in list(self._live):
-                self._abort(request_id, "error", f"the engine failed: {type(e).__name__}: {e}")
+        except Exception as e:  # no one request explains it: stop cleanly (health fails, clients get 503)
+            log.exception("engine step failed; stopping the engine and ending %d request(s)", len(self._live))
+            self.failure = f"{type(e).__name__}: {e}"
+            self._stopping = True
             return
         for seq in seqs:
             live = self._live.get(seq.request_id)
-            if live is not None:
+            if live is None:
+                continue
+            try:
                 self._publish(live)
+            except Exception as e:  # its text or log-probabilities: its own failure
+                log.exception("request %s failed", seq.request_id)
+                self._abort(seq.request_id, "error", f"{type(e).__name__}: {e}")
 
     def _publish(self, live: _Live) -> None:
         seq = live.seq
@@ -200,7 +222,7 @@ class EngineLoop:
         text = live.text.delta(self.engine.text_of(seq), seq.is_finished)
         event = GenerationEvent(text, n)
         if seq.params.logprobs is not None:  # the entries of the tokens that make the text
-            visible = min(len(seq.output_logprobs), len(self.engine.visible_tokens(seq)))
+            visible = min(len(seq.output_logprobs), len(self.engine.detokenizer.visible_tokens(seq)))
             event.logprobs, live.logprobs_sent = seq.output_logprobs[live.logprobs_sent : visible], visible
         if live.events_sent == 0:
             event.prompt_logprobs = seq.prompt_logprobs
@@ -231,7 +253,7 @@ def _post(loop: asyncio.AbstractEventLoop, fn, *args) -> None:
             raise
 
 
-def _resolve(future: asyncio.Future, result: RequestStream | None, error: BaseException | None) -> None:
+def _resolve(future: asyncio.Future, result: list[RequestStream] | None, error: BaseException | None) -> None:
     if future.done():  # the waiting coroutine was cancelled; it has queued an abort
         return
     if error is not None:

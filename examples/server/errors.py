@@ -23,6 +23,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
+from atb_llm.runtime.request_limits import short
 from examples.server.metrics import Metrics
 from examples.server.protocol import ErrorDetail, ErrorResponse
 
@@ -43,7 +44,8 @@ VALUE_ERROR_TYPES = {
 }
 
 
-HTTP_CODES = {404: "not_found", 413: "request_too_large"}  # the `code` of errors raised by the framework
+# the `code` of errors raised by the framework (a body it could not read, an unknown route or method)
+HTTP_CODES = {400: "invalid_body", 404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}
 
 
 class APIError(Exception):
@@ -75,7 +77,7 @@ def validation_error(exc: RequestValidationError) -> APIError:
     if first["type"] == "missing":
         return APIError(400, f"'{param}' is required", param, "missing_field")
     value = first.get("input")
-    shown = f"{param}={value!r}" if not isinstance(value, dict | list) else param
+    shown = f"{param}={short(value)}" if not isinstance(value, dict | list) else param
     if first["type"] == "unsupported":
         return APIError(400, f"{shown}: {first['msg']}", param, "unsupported_parameter")
     if first["type"] == "value_error":  # our validators' messages already name the value and the fix
@@ -111,9 +113,11 @@ def install_error_handlers(app: FastAPI, metrics: Metrics) -> None:
             served = request.app.state.served
             message += f", over the limit of {served.encoder.max_body_bytes()} bytes (more than a prompt of "
             message += f"max_input_length={served.loop.engine.cfg.max_input_length} tokens needs); shorten it"
-        return respond(APIError(exc.status_code, message, code=HTTP_CODES.get(exc.status_code)))
+        return respond(APIError(exc.status_code, message, code=HTTP_CODES.get(exc.status_code, "http_error")))
 
     @app.exception_handler(Exception)
     async def _bug(request: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled error on %s %s", request.method, request.url.path)
-        return respond(APIError(500, f"internal error: {type(exc).__name__}: {exc}"))
+        return respond(
+            APIError(500, f"internal error: {type(exc).__name__}: {short(str(exc), 200)}", code="internal_error")
+        )

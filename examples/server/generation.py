@@ -15,11 +15,12 @@ from dataclasses import dataclass, field, replace
 
 from fastapi import Request
 
+from atb_llm.runtime.request_limits import ContextLengthError, RequestError, RequestLimits
 from atb_llm.runtime.sequence import SamplingParams, TokenLogprob
 from examples.server.engine_loop import EngineLoop, GenerationEvent, GenerationRequest, RequestStream, ShuttingDownError
 from examples.server.errors import APIError, error_body
 from examples.server.logprobs import TokenTexts, chat_logprobs, completion_logprobs
-from examples.server.prompts import BadTextError, Prompt, PromptEncoder, RequestTooLargeError
+from examples.server.prompts import BadTextError, Prompt, PromptEncoder
 from examples.server.protocol import (
     ChatChunkChoice,
     ChatCompletionChunk,
@@ -40,21 +41,15 @@ class ClientGone(Exception):
 def sampling_params(
     body: SamplingFields,
     max_tokens: int | None,
-    max_output_length: int,
+    limits: RequestLimits,
     logprobs: int | None = None,
     prompt_logprobs: int | None = None,
 ) -> SamplingParams:
-    max_tokens = max_output_length if max_tokens is None else max(max_tokens, 1)  # 0 (echo only): one, unsent
-    if max_tokens > max_output_length:
-        raise APIError(
-            422,
-            f"max_tokens={max_tokens} exceeds this server's max_output_length={max_output_length}; "
-            "lower it or restart the server with a larger --max_output_length",
-            "max_tokens",
-            "invalid_value",
-        )
+    """The request's sampling, checked (by SamplingParams and the engine's limits) before its prompt
+    is tokenized."""
+    max_tokens = limits.max_output_length if max_tokens is None else max(max_tokens, 1)  # 0 (echo only): one, unsent
     try:
-        return SamplingParams(
+        params = SamplingParams(
             max_tokens=max_tokens,
             temperature=body.temperature,
             top_k=body.top_k,
@@ -70,8 +65,17 @@ def sampling_params(
             min_tokens=body.min_tokens,
             stop_token_ids=tuple(body.stop_token_ids or ()),
         )
-    except ValueError as e:
-        raise APIError(422, str(e), code="invalid_value") from e
+        limits.check_params(params)
+        return params
+    except RequestError as e:
+        raise request_error(e) from e
+
+
+def request_error(e: RequestError, param: str | None = None) -> APIError:
+    """The engine's refusal of a request as the API's error: 413 for what is too long, else 422."""
+    if isinstance(e, ContextLengthError):
+        return APIError(413, str(e), param or e.param, "context_length_exceeded")
+    return APIError(422, str(e), e.param or param, "invalid_value")
 
 
 async def submit(
@@ -82,38 +86,36 @@ async def submit(
     params: list[SamplingParams],
     param: str,
 ) -> list[RequestStream]:
-    """Tokenize (off the engine thread), then hand one request per sample to the engine thread (the
-    samples after the first as its siblings: the prompt is computed once); rejections become 400
-    (text), 413 (size), 422 (value) or 503 (shutting down)."""
+    """Tokenize (off the engine thread), then hand the engine thread one request per sample, all in
+    one command (the samples after the first as its siblings: the prompt is computed once); the
+    engine checks them (RequestLimits) and refuses all or none: 400 (text), 413 (size), 422
+    (value) or 503 (shutting down)."""
     try:
-        ids = await encoder.encode(prompt, params[0], param)
+        ids = await encoder.encode(prompt, param)
         ids_of = [request_id] if len(params) == 1 else [f"{request_id}-{j}" for j in range(len(params))]
-        streams = []
-        try:
-            for rid, p in zip(ids_of, params):
-                sibling_of = ids_of[0] if streams else None
-                streams.append(await loop.submit(GenerationRequest(rid, ids, p, sibling_of=sibling_of)))
-        except BaseException:  # a later sample refused: the earlier ones are not wanted either
-            for st in streams:
-                loop.abort(st.request_id)
-            raise
-        return streams
+        requests = [
+            GenerationRequest(rid, ids, p, sibling_of=ids_of[0] if j else None)
+            for j, (rid, p) in enumerate(zip(ids_of, params))
+        ]
+        return await loop.submit(*requests)
     except BadTextError as e:
         raise APIError(400, str(e), e.param, "invalid_text") from e
-    except RequestTooLargeError as e:
-        raise APIError(413, str(e), param, "context_length_exceeded") from e
+    except ContextLengthError as e:
+        raise request_error(e, param) from e
+    except RequestError as e:
+        raise request_error(e, param if e.param == "prompt" else None) from e
     except ShuttingDownError as e:
         raise APIError(503, str(e), code="shutting_down") from e
-    except ValueError as e:
+    except ValueError as e:  # no chat template
         raise APIError(422, str(e), param, "invalid_value") from e
 
 
 def check_finish(event: GenerationEvent) -> None:
-    """An engine-side end (shutdown, engine failure) is an error for the client."""
+    """An end that is not the answer's: this request failed alone (500), or the engine stopped (503)."""
     if event.finish_reason == "error":
-        raise APIError(500, event.error or "the engine failed")
+        raise APIError(500, f"the request failed: {event.error or 'unknown error'}", code="request_failed")
     if event.finish_reason == "abort":
-        raise APIError(503, event.error or "the request was cancelled by the server")
+        raise APIError(503, event.error or "the request was cancelled by the server", code="shutting_down")
 
 
 def samples(params: SamplingParams, n: int, best_of: int) -> list[SamplingParams]:
@@ -298,7 +300,7 @@ async def event_stream(
                 try:
                     check_finish(event)
                 except APIError as e:  # the error event, then the end of the stream as always
-                    yield sse(json.dumps(error_body(e.status, e.message)))
+                    yield sse(json.dumps(error_body(e.status, e.message, e.param, e.code)))
                     yield sse("[DONE]")
                     return
                 generated, left = generated + event.num_output_tokens, left - 1

@@ -2,7 +2,7 @@
 (`level` is the MLGC level of the groups holding the blocks: full, window, full_int8, window_int8).
 
 Counters are written by the engine thread (and the HTTP error handler) under a lock; the cache
-figures come from an `EngineStats` snapshot the engine thread replaces after every step, so
+figures come from the `LLMEngine.stats()` snapshot the engine thread replaces after every step, so
 `/metrics` never reads the engine itself.
 """
 
@@ -11,37 +11,11 @@ from __future__ import annotations
 import threading
 from bisect import bisect_left
 from collections import Counter
-from dataclasses import dataclass
 
-from atb_llm.runtime.engine import LLMEngine
+from atb_llm.runtime.stats import EngineStats
 
 TTFT_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 TPOT_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1.0)
-
-
-@dataclass(frozen=True)
-class EngineStats:
-    """A snapshot of the scheduler and the cache, taken by the engine thread."""
-
-    running: int
-    waiting: int
-    preemptions: int
-    pools: dict[str, dict[str, int]]  # pool -> CacheManager.usage() row
-    levels: dict[tuple[str, str], dict[str, int]]  # (pool, level) -> CacheManager.usage_by_level() row
-    prefix: tuple[int, int, int] | None = None  # prefix caching: (query tokens, hit tokens, cached blocks)
-
-    @property
-    def blocks_used(self) -> int:
-        return sum(p["blocks_used"] for p in self.pools.values())
-
-
-def cache_stats(engine: LLMEngine) -> EngineStats:
-    cache, sched = engine.cache_manager, engine.scheduler
-    pool_of_level = {lv.name: lv.pool for lv in engine.layout.groups_by_level()}
-    levels = {(pool_of_level[name], name): row for name, row in cache.usage_by_level().items()}
-    prefix = cache.block_manager.prefix
-    hits = None if prefix is None else (prefix.query_tokens, prefix.hit_tokens, prefix.num_cached_blocks)
-    return EngineStats(len(sched.running), len(sched.waiting), sched.num_preemptions, cache.usage(), levels, hits)
 
 
 class Histogram:

@@ -3,7 +3,9 @@
 Requests: unknown fields are ignored, as OpenAI clients send fields a server may not know; the
 OpenAI fields that would change the answer and are not implemented (`UNSUPPORTED`) are refused
 with 400 unless they hold their neutral value, so that no client believes it got what it asked.
-Values are checked here (pydantic) and map to HTTP 422; `top_k` and `ignore_eos` are extensions.
+As in OpenAI's API, `null` means "the default" for every optional field, and types are not
+coerced (`"3"` is no integer, `1` no boolean). Values are checked here (pydantic) and map to HTTP
+422; `top_k` and `ignore_eos` are extensions.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ from __future__ import annotations
 import time
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
 # OpenAI fields this server does not implement -> their neutral values (the ones that are accepted)
@@ -26,14 +28,23 @@ UNSUPPORTED = {
 }
 
 
-class StreamOptions(BaseModel):
+class RequestModel(BaseModel):
+    """A request body or a part of one: strict types, unknown fields ignored, null = the default."""
+
+    model_config = ConfigDict(extra="ignore", strict=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_is_default(cls, data: Any) -> Any:
+        return {k: v for k, v in data.items() if v is not None} if isinstance(data, dict) else data
+
+
+class StreamOptions(RequestModel):
     include_usage: bool = False
 
 
-class SamplingFields(BaseModel):
+class SamplingFields(RequestModel):
     """Fields shared by /v1/chat/completions and /v1/completions."""
-
-    model_config = ConfigDict(extra="ignore")
 
     model: str | None = None  # None: the served model
     max_tokens: int | None = Field(None, ge=1)  # None: the server's max_output_length
@@ -48,7 +59,7 @@ class SamplingFields(BaseModel):
     ignore_eos: bool = False
     presence_penalty: float = Field(0.0, ge=-2, le=2)
     frequency_penalty: float = Field(0.0, ge=-2, le=2)
-    repetition_penalty: float = Field(1.0, gt=0)  # extension (vLLM, MindIE); 1 disables it
+    repetition_penalty: float = 1.0  # extension (vLLM, MindIE); 1 disables it; range: SamplingParams
     min_tokens: int = Field(0, ge=0)  # extension (vLLM): no eos / stop_token_ids before this many
     stop_token_ids: list[int] | None = None  # extension (vLLM): tokens that end the answer
     suffix: Any = None
@@ -84,12 +95,12 @@ class SamplingFields(BaseModel):
         return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
 
 
-class TextPart(BaseModel):
+class TextPart(RequestModel):
     type: Literal["text"]
     text: str
 
 
-class ChatMessage(BaseModel):
+class ChatMessage(RequestModel):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
 

@@ -32,8 +32,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--served_model_name", default=None, help="name in /v1/models (default: the folder's name)")
     p.add_argument("--log_level", default="info", choices=["debug", "info", "warning", "error"])
     p.add_argument("--api_key", "--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1 routes")
+    p.add_argument(
+        "--allowed_hosts",
+        nargs="*",
+        default=[],
+        help="without --api_key: Host names served besides the loopback names and --host (DNS rebinding guard)",
+    )
     EngineConfig.add_cli_args(p, max_output_length=512)  # max_output_length: the largest max_tokens a request may ask
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.api_key is not None and not args.api_key.strip():
+        p.error("--api_key is empty: give a key, or leave the flag out to serve loopback clients without one")
+    return args
 
 
 def engine_config(args: argparse.Namespace, progress: bool = True) -> EngineConfig:
@@ -81,11 +90,17 @@ class ServerThread:
 
     @classmethod
     def start(
-        cls, cfg: EngineConfig, port: int, host: str = "127.0.0.1", name: str | None = None, api_key: str | None = None
+        cls,
+        cfg: EngineConfig,
+        port: int,
+        host: str = "127.0.0.1",
+        name: str | None = None,
+        api_key: str | None = None,
+        allowed_hosts: tuple[str, ...] = (),
     ) -> ServerThread:
         loop = start_engine_loop(cfg)
         name = name or Path(cfg.model_path).name
-        app = create_app(loop, name, api_key)
+        app = create_app(loop, name, api_key, {host, *allowed_hosts})
         config = uvicorn.Config(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=5)
         server = Server(config, loop)
         thread = threading.Thread(target=server.run, name="uvicorn", daemon=True)
@@ -116,7 +131,7 @@ def main(argv: list[str] | None = None) -> None:
     cfg = engine_config(args)
     loop = start_engine_loop(cfg)
     name = args.served_model_name or Path(cfg.model_path).name
-    app = create_app(loop, name, args.api_key)
+    app = create_app(loop, name, args.api_key, {args.host, *args.allowed_hosts})
     url = f"http://{args.host}:{args.port}"
     page = f"{url}/#key=API_KEY" if args.api_key else f"{url}/"
     print(f"[server] {name}: open {page} in a browser to chat; OpenAI API at {url}/v1", flush=True)
