@@ -18,6 +18,10 @@ def test_top_p_keeps_the_smallest_nucleus():
     # top_p = 1 keeps every token, even one whose share rounds away in the cumulative sum
     logits = torch.tensor([10.0, 0.0, -30.0, -60.0])
     assert torch.equal(_filter(logits, top_k=0, top_p=1.0), logits)
+    # a top_p that float32 rounds to 0 (found by the schema fuzzing) keeps the most likely token alone
+    for tiny in (5e-324, 1e-50):
+        out = _filter(torch.tensor([0.0, 2.0, 1.0]), top_k=0, top_p=tiny)
+        assert torch.isfinite(out).tolist() == [False, True, False]
 
 
 def test_greedy_and_seeded_sampling():

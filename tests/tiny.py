@@ -17,7 +17,14 @@ QUANT_KINDS = {  # quantized tiny checkpoints (conftest `quantized`): variant ->
 TEXT = "hello world the quick brown fox jumps over the lazy dog 0123456789 def return if else"
 
 
-def build_tokenizer(path: Path):
+# ChatML, as Qwen2.5's template writes a conversation (without its default system message)
+CHATML = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def build_tokenizer(path: Path, chat: bool = False):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -31,6 +38,8 @@ def build_tokenizer(path: Path):
     )
     tok.train_from_iterator([TEXT] * 20, trainer)
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>")
+    if chat:
+        fast.chat_template = CHATML
     fast.save_pretrained(str(path))
     return fast
 
@@ -45,12 +54,14 @@ def build_tiny_qwen2(
     kv_heads: int = 2,
     std: float = 0.15,
     dtype=torch.float32,
+    chat: bool = False,
 ) -> Path:
-    """A random Qwen2ForCausalLM saved with save_pretrained (safetensors); returns the folder."""
+    """A random Qwen2ForCausalLM saved with save_pretrained (safetensors); returns the folder. `chat`:
+    the tokenizer has a ChatML chat template."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     path.mkdir(parents=True, exist_ok=True)
-    tok = build_tokenizer(path)
+    tok = build_tokenizer(path, chat)
     cfg = Qwen2Config(
         vocab_size=320,
         hidden_size=hidden,

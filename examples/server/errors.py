@@ -45,7 +45,7 @@ VALUE_ERROR_TYPES = {
 
 
 # the `code` of errors raised by the framework (a body it could not read, an unknown route or method)
-HTTP_CODES = {400: "invalid_body", 404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}
+HTTP_CODES = {400: "invalid_json", 404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}
 
 
 class APIError(Exception):
