@@ -13,6 +13,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from atb_llm.compression.layout import GroupLayout
 from atb_llm.compression.levels import make_level
+from atb_llm.layers.attention.torch_backend import TorchBackend
+from atb_llm.layers.attention.triton_backend import TritonBackend
+from atb_llm.models.base.forward_batch import ForwardBatch
 from atb_llm.runtime.cuda_graph import DecodeGraphs, buckets, buffer_blocks, use_graphs
 from atb_llm.runtime.engine import EngineConfig, LLMEngine
 from atb_llm.runtime.sequence import SamplingParams
@@ -26,9 +29,10 @@ def test_buckets():
 
 
 def test_graphs_only_on_cuda_with_triton_and_buffers_hold_the_longest_sequence():
-    assert use_graphs("cuda", "triton", False) and use_graphs("cuda:1", "triton", False)
-    assert not use_graphs("cuda", "triton", True)  # --enforce_eager
-    assert not use_graphs("cpu", "triton", False) and not use_graphs("cuda", "torch", False)
+    triton, torch_ = TritonBackend.cuda_graphs, TorchBackend.cuda_graphs
+    assert use_graphs("cuda", triton, False) and use_graphs("cuda:1", triton, False)
+    assert not use_graphs("cuda", triton, True)  # --enforce_eager
+    assert not use_graphs("cpu", triton, False) and not use_graphs("cuda", torch_, False)
     for n in (1, 15, 16, 17, 100, 4096):
         blocks = buffer_blocks(n, 16)
         assert isinstance(blocks, int) and n <= (blocks - 1) * 16 < n + 16
@@ -75,7 +79,8 @@ def test_a_step_wider_than_the_buffers_runs_eagerly(tiny_models):
     tables = torch.zeros(4, 3, 1, dtype=torch.int64)
     assert not graphs.fits(tables) and graphs.fits(tables[:, :2])
     with pytest.raises(ValueError, match="a decode step of 3 sequences x 1 blocks exceeds the graphs' buffers"):
-        graphs.run(torch.zeros(3), torch.zeros(3), tables, torch.zeros(4, 3), torch.ones(3))
+        kv, ones = eng.cache_manager.kv_cache, torch.ones(3, dtype=torch.int64)
+        graphs.run(ForwardBatch(ones, ones, False, kv, tables, torch.zeros(4, 3, dtype=torch.int64), ones, 3))
 
 
 # ---- no host synchronisation --------------------------------------------------------------------
@@ -120,11 +125,11 @@ def test_decode_forward_and_sampling_wait_for_no_device_value(tiny_models):
     eng = LLMEngine(cfg, layout=layout)
     model, sampler, decode_syncs, sample_syncs = eng.runner.model, eng.runner.sampler, [], []
 
-    def watched_model(*args):
-        if args[2]:  # prefill: not captured
-            return model(*args)
+    def watched_model(batch):
+        if batch.is_prefill:  # not captured
+            return model(batch)
         with HostSyncs() as m:
-            out = model(*args)
+            out = model(batch)
         decode_syncs.append(m.seen)
         return out
 

@@ -8,6 +8,7 @@ import torch
 from atb_llm.cache.cache_manager import CacheConfig, CacheManager
 from atb_llm.compression.layout import GroupLayout
 from atb_llm.compression.levels import FullInt8, Level, Window, WindowInt8
+from atb_llm.layers.attention import kv_write
 from atb_llm.layers.attention.metadata import AttentionMetadata
 from atb_llm.layers.attention.paged_attention import PagedAttention, load_kv_cache_scale
 from atb_llm.layers.attention.torch_backend import TorchBackend
@@ -114,14 +115,14 @@ def test_decode_equals_direct_computation_over_kept_tokens(level, tol):
         slots = cm.slots(tables, torch.zeros(len(positions), dtype=torch.int64), positions, n)
         return AttentionMetadata.build(is_prefill, tables, slots, n, seq.num_tokens, bs, torch.float32)
 
-    cm.kv_cache.store(0, keys, values, step_meta(True, torch.arange(20)))
+    kv_write.store(cm.kv_cache, 0, keys, values, step_meta(True, torch.arange(20)))
     backend, scale = TorchBackend(), d**-0.5
     for _ in range(12):  # every step evicts one more token into the compensation slot
         k, v = torch.randn(1, hkv, d), torch.randn(1, hkv, d)
         seq.output_token_ids.append(0)
         cm.block_manager.may_append(seq.block_table, seq.num_tokens)
         meta = step_meta(False, torch.tensor([seq.num_tokens - 1]))
-        cm.kv_cache.store(0, k, v, meta)
+        kv_write.store(cm.kv_cache, 0, k, v, meta)
         keys, values = torch.cat([keys, k]), torch.cat([values, v])
         q = torch.randn(1, hq, d)
         got = backend.decode(q, cm.kv_cache, 0, meta, scale)[0]

@@ -207,9 +207,9 @@ def test_eos_is_the_models_and_the_tokenizers(tiny, tmp_path):
     (model / "config.json").write_text(json.dumps(config))
     (model / "generation_config.json").unlink(missing_ok=True)
     engine = engine_with_plan(model, "off")
-    assert engine.eos_token_ids == {0, 3, engine.tokenizer.eos_token_id} and not engine.quant.triton
+    assert engine.eos_token_ids == {0, 3, engine.tokenizer.eos_token_id} and not engine.quant.gpu_gemms
     cfg = EngineConfig(str(model), block_size=BS, max_input_length=64, attention_backend="triton", progress=False)
-    assert LLMEngine(cfg).quant.triton
+    assert LLMEngine(cfg).quant.gpu_gemms
 
 
 # ---- finish reasons -----------------------------------------------------------------------------

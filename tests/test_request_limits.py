@@ -50,7 +50,7 @@ def test_accepted_exactly_when_every_bound_holds(case):
         ([1] * 6, dict(max_tokens=6), None, ""),  # max_tokens at max_output_length
         ([1] * 6, dict(max_tokens=7), RequestError, "max_tokens=7 exceeds max_output_length=6"),
         ([1] * 7, dict(max_tokens=6), ContextLengthError, "= 13 tokens; the KV cache holds at most 12"),
-        ([], dict(max_tokens=1), RequestError, "the prompt is empty"),
+        ([], dict(), RequestError, "the prompt is empty"),
         ([0, 99], dict(max_tokens=1), None, ""),  # the vocabulary's first and last ids
         ([100], dict(max_tokens=1), RequestError, "prompt has token id(s) outside the vocabulary [0, 100): 100"),
         ([-1], dict(max_tokens=1), RequestError, "-1"),

@@ -53,7 +53,7 @@ def build_step(heads, lengths, block_size, head_dim, dtype, is_prefill, layers=1
             s.output_token_ids.append(0)
         cm.block_manager.allocate(s.block_table, s.num_tokens)
         seqs.append(s)
-    a = ModelRunner(None, cm).prepare(seqs, is_prefill)
+    a = ModelRunner(None, cm).prepare(seqs, is_prefill).forward
     meta = AttentionMetadata.build(
         is_prefill, a.block_tables, a.slots, a.input_lengths, a.max_seq_len, block_size, dtype
     )

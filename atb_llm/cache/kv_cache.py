@@ -1,5 +1,7 @@
 """The cache tensors: one pool of blocks per storage dtype, each block holding `block_size`
-tokens of one KV head of one layer. Owned by the cache manager, passed into the model."""
+tokens of one KV head of one layer. Owned by the cache manager, passed into the model. Storage
+only: what each level writes where (and the window's compensation slot) is K/V's path, in
+atb_llm.layers.attention.kv_write."""
 
 from __future__ import annotations
 
@@ -123,67 +125,3 @@ class KVCache:
         safe = logical.clamp(min=0)
         block = tables[:, seq_idx, safe // self.block_size]
         return torch.where(logical < 0, -1, block * self.block_size + safe % self.block_size)
-
-    def store(self, layer: int, k: torch.Tensor, v: torch.Tensor, meta) -> None:
-        """k, v: [T, Hkv, D] new keys (after RoPE) and values. Each group of `layer` writes the
-        tokens its level keeps (meta.slots >= 0); window groups first fold what leaves the window
-        into their compensation slot."""
-        for run in self.layout.runs(layer):
-            pool = self.pools[run.pool]
-            kr, vr = (k, v) if run.all_heads(k.shape[1]) else (k[:, list(run.heads)], v[:, list(run.heads)])
-            slots = meta.slots[run.groups].T  # [T, h]
-            if run.level.comp_slot is not None:
-                self._compensate(run, pool, kr, vr, slots, meta)
-            if run.level.drops_tokens:
-                keep = slots >= 0
-                pool.write(slots[keep], kr[keep], vr[keep])
-            else:
-                pool.write(slots.flatten(), kr.flatten(0, 1), vr.flatten(0, 1))
-
-    def _compensate(self, run, pool: KVPool, k, v, slots, meta) -> None:
-        """Keep the compensation slot equal to the mean K and V of the evicted middle."""
-        if meta.is_prefill:
-            self.fold_prefill(run, k, v, meta)
-            return
-        level = run.level
-        evicted = level.evicted(meta.input_lengths)  # [B] after this step
-        rows = (evicted > 0).nonzero().flatten()
-        if rows.numel() == 0:
-            return
-        tables = meta.block_tables[run.groups]  # [h, B, nb]
-        comp = self.flat_slots(tables, rows, torch.full_like(rows, level.comp_slot)).T  # [R, h]
-        # decode: the slot a new token overwrites holds the token leaving the window; fold it in
-        old, dst = slots[rows].flatten(), comp.flatten()
-        ok, ov = pool.read(old, torch.float32)
-        ck, cv = pool.read(dst, torch.float32)
-        e = evicted[rows].repeat_interleave(comp.shape[1]).float()[:, None]
-        pool.write(dst, level.fold_token(ck, ok, e), level.fold_token(cv, ov, e))
-
-    def fold_prefill(self, run, k: torch.Tensor, v: torch.Tensor, meta) -> None:
-        """Prefill of a window run (k, v: [T, h, D], the run's heads), before its tokens are written:
-        each compensation slot becomes the mean of every token evicted so far. A chunk evicts the
-        ring tokens of earlier chunks it overwrites, then its own tokens that fall out; what earlier
-        chunks evicted is already in the slot. A whole prompt is a chunk without context."""
-        level, pool = run.level, self.pools[run.pool]
-        context = torch.tensor(meta.context_lens)
-        before, after = level.evicted(context), level.evicted(meta.input_lengths.cpu())
-        tables = meta.block_tables[run.groups]  # [h, B, nb]
-        dev = tables.device
-        for b in (after > before).nonzero().flatten().tolist():
-            c, e0 = meta.context_lens[b], int(before[b])
-            first, last = level.sink + e0, level.sink + int(after[b])  # positions leaving now
-            seq = torch.tensor([b], device=dev)
-            ks, vs = [], []
-            if first < c:  # still in the ring, where the cache holds them at length c
-                pos = torch.arange(first, min(last, c), device=dev)
-                ring = self.flat_slots(tables, seq.expand(len(pos)), level.slot_of(pos, torch.full_like(pos, c)))
-                rk, rv = pool.read(ring.T.flatten(), torch.float32)
-                ks.append(rk.view(len(pos), -1, rk.shape[-1]))
-                vs.append(rv.view(len(pos), -1, rv.shape[-1]))
-            if last > c:  # this chunk's own tokens
-                start = int(meta.cu_seqlens[b]) - c
-                ks.append(k[start + max(first, c) : start + last].float())
-                vs.append(v[start + max(first, c) : start + last].float())
-            comp = self.flat_slots(tables, seq, torch.tensor([level.comp_slot], device=dev))[:, 0]  # [h]
-            ck, cv = pool.read(comp, torch.float32) if e0 else (None, None)
-            pool.write(comp, level.fold(ck, e0, torch.cat(ks)), level.fold(cv, e0, torch.cat(vs)))

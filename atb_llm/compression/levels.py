@@ -61,6 +61,7 @@ class Level:
     """Keeps every token (`full`). Subclasses override the geometry."""
 
     name: ClassVar[str] = "full"
+    mark: ClassVar[str] = "F"  # in a plan's grid (see plan.describe)
     storage: ClassVar[Storage] = MODEL_STORAGE
     drops_tokens: ClassVar[bool] = False  # whether slot_of ever returns -1
 
@@ -114,6 +115,7 @@ class Window(Level):
     """
 
     name: ClassVar[str] = "window"
+    mark: ClassVar[str] = "W"
     drops_tokens: ClassVar[bool] = True
     sink: int = 64
     recent: int = 1024
@@ -177,12 +179,14 @@ class Window(Level):
 @dataclass(frozen=True)
 class FullInt8(Level):
     name: ClassVar[str] = "full_int8"
+    mark: ClassVar[str] = "f"
     storage: ClassVar[Storage] = INT8_STORAGE
 
 
 @dataclass(frozen=True)
 class WindowInt8(Window):
     name: ClassVar[str] = "window_int8"
+    mark: ClassVar[str] = "w"
     storage: ClassVar[Storage] = INT8_STORAGE
 
 

@@ -121,10 +121,13 @@ def plan_from_selection(
     full_ratio: float | None,
     **extra,
 ) -> MlgcPlan:
-    hi, lo = ("full_int8", "window_int8") if int8 else ("full", "window")
+    kept, window = Level(), Window(sink=sink, recent=recent)
+    if int8:
+        kept, window = kept.as_int8(), window.as_int8()
     h = config.num_key_value_heads
     levels = [
-        [hi if layer * h + head in full else lo for head in range(h)] for layer in range(config.num_hidden_layers)
+        [(kept if layer * h + head in full else window).name for head in range(h)]
+        for layer in range(config.num_hidden_layers)
     ]
     return MlgcPlan(
         config.model_type,
@@ -186,11 +189,10 @@ def resolve_layout(mlgc: str | None, model_path: str | Path, config: ModelConfig
 
 
 def describe(layout: GroupLayout) -> str:
-    """The plan as a layer x group grid: F full, W window, f full_int8, w window_int8."""
-    marks = {"full": "F", "window": "W", "full_int8": "f", "window_int8": "w"}
+    """The plan as a layer x group grid of the levels' marks (F full, W window, f full_int8, w window_int8)."""
     lines = ["layer " + " ".join(f"g{h}" for h in range(layout.num_kv_heads))]
     for layer in range(layout.num_layers):
-        row = [marks[layout.level(layer, h).name].rjust(2) for h in range(layout.num_kv_heads)]
+        row = [layout.level(layer, h).mark.rjust(2) for h in range(layout.num_kv_heads)]
         lines.append(f"{layer:5d} " + " ".join(row))
     windows = {lv for lv in layout.levels if isinstance(lv, Window)}
     if windows:

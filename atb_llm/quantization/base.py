@@ -15,21 +15,21 @@ def constant_zero_groups(scale: torch.Tensor, offset: torch.Tensor) -> torch.Ten
 
 class QuantMethod(LinearMethod):
     """group_size: the checkpoint's (0 = per channel); from_float: the layer loads a float weight
-    and quantizes it once loaded (`--quantize`), where the format allows; triton: run the GPU
+    and quantizes it once loaded (`--quantize`), where the format allows; gpu_gemms: run the GPU
     kernels (True), or not (False), whatever the device (None: on CUDA tensors)."""
 
     supports_from_float = False
 
-    def __init__(self, group_size: int = 0, from_float: bool = False, triton: bool | None = None):
+    def __init__(self, group_size: int = 0, from_float: bool = False, gpu_gemms: bool | None = None):
         if from_float and not self.supports_from_float:
             raise ValueError(f"{type(self).__name__} needs calibrated activation scales; it cannot be made at load")
-        self.group_size, self.from_float, self.triton = group_size, from_float, triton
+        self.group_size, self.from_float, self.gpu_gemms = group_size, from_float, gpu_gemms
 
     def gpu_kernels(self, layer: LinearBase) -> bool:
         """Whether products run in the GPU kernels (Triton weight-only GEMM, torch._int_mm): on CUDA
-        tensors, or wherever the engine runs the triton backend (on CPU tensors that is Triton's
+        tensors, or wherever the backend asks for them (the triton backend; on CPU tensors that is Triton's
         interpreter, TRITON_INTERPRET=1: how the tests and bench_gpu's CPU run check this path)."""
-        return self.triton if self.triton is not None else layer.weight.device.type == "cuda"
+        return self.gpu_gemms if self.gpu_gemms is not None else layer.weight.device.type == "cuda"
 
     @staticmethod
     def dense_fp32(layer: LinearBase) -> bool:

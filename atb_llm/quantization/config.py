@@ -60,11 +60,18 @@ class QuantDescription:
 
 
 class QuantConfig:
-    """Picks each linear's method by the Hugging Face name of its weight."""
+    """Picks each linear's method by the Hugging Face name of its weight, and names the tensors the
+    format adds to a checkpoint beyond the linears'."""
+
+    # C8: each layer's per-channel K/V scales -> (the attention layer's parameter, shard): they smooth
+    # the channels before the int8 cache (PagedAttention). The offsets are not used: the int8 cache
+    # computes a scale per token and needs none.
+    C8_NAMES = {"k_proj.kv_cache_scale": ("attn.kv_scale", "k"), "v_proj.kv_cache_scale": ("attn.kv_scale", "v")}
+    ignored_weights = ("kv_cache_offset",)
 
     def __init__(self, description: QuantDescription | None = None, on_load: str | None = None):
         self.description, self.on_load = description, on_load
-        self.triton: bool | None = None  # the methods' kernels (see QuantMethod); the engine sets it
+        self.gpu_gemms: bool | None = None  # the methods' kernels (see QuantMethod); the engine sets it
 
     @property
     def name(self) -> str:
@@ -77,6 +84,11 @@ class QuantConfig:
         return self.description.kv_quant_type if self.description else None
 
     @property
+    def checkpoint_names(self) -> dict[str, tuple[str, str]]:
+        """Checkpoint name fragment -> (model parameter fragment, shard) of the format's own tensors."""
+        return self.C8_NAMES if self.kv_cache_scales else {}
+
+    @property
     def kv_cache_scales(self) -> bool:
         """Whether the checkpoint has C8's per-channel K/V scales (`k_proj.kv_cache_scale`, ...)."""
         d = self.description
@@ -86,7 +98,7 @@ class QuantConfig:
         """prefix: the module path (`model.layers.0.self_attn`); shards: the Hugging Face linears fused
         into this one (`q_proj`, `k_proj`, `v_proj`), or none for a single linear named by prefix."""
         if self.on_load is not None:
-            return make_method(self.on_load.upper(), RTN_GROUP_SIZE, from_float=True, triton=self.triton)
+            return make_method(self.on_load.upper(), RTN_GROUP_SIZE, from_float=True, gpu_gemms=self.gpu_gemms)
         if self.description is None:
             return LinearMethod()
         names = [f"{prefix}.{s}.weight" for s in shards] or [f"{prefix}.weight"]
@@ -97,7 +109,11 @@ class QuantConfig:
                 f"type, got {kinds}; quantize them alike (e.g. list all or none of them in disable_names)"
             )
         kind = next(iter(kinds.values()))
-        return LinearMethod() if kind == "FLOAT" else make_method(kind, self.description.group_size, triton=self.triton)
+        return (
+            LinearMethod()
+            if kind == "FLOAT"
+            else make_method(kind, self.description.group_size, gpu_gemms=self.gpu_gemms)
+        )
 
 
 def read_quant_config(weight_dir: str | Path, config_json: dict, on_load: str | None = None) -> QuantConfig:

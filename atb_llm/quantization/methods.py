@@ -15,11 +15,11 @@ METHODS: dict[str, type[QuantMethod]] = {
 }
 
 
-def make_method(kind: str, group_size: int = 0, from_float: bool = False, triton: bool | None = None) -> QuantMethod:
+def make_method(kind: str, group_size: int = 0, from_float: bool = False, gpu_gemms: bool | None = None) -> QuantMethod:
     """kind: a description type (W8A16, ...); group_size: the checkpoint's (0 = per channel);
-    triton: see QuantMethod."""
+    gpu_gemms: see QuantMethod."""
     try:
         cls = METHODS[kind]
     except KeyError:
         raise ValueError(f"quantization type {kind!r} has no linear method; supported: {', '.join(METHODS)}") from None
-    return cls(group_size=group_size, from_float=from_float, triton=triton)
+    return cls(group_size=group_size, from_float=from_float, gpu_gemms=gpu_gemms)

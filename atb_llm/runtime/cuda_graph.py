@@ -22,6 +22,7 @@ from collections.abc import Callable
 import torch
 
 from atb_llm.cache.kv_cache import KVCache
+from atb_llm.models.base.forward_batch import ForwardBatch
 
 
 def buckets(max_batch: int) -> list[int]:
@@ -30,9 +31,9 @@ def buckets(max_batch: int) -> list[int]:
     return sorted(set(sizes) | {max_batch})
 
 
-def use_graphs(device: str, backend: str, enforce_eager: bool) -> bool:
-    """Decode runs as CUDA graphs on CUDA with the triton backend, unless forced eager."""
-    return torch.device(device).type == "cuda" and backend == "triton" and not enforce_eager
+def use_graphs(device: str, backend_graphs: bool, enforce_eager: bool) -> bool:
+    """Decode runs as CUDA graphs on CUDA with a backend that can be captured, unless forced eager."""
+    return torch.device(device).type == "cuda" and backend_graphs and not enforce_eager
 
 
 def buffer_blocks(max_seq_len: int, block_size: int) -> int:
@@ -74,8 +75,10 @@ class DecodeGraphs:
 
     def _forward(self, size: int) -> torch.Tensor:
         return self.model(
-            self.input_ids[:size], self.positions[:size], False, self.kv_cache, self.block_tables[:, :size],
-            self.slots[:, :size], self.input_lengths[:size], self.max_seq_len,
+            ForwardBatch(
+                self.input_ids[:size], self.positions[:size], False, self.kv_cache, self.block_tables[:, :size],
+                self.slots[:, :size], self.input_lengths[:size], self.max_seq_len,
+            )
         )  # fmt: skip
 
     def _capture(self, size: int) -> Callable[[], torch.Tensor]:
@@ -91,24 +94,17 @@ class DecodeGraphs:
 
         return replay
 
-    def run(
-        self,
-        input_ids: torch.Tensor,
-        positions: torch.Tensor,
-        block_tables: torch.Tensor,
-        slots: torch.Tensor,
-        input_lengths: torch.Tensor,
-    ) -> torch.Tensor:
-        """One decode step of n sequences (the forward contract's tensors) -> logits [n, vocab]."""
-        n, blocks = input_lengths.shape[0], block_tables.shape[2]
-        if not self.fits(block_tables):
+    def run(self, b: ForwardBatch) -> torch.Tensor:
+        """One decode step of n sequences -> logits [n, vocab]."""
+        n, blocks = b.input_lengths.shape[0], b.block_tables.shape[2]
+        if not self.fits(b.block_tables):
             raise ValueError(f"a decode step of {n} sequences x {blocks} blocks exceeds the graphs' buffers")
         size = self.bucket(n)
-        self.input_ids[:n].copy_(input_ids)
-        self.positions[:n].copy_(positions)
-        self.input_lengths[:n].copy_(input_lengths)
-        self.slots[:, :n].copy_(slots)
-        self.block_tables[:, :n, :blocks].copy_(block_tables)
+        self.input_ids[:n].copy_(b.input_ids)
+        self.positions[:n].copy_(b.position_ids)
+        self.input_lengths[:n].copy_(b.input_lengths)
+        self.slots[:, :n].copy_(b.slots)
+        self.block_tables[:, :n, :blocks].copy_(b.block_tables)
         if size > n:  # padding rows: length 1, not kept, block 0
             self.input_ids[n:size] = 0
             self.positions[n:size] = 0

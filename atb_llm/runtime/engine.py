@@ -54,8 +54,8 @@ class LLMEngine:
         weights = WeightFiles(cfg.model_path) if weights is None else weights
         backend = backend or get_backend(cfg.device, cfg.attention_backend)
         self.quant = router.get_quant_config(cfg.quantize)
-        if cfg.attention_backend == "triton":  # one kernel family: the quantized linears' GEMMs too
-            self.quant.triton = True
+        if backend.gpu_gemms:  # one kernel family: the quantized linears' GEMMs too
+            self.quant.gpu_gemms = True
         self.model = router.get_model_cls().build(self.model_config, backend, self.dtype, cfg.device, self.quant)
         self.model.load_weights(weights, progress=cfg.progress)
         self.model.eval()
@@ -93,7 +93,7 @@ class LLMEngine:
         self._seqs: dict[str, Sequence] = {}
         if any(level.int8 for level in self.layout.levels) and not self.quant.kv_cache_scales:
             measure_kv_scales(self.model, self.model_config, self.dtype, cfg.device, cfg.block_size)
-        if use_graphs(cfg.device, backend.name, cfg.enforce_eager):  # after the model's last change
+        if use_graphs(cfg.device, backend.cuda_graphs, cfg.enforce_eager):  # after the model's last change
             blocks, kv = buffer_blocks(self.max_seq_len, cfg.block_size), self.cache_manager.kv_cache
             self.runner.graphs = DecodeGraphs(self.model, kv, cfg.max_batch_size, blocks, self.max_seq_len, cfg.device)
 

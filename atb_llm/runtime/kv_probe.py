@@ -13,6 +13,7 @@ from atb_llm.cache.kv_cache import KVCache
 from atb_llm.compression.layout import GroupLayout
 from atb_llm.config import ModelConfig
 from atb_llm.layers.attention.paged_attention import PagedAttention, observed_kv_scales
+from atb_llm.models.base.forward_batch import ForwardBatch
 
 KV_PROBE_TOKENS = 256  # random tokens of the probe prompt
 
@@ -37,7 +38,7 @@ def measure_kv_scales(
     hooks = [m.register_forward_pre_hook(observe) for m in layers]
     try:
         last, length = torch.tensor([n - 1], device=device), torch.tensor([n], device=device)
-        model(probe, torch.arange(n, device=device), True, kv, tables, slots, length, n, last)
+        model(ForwardBatch(probe, torch.arange(n, device=device), True, kv, tables, slots, length, n, last))
     finally:
         for h in hooks:
             h.remove()

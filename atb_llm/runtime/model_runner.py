@@ -7,27 +7,18 @@ from dataclasses import dataclass, field
 import torch
 
 from atb_llm.cache.cache_manager import CacheManager
-from atb_llm.cache.kv_cache import KVCache
 from atb_llm.models.base.flash_causal_lm import FlashForCausalLM
+from atb_llm.models.base.forward_batch import ForwardBatch
 from atb_llm.runtime.cuda_graph import DecodeGraphs
 from atb_llm.runtime.sampler import Sampler, token_logprobs
 from atb_llm.runtime.sequence import Sequence, TokenLogprob
 
 
 @dataclass(slots=True)
-class ForwardBatch:
-    """The forward contract's arguments for one step (see FlashQwen2MlgcForCausalLM.forward)."""
+class StepBatch:
+    """One step: the model's input and what to read from its logits."""
 
-    input_ids: torch.Tensor  # [T] tokens of all sequences, packed
-    position_ids: torch.Tensor  # [T]
-    is_prefill: bool
-    kv_cache: KVCache
-    block_tables: torch.Tensor  # [G, B, max_blocks] per-group block tables
-    slots: torch.Tensor  # [G, T] flat cache slot of each token in each group, -1 = not kept
-    input_lengths: torch.Tensor  # [B] sequence lengths including this step
-    max_seq_len: int
-    lm_head_indices: torch.Tensor | None  # [N] logits rows (prefill: each finished prompt's last, prompt rows)
-    q_lens: torch.Tensor | None = None  # [B] prefill: tokens of each sequence in this step (a chunk)
+    forward: ForwardBatch
     sampled: list[int] = field(default_factory=list)  # sequences that get a token: their chunk ends the prompt
     sample_rows: torch.Tensor | None = None  # [len(sampled)] logits rows to sample from, when they are not all
     prompt_rows: list[tuple[int, int, int, int]] = field(default_factory=list)  # (seq, first row, from, to) scored
@@ -61,8 +52,8 @@ class ModelRunner:
     def _tensor(self, values: list[int]) -> torch.Tensor:
         return self.cache_manager.to_device(torch.tensor(values, dtype=torch.int64))
 
-    def prepare(self, seqs: list[Sequence], is_prefill: bool) -> ForwardBatch:
-        """The forward contract's arguments for this step."""
+    def prepare(self, seqs: list[Sequence], is_prefill: bool) -> StepBatch:
+        """The forward contract for this step, and the logits rows to sample and score."""
         self.cache_manager.flush_copies()
         input_ids, positions, seq_idx, q_lens, lengths = [], [], [], [], []
         rows, ends, sampled, prompt_rows, start = [], [], [], [], 0
@@ -90,7 +81,7 @@ class ModelRunner:
         cm = self.cache_manager
         block_tables = cm.block_tables([s.block_table for s in seqs])
         slots = cm.slots(block_tables, self._tensor(seq_idx), positions_t, input_lengths)
-        return ForwardBatch(
+        forward = ForwardBatch(
             input_ids=self._tensor(input_ids),
             position_ids=positions_t,
             is_prefill=is_prefill,
@@ -101,6 +92,9 @@ class ModelRunner:
             max_seq_len=max(lengths),
             lm_head_indices=self._tensor(rows) if is_prefill else None,
             q_lens=self._tensor(q_lens) if is_prefill else None,
+        )
+        return StepBatch(
+            forward,
             sampled=sampled,
             sample_rows=self._tensor(ends) if prompt_rows else None,
             prompt_rows=prompt_rows,
@@ -108,16 +102,13 @@ class ModelRunner:
 
     def _forward(self, b: ForwardBatch) -> torch.Tensor:
         if not b.is_prefill and self.graphs is not None and self.graphs.fits(b.block_tables):
-            return self.graphs.run(b.input_ids, b.position_ids, b.block_tables, b.slots, b.input_lengths)
-        return self.model(
-            b.input_ids, b.position_ids, b.is_prefill, b.kv_cache, b.block_tables, b.slots, b.input_lengths,
-            b.max_seq_len, b.lm_head_indices, b.q_lens,
-        )  # fmt: skip
+            return self.graphs.run(b)
+        return self.model(b)
 
     def logits(self, seqs: list[Sequence], is_prefill: bool) -> torch.Tensor:
         """[N, V] fp32 next-token logits, one row per sequence that gets a token."""
         b = self.prepare(seqs, is_prefill)
-        logits = self._forward(b)
+        logits = self._forward(b.forward)
         return logits if b.sample_rows is None else logits[b.sample_rows]
 
     def run(self, seqs: list[Sequence], is_prefill: bool) -> StepResult:
@@ -126,7 +117,7 @@ class ModelRunner:
         raise, they are computed again one sequence at a time, and a sequence whose own outputs fail
         gets `error` set and no token, while the others get exactly what they would have alone."""
         b = self.prepare(seqs, is_prefill)
-        logits = self._forward(b)
+        logits = self._forward(b.forward)
         prompt = {}
         for i, first, lo, hi in b.prompt_rows:  # row at position p scores prompt token p + 1
             s = seqs[i]

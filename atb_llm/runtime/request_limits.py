@@ -51,7 +51,6 @@ class RequestLimits:
 
     def check(self, prompt_ids: list[int], params: SamplingParams) -> None:
         """Raises ContextLengthError or RequestError naming the first value out of bounds."""
-        self.check_params(params)
         if not prompt_ids:
             raise RequestError("the prompt is empty; give at least one token", "prompt")
         if len(prompt_ids) > self.max_input_length:
@@ -61,6 +60,7 @@ class RequestLimits:
                 "prompt",
             )
         self.check_token_ids(prompt_ids, "prompt")
+        self.check_params(params)
         total = len(prompt_ids) + params.max_tokens
         if total > self.max_sequence_tokens:
             raise ContextLengthError(

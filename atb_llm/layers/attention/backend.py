@@ -4,21 +4,30 @@ only these methods and never branches on the device or on compression levels."""
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from typing import ClassVar
 
 import torch
 
 from atb_llm.cache.kv_cache import KVCache
+from atb_llm.layers.attention import kv_write
 from atb_llm.layers.attention.metadata import AttentionMetadata
 from atb_llm.layers.rotary import apply_rotary
 
 
 class AttentionBackend(ABC):
-    name = "abstract"
+    """Capabilities: what the code around a backend may hand to it or run beside it. The model,
+    PagedAttention, the quantization methods and the CUDA graphs ask for these, never for a name."""
+
+    name = "abstract"  # for messages and the --attention_backend flag
+    fused_rope: ClassVar[bool] = False  # RoPE runs in the backend's kernels (prefill rotary, decode_store)
+    fused_norm: ClassVar[bool] = False  # residual add + RMSNorm run in one GPU kernel beside it
+    gpu_gemms: ClassVar[bool] = False  # quantized linears run the GPU GEMM kernels beside it
+    cuda_graphs: ClassVar[bool] = False  # its decode step can be captured as CUDA graphs (on CUDA)
 
     def store(self, kv_cache: KVCache, layer: int, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata) -> None:
         """k, v: [T, Hkv, D] this step's keys (after RoPE) and values, written into every group of
         `layer` as its level keeps them."""
-        kv_cache.store(layer, k, v, meta)
+        kv_write.store(kv_cache, layer, k, v, meta)
 
     def decode_store(
         self,

@@ -61,13 +61,8 @@ class AttentionMetadata:
         """
         if level not in self._views:
             n = self.input_lengths
-            read = level.read_len(n)
-            nb = max(1, math.ceil(int(read.max()) / self.block_size))
-            pos = torch.arange(nb * self.block_size, device=n.device)
-            mask = torch.zeros(len(n), nb * self.block_size, dtype=self.dtype, device=n.device)
-            mask.masked_fill_(pos[None, :] >= read[:, None], float("-inf"))
-            if level.comp_slot is not None and level.comp_slot < mask.shape[1]:
-                mask[:, level.comp_slot] = level.comp_bias(n).to(self.dtype)
+            nb = max(1, math.ceil(int(level.read_len(n).max()) / self.block_size))
+            mask = level_mask(level, n, nb * self.block_size, self.dtype)
             self._views[level] = (nb, mask[:, None, None, :])
         return self._views[level]
 
@@ -81,3 +76,15 @@ class AttentionMetadata:
             n = self.input_lengths
             self._views[key] = (level.read_len(n).to(torch.int32), level.evicted(n).to(torch.int32))
         return self._views[key]
+
+
+def level_mask(level: Level, n: torch.Tensor, width: int, dtype: torch.dtype) -> torch.Tensor:
+    """[B, width] additive mask over a group's first `width` slots at sequence lengths n [B]: 0 on the
+    slots `level` reads, -inf beyond, log(n_evicted) on the compensation slot (-inf while nothing
+    is evicted). The one builder of the compensation bias for decode and for prefill's context."""
+    pos = torch.arange(width, device=n.device)
+    mask = torch.zeros(len(n), width, dtype=dtype, device=n.device)
+    mask.masked_fill_(pos[None, :] >= level.read_len(n)[:, None], float("-inf"))
+    if level.comp_slot is not None and level.comp_slot < width:
+        mask[:, level.comp_slot] = level.comp_bias(n).to(dtype)
+    return mask

@@ -68,8 +68,7 @@ class PagedAttention(nn.Module):
             q = self.backend.decode_store(q, k, v, rope, kv_cache, self.layer_idx, meta)
             return self.backend.decode(q, kv_cache, self.layer_idx, meta, self.scale)
         if rope is not None:
-            fused = self.backend.name == "triton"  # the GPU path: RoPE in one kernel
-            q, k = apply_rotary(rope, q, k, fused)
+            q, k = apply_rotary(rope, q, k, self.backend.fused_rope)
         out = self.backend.prefill(q, k, v, kv_cache, self.layer_idx, meta, self.scale)
         self.backend.store(kv_cache, self.layer_idx, k, v, meta)
         return out

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from atb_llm.cache.kv_cache import KVCache
 from atb_llm.layers.attention.backend import AttentionBackend
-from atb_llm.layers.attention.metadata import AttentionMetadata
+from atb_llm.layers.attention.metadata import AttentionMetadata, level_mask
 
 
 class TorchBackend(AttentionBackend):
@@ -49,10 +49,8 @@ class TorchBackend(AttentionBackend):
                 o = _prefix_then_causal(qr, kc[:, :read], vc[:, :read], k[:, heads], v[:, heads], scale)
                 out[:, heads] = o[0].transpose(0, 1).unflatten(1, (len(heads), -1))
                 continue
-            mask = torch.zeros(n, kc.shape[1] + n, dtype=q.dtype, device=q.device)
-            mask[:, read : kc.shape[1]] = float("-inf")
-            if level.comp_slot is not None and level.comp_slot < read:
-                mask[:, level.comp_slot] = level.comp_bias(c).to(q.dtype)
+            mask = torch.empty(n, kc.shape[1] + n, dtype=q.dtype, device=q.device)
+            mask[:, : kc.shape[1]] = level_mask(level, c, kc.shape[1], q.dtype)
             mask[:, kc.shape[1] :] = torch.full((n, n), float("-inf"), dtype=q.dtype, device=q.device).triu(1)
             kr = torch.cat([kc, k[:, heads].transpose(0, 1)], 1).unsqueeze(0)  # [1, h, S + L, D]
             vr = torch.cat([vc, v[:, heads].transpose(0, 1)], 1).unsqueeze(0)

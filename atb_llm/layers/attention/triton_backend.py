@@ -18,6 +18,7 @@ import triton
 
 from atb_llm.cache.kv_cache import KVCache, KVPool
 from atb_llm.compression.layout import Run
+from atb_llm.layers.attention import kv_write
 from atb_llm.layers.attention.backend import AttentionBackend
 from atb_llm.layers.attention.metadata import AttentionMetadata
 from atb_llm.layers.attention.torch_backend import TorchBackend
@@ -33,6 +34,7 @@ class TritonBackend(AttentionBackend):
     None = 4 per SM on CUDA, 1 elsewhere (no split)."""
 
     name = "triton"
+    fused_rope = fused_norm = gpu_gemms = cuda_graphs = True
 
     def __init__(self, split_slots: int = 512, programs: int | None = None):
         if split_slots < 1:
@@ -93,7 +95,7 @@ class TritonBackend(AttentionBackend):
                 store_kv(pool, k, v, meta.slots, groups, base, rope=rope)
             elif meta.is_prefill:
                 heads = list(run.heads)
-                kv_cache.fold_prefill(run, k[:, heads], v[:, heads], meta)
+                kv_write.fold_prefill(kv_cache, run, k[:, heads], v[:, heads], meta)
                 store_kv(pool, k, v, meta.slots, groups, base)
             else:
                 _, evicted = meta.level_lengths(run.level)

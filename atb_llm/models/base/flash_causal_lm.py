@@ -17,14 +17,14 @@ from atb_llm.quantization.config import QuantConfig
 class FlashForCausalLM(nn.Module):
     # Hugging Face name fragment -> (our fused parameter fragment, shard id)
     packed_modules_mapping: dict[str, tuple[str, object]] = {}
-    # checkpoint names that carry nothing the model needs; C8's K/V offsets are not used: its scales
-    # smooth the channels and the int8 cache computes a scale per token (PagedAttention)
-    ignored_weights: tuple[str, ...] = ("rotary_emb.inv_freq", "kv_cache_offset")
+    ignored_weights: tuple[str, ...] = ("rotary_emb.inv_freq",)  # checkpoint names that carry nothing we need
 
-    def __init__(self, config: ModelConfig, backend: AttentionBackend):
+    def __init__(self, config: ModelConfig, quant: QuantConfig):
         super().__init__()
-        self.config = config
-        self.backend = backend
+        self.config, self.quant = config, quant
+        # the quantization's own names (C8's K/V scales) first: "k_proj" is part of "k_proj.kv_cache_scale"
+        self.name_mapping = {**quant.checkpoint_names, **self.packed_modules_mapping}
+        self.ignored = self.ignored_weights + quant.ignored_weights
 
     @classmethod
     def build(
@@ -46,7 +46,7 @@ class FlashForCausalLM(nn.Module):
             torch.set_default_dtype(previous)
 
     def _target(self, name: str) -> tuple[str, object]:
-        for hf, (ours, shard_id) in self.packed_modules_mapping.items():
+        for hf, (ours, shard_id) in self.name_mapping.items():
             if hf in name:
                 return name.replace(hf, ours), shard_id
         return name, None
@@ -56,7 +56,7 @@ class FlashForCausalLM(nn.Module):
         tied = self.config.tie_word_embeddings
         loaded: set[str] = set()
         for name, tensor in tqdm(weights, desc="Loading weights", disable=not progress, unit="tensor"):
-            if any(i in name for i in self.ignored_weights) or (tied and name == "lm_head.weight"):
+            if any(i in name for i in self.ignored) or (tied and name == "lm_head.weight"):
                 continue
             target, shard_id = self._target(name)
             param = params.get(target)
@@ -79,7 +79,7 @@ class FlashForCausalLM(nn.Module):
     def _expected_names(self, params: dict) -> list[tuple[str, object]]:
         out = []
         for pname in params:
-            shards = [(hf, s) for hf, (ours, s) in self.packed_modules_mapping.items() if ours in pname]
+            shards = [(hf, s) for hf, (ours, s) in self.name_mapping.items() if ours in pname]
             out.extend((pname, s) for _, s in shards) if shards else out.append((pname, None))
         return out
 

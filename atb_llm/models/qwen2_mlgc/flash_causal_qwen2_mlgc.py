@@ -21,6 +21,7 @@ from atb_llm.layers.linear import MergedLinear, ReplicatedLinear
 from atb_llm.layers.norm import RMSNorm
 from atb_llm.layers.rotary import RotaryEmbedding
 from atb_llm.models.base.flash_causal_lm import FlashForCausalLM
+from atb_llm.models.base.forward_batch import ForwardBatch
 from atb_llm.quantization.config import QuantConfig
 
 
@@ -68,7 +69,7 @@ class Qwen2MLP(nn.Module):
 class Qwen2DecoderLayer(nn.Module):
     def __init__(self, config: ModelConfig, layer_idx: int, backend: AttentionBackend, quant: QuantConfig):
         super().__init__()
-        fused = backend.name == "triton"  # the GPU path: residual add and norm in one kernel
+        fused = backend.fused_norm
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, fused)
         self.self_attn = Qwen2Attention(config, layer_idx, backend, quant)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, fused)
@@ -94,7 +95,7 @@ class Qwen2Model(nn.Module):
         self.layers = nn.ModuleList(
             Qwen2DecoderLayer(config, i, backend, quant) for i in range(config.num_hidden_layers)
         )
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, backend.name == "triton")
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, backend.fused_norm)
 
     def forward(self, input_ids, positions, kv_cache, meta) -> torch.Tensor:
         hidden, residual = self.embed_tokens(input_ids), None
@@ -107,8 +108,6 @@ class Qwen2Model(nn.Module):
 
 class FlashQwen2MlgcForCausalLM(FlashForCausalLM):
     packed_modules_mapping = {
-        "k_proj.kv_cache_scale": ("attn.kv_scale", "k"),  # C8 (before k_proj, which it contains)
-        "v_proj.kv_cache_scale": ("attn.kv_scale", "v"),
         "q_proj": ("qkv_proj", "q"),
         "k_proj": ("qkv_proj", "k"),
         "v_proj": ("qkv_proj", "v"),
@@ -117,30 +116,19 @@ class FlashQwen2MlgcForCausalLM(FlashForCausalLM):
     }
 
     def __init__(self, config: ModelConfig, backend: AttentionBackend, quant: QuantConfig | None = None):
-        super().__init__(config, backend)
-        self.model = Qwen2Model(config, backend, quant or QuantConfig())
+        super().__init__(config, quant or QuantConfig())
+        self.model = Qwen2Model(config, backend, self.quant)
         self.lm_head = LMHead(config.vocab_size, config.hidden_size)
         if config.tie_word_embeddings:
             self.lm_head.tie_to(self.model.embed_tokens)
 
     @torch.inference_mode()
-    def forward(
-        self,
-        input_ids: torch.Tensor,  # [T] tokens of all sequences, packed
-        position_ids: torch.Tensor,  # [T]
-        is_prefill: bool,
-        kv_cache: KVCache,
-        block_tables: torch.Tensor,  # [G, B, max_blocks] per-group block tables
-        slots: torch.Tensor,  # [G, T] flat cache slot of each token in each group, -1 = not kept
-        input_lengths: torch.Tensor,  # [B] sequence lengths including this step
-        max_seq_len: int,
-        lm_head_indices: torch.Tensor | None = None,  # [N] rows to compute logits for
-        q_lens: torch.Tensor | None = None,  # [B] prefill tokens per sequence (a chunk); None = all
-    ) -> torch.Tensor:
-        """Returns logits [N, vocab] in fp32 (N = len(lm_head_indices), else T). Chunked prefill
-        (MindIE's SplitFuse): sequence b brings tokens input_lengths[b] - q_lens[b] .. input_lengths[b]."""
+    def forward(self, b: ForwardBatch) -> torch.Tensor:
+        """Returns logits [N, vocab] in fp32 (N = len(b.lm_head_indices), else T). Chunked prefill
+        (MindIE's SplitFuse): sequence i brings tokens input_lengths[i] - q_lens[i] .. input_lengths[i]."""
+        kv = b.kv_cache
         meta = AttentionMetadata.build(
-            is_prefill, block_tables, slots, input_lengths, max_seq_len, kv_cache.block_size, kv_cache.dtype, q_lens
+            b.is_prefill, b.block_tables, b.slots, b.input_lengths, b.max_seq_len, kv.block_size, kv.dtype, b.q_lens
         )
-        hidden = self.model(input_ids, position_ids, kv_cache, meta)
-        return self.lm_head(hidden, lm_head_indices)
+        hidden = self.model(b.input_ids, b.position_ids, kv, meta)
+        return self.lm_head(hidden, b.lm_head_indices)
