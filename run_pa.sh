@@ -5,12 +5,5 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 PY="$ROOT/.venv/bin/python"
 [ -x "$PY" ] || PY=python3
-args=()
-while [ $# -gt 0 ]; do
-  case "$1" in
-    -m) args+=(--model_path "$2"); shift 2 ;;
-    *) args+=("$1"); shift ;;
-  esac
-done
 cd "$ROOT"
-exec "$PY" -m examples.run_pa "${args[@]}"
+exec "$PY" -m examples.run_pa "$@"

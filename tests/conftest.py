@@ -45,7 +45,7 @@ def quantized(float_model, tmp_path_factory):
     """quantized(variant) -> folder written by msModelSlim, made once per variant."""
     from tiny import QUANT_KINDS
 
-    from examples.models.qwen2_5_mlgc.convert_quant_weight import convert
+    from atb_llm.entrypoints.convert_quant_weight import convert
 
     made = {}
 

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import httpx
 
+from atb_llm.entrypoints.openai.serve import ServerThread, free_port
 from atb_llm.runtime.engine import EngineConfig
-from examples.server.serve import ServerThread, free_port
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = [

@@ -8,7 +8,7 @@ os.environ.setdefault("TRITON_INTERPRET", "1")  # before any Triton kernel is de
 
 import pytest
 
-from examples.models.qwen2_5_mlgc import bench_gpu
+from benchmarks import bench_gpu
 
 pytestmark = pytest.mark.skipif(os.environ["TRITON_INTERPRET"] != "1", reason="needs TRITON_INTERPRET=1")
 

@@ -5,9 +5,9 @@ from dataclasses import fields
 
 import pytest
 
+from atb_llm.entrypoints.openai.serve import parse_args as server_args
+from atb_llm.entrypoints.run_pa import parse_args as run_pa_args
 from atb_llm.runtime.engine_config import EngineConfig
-from examples.run_pa import parse_args as run_pa_args
-from examples.server.serve import parse_args as server_args
 
 
 def test_flags_build_the_config_they_name():

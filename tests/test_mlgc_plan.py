@@ -10,12 +10,12 @@ from tiny import hf_greedy
 from atb_llm.compression.layout import GroupLayout
 from atb_llm.compression.levels import FullInt8, Level, Window, WindowInt8
 from atb_llm.compression.plan import PLAN_NAME, MlgcPlan, aligned_recent, baseline_plan, describe, resolve_layout
+from atb_llm.entrypoints import calibrate as calibrate_cli
+from atb_llm.entrypoints import run_pa
 from atb_llm.models.qwen2_mlgc.config_qwen2_mlgc import load_qwen2_config
 from atb_llm.runtime.calibration import CalibrationConfig, ProbeBackend, calibrate, choose_full, probe_tokens
 from atb_llm.runtime.engine import EngineConfig, LLMEngine
 from atb_llm.runtime.sequence import SamplingParams
-from examples import run_pa
-from examples.models.qwen2_5_mlgc import calibrate as calibrate_cli
 
 CAL = CalibrationConfig(full_ratio=0.5, sink=4, recent=20, block_size=16, samples=2, period=24)
 

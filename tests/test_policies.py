@@ -17,11 +17,11 @@ from atb_llm.cache.kv_cache import KVPool
 from atb_llm.compression.layout import GroupLayout
 from atb_llm.compression.levels import INT8_STORAGE, MODEL_STORAGE, FullInt8, Level, Window, WindowInt8
 from atb_llm.compression.plan import PLAN_NAME, baseline_plan
+from atb_llm.entrypoints import run_pa
 from atb_llm.runtime.engine import EngineConfig, LLMEngine
 from atb_llm.runtime.sampler import Sampler
 from atb_llm.runtime.scheduler import Scheduler
 from atb_llm.runtime.sequence import SamplingParams, Sequence, SequenceStatus
-from examples import run_pa
 
 BS = 16
 

@@ -14,10 +14,10 @@ from safetensors.torch import load_file, save_file
 from tiny import QUANT_KINDS as KINDS
 from tiny import build_tiny_qwen2
 
+from atb_llm.entrypoints.convert_quant_weight import convert
 from atb_llm.quantization.w8a8 import deq_scale_as_float
 from atb_llm.runtime.engine import EngineConfig, LLMEngine
 from atb_llm.runtime.sequence import SamplingParams
-from examples.models.qwen2_5_mlgc.convert_quant_weight import convert
 
 # msmodelslim runs in a subprocess only: importing it here would patch pydantic for the whole
 # test session (it turns validation errors into its own exception type)

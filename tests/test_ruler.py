@@ -6,7 +6,7 @@ import random
 import pytest
 from transformers import AutoTokenizer
 
-from examples.models.qwen2_5_mlgc import ruler
+from benchmarks import ruler
 
 
 class Encoder:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from examples import run_pa
+from atb_llm.entrypoints import run_pa
 
 ROOT = Path(__file__).resolve().parents[1]
 

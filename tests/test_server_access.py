@@ -8,8 +8,8 @@ import openai
 import pytest
 from server_util import free_port, metrics
 
+from atb_llm.entrypoints.openai.serve import ServerThread
 from atb_llm.runtime.engine import EngineConfig
-from examples.server.serve import ServerThread
 
 pytestmark = pytest.mark.timeout(300)
 

@@ -9,7 +9,7 @@ import openai
 import pytest
 from server_util import metrics, running_server, wait_until
 
-from examples import run_pa
+from atb_llm.entrypoints import run_pa
 
 pytestmark = pytest.mark.timeout(900)  # loads the default model twice (server, run_pa)
 

@@ -56,7 +56,7 @@ def test_sigterm_ends_open_requests_cleanly(tiny_models):
     """SIGTERM while a stream is open and a non-streaming request waits: the stream gets an error
     event and [DONE], the waiting request a 503 JSON error, and the process exits."""
     port = free_port()
-    cmd = [sys.executable, "-m", "examples.server", "-m", str(tiny_models()), "--port", str(port)]
+    cmd = [sys.executable, "-m", "atb_llm.entrypoints.openai", "-m", str(tiny_models()), "--port", str(port)]
     cmd += ["--max_batch_size", "2", "--max_input_length", "16", "--max_output_length", "4000", "--block_size", "16"]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"

@@ -11,8 +11,8 @@ import httpx
 import pytest
 from server_util import running_server
 
+from atb_llm.entrypoints.openai.serve import parse_args
 from atb_llm.runtime import sampler
-from examples.server.serve import parse_args
 
 pytestmark = pytest.mark.timeout(300)
 

@@ -4,11 +4,11 @@ stream chunk shapes OpenAI clients parse."""
 import json
 from types import SimpleNamespace
 
+from atb_llm.entrypoints.openai.engine_loop import GenerationEvent
+from atb_llm.entrypoints.openai.generation import ChunkFormat, Shape
+from atb_llm.entrypoints.openai.logprobs import TokenTexts, chat_logprobs, completion_logprobs
+from atb_llm.entrypoints.openai.protocol import ChatCompletionRequest, CompletionRequest, Usage
 from atb_llm.runtime.sequence import TokenLogprob
-from examples.server.engine_loop import GenerationEvent
-from examples.server.generation import ChunkFormat, Shape
-from examples.server.logprobs import TokenTexts, chat_logprobs, completion_logprobs
-from examples.server.protocol import ChatCompletionRequest, CompletionRequest, Usage
 
 
 def test_chat_messages_for_the_template():

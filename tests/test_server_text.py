@@ -4,7 +4,7 @@ deltas add up to the final text."""
 import pytest
 from tiny import build_tokenizer
 
-from examples.server.text_stream import TextStream, stop_prefix_len
+from atb_llm.entrypoints.openai.text_stream import TextStream, stop_prefix_len
 
 
 @pytest.mark.parametrize(

@@ -6,4 +6,4 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../../.." && pwd)"
 PY="$ROOT/.venv/bin/python"
 [ -x "$PY" ] || PY=python3
 cd "$ROOT"
-exec "$PY" -m examples.models.qwen2_5_mlgc.calibrate "$@"
+exec "$PY" -m atb_llm.entrypoints.calibrate "$@"

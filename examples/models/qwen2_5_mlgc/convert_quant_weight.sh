@@ -6,4 +6,4 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../../.." && pwd)"
 PY="$ROOT/.venv/bin/python"
 [ -x "$PY" ] || PY=python3
-PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}" exec "$PY" -m examples.models.qwen2_5_mlgc.convert_quant_weight "$@"
+PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}" exec "$PY" -m atb_llm.entrypoints.convert_quant_weight "$@"

@@ -16,8 +16,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from atb_llm.entrypoints.openai.serve import ServerThread
 from atb_llm.runtime.engine import EngineConfig
-from examples.server.serve import ServerThread
 from modeltest.datasets import Task
 
 TASK = "modeltest_items"

@@ -1,5 +1,5 @@
 """Performance: every case pair at each of its batch sizes on the engine (and on transformers
-with --compare hf), timed by atb_llm.utils.perf: first token ms (the batch's prefill), mean
+with --compare hf), timed by benchmarks.common: first token ms (the batch's prefill), mean
 non-first token ms, end-to-end tokens/s, peak memory and KV cache size. Written as CSV and a
 Markdown table, and, where a case ran at several batch sizes, a plot of tokens/s against batch
 size.
@@ -20,7 +20,7 @@ from tqdm import tqdm
 from atb_llm.config import parse_dtype
 from atb_llm.runtime.engine import EngineConfig, LLMEngine
 from atb_llm.utils.default_model import resolve_model_path
-from atb_llm.utils.perf import load_hf, markdown_table, measure_engine, measure_hf
+from benchmarks.common import load_hf, markdown_table, measure_engine, measure_hf
 from modeltest import report
 from modeltest.args import RunArgs
 

@@ -18,7 +18,7 @@ from atb_llm.config import parse_dtype
 from atb_llm.models.base.router import get_router
 from atb_llm.runtime.engine import EngineConfig, LLMEngine
 from atb_llm.utils.default_model import resolve_model_path
-from atb_llm.utils.perf import load_hf
+from benchmarks.common import load_hf
 from modeltest import report, variants
 from modeltest.args import RunArgs
 from modeltest.datasets import DATASETS, Task
@@ -98,7 +98,7 @@ def score_task(args: RunArgs, task: Task, model_path: str, device: str, batch_si
         del model
         gc.collect()
     if args.compare == "lm_eval":
-        from examples.server.serve import free_port
+        from atb_llm.entrypoints.openai.serve import free_port
         from modeltest.lm_eval_client import score_lm_eval
 
         if options.prefix:

@@ -9,7 +9,7 @@ import csv
 import math
 from pathlib import Path
 
-from atb_llm.utils.perf import markdown_table
+from benchmarks.common import markdown_table
 from modeltest.args import RunArgs
 from modeltest.datasets import Task
 

@@ -14,7 +14,7 @@ import re
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from atb_llm.utils.perf import markdown_table
+from benchmarks.common import markdown_table
 from modeltest.args import RunArgs, parse_variant
 
 

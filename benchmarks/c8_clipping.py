@@ -18,7 +18,7 @@ prefilled, the rest read back from the cache) for the float cache and the int8 c
 smoothing, smoothed by scales measured at load (what `--kv_quant c8` does), and smoothed by the
 checkpoint's scales, with the share of positions whose most likely token is the float cache's.
 
-    python -m examples.models.qwen2_5_mlgc.c8_clipping --float DIR --c8 QUANT_DIR [--samples 8] [--ppl]
+    python -m benchmarks.c8_clipping --float DIR --c8 QUANT_DIR [--samples 8] [--ppl]
 """
 
 from __future__ import annotations
@@ -33,12 +33,12 @@ from safetensors import safe_open
 from tqdm import tqdm
 
 from atb_llm.compression.levels import Storage
+from atb_llm.entrypoints.convert_quant_weight import boolq_passages
 from atb_llm.layers.attention.paged_attention import load_kv_cache_scale, pair_norm
 from atb_llm.runtime.engine import EngineConfig, LLMEngine
 from atb_llm.runtime.sequence import SamplingParams
-from atb_llm.utils.perf import markdown_table
-from examples.models.qwen2_5_mlgc.bench_accuracy import GPL
-from examples.models.qwen2_5_mlgc.convert_quant_weight import boolq_passages
+from benchmarks.bench_accuracy import GPL
+from benchmarks.common import markdown_table
 
 HERE = Path(__file__).parent
 

@@ -1,7 +1,7 @@
 """Quantized checkpoints against the float one and against Hugging Face transformers, same run:
 resident weight bytes, batch-1 decode time per token, first-token time.
 
-    python -m examples.models.qwen2_5_mlgc.bench_quant --float DIR --variants w8a16=Q1 w4a16=Q2 ... \
+    python -m benchmarks.bench_quant --float DIR --variants w8a16=Q1 w4a16=Q2 ... \
         [--input 256] [--output 32] [--prefill 512] [--dtype bf16|fp32]
 
 Prints a Markdown table and writes results/quant_perf.md and results/quant_perf.png.
@@ -19,7 +19,7 @@ from torch import nn
 from atb_llm.config import parse_dtype
 from atb_llm.runtime.engine import EngineConfig, LLMEngine
 from atb_llm.utils.default_model import resolve_model_path
-from atb_llm.utils.perf import load_hf, markdown_table, measure_engine, measure_hf
+from benchmarks.common import load_hf, markdown_table, measure_engine, measure_hf
 
 HERE = Path(__file__).parent
 COLUMNS = ["variant", "weights_mib", "weights_vs_float", "decode_ms", "speedup_vs_float", "speedup_vs_hf"]

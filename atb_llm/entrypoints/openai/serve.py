@@ -1,6 +1,6 @@
 """Start the server: load the engine, warm it up, start its thread, serve HTTP with uvicorn.
 
-python -m examples.server --model_path WEIGHT_DIR [--port 8000] [--host 127.0.0.1] [--max_batch_size 8]
+python -m atb_llm.entrypoints.openai --model_path WEIGHT_DIR [--port 8000] [--host 127.0.0.1] [--max_batch_size 8]
 """
 
 from __future__ import annotations
@@ -15,17 +15,18 @@ from pathlib import Path
 
 import uvicorn
 
+from atb_llm.entrypoints.openai.app import create_app
+from atb_llm.entrypoints.openai.engine_loop import EngineLoop
 from atb_llm.runtime.engine import EngineConfig, LLMEngine
 from atb_llm.utils.default_model import resolve_model_path
-from examples.server.app import create_app
-from examples.server.engine_loop import EngineLoop
 
 log = logging.getLogger("atb_llm.server")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
-        prog="python -m examples.server", description="OpenAI-compatible HTTP server and web chat page for atb_llm"
+        prog="python -m atb_llm.entrypoints.openai",
+        description="OpenAI-compatible HTTP server and web chat page for atb_llm",
     )
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)

@@ -1,6 +1,6 @@
 """What compression costs in accuracy, on the default model: passkey retrieval and perplexity.
 
-    python -m examples.models.qwen2_5_mlgc.bench_accuracy [--tasks passkey ppl] [--out DIR]
+    python -m benchmarks.bench_accuracy [--tasks passkey ppl] [--out DIR]
 
 Caches: the full cache, MLGC plans calibrated at full ratio 0.25 and 0.5, streaming (every group a
 window) and random (the 0.25 budget on random groups); sink 64, recent 1024 (aligned), block 128.
@@ -31,7 +31,7 @@ from atb_llm.runtime.calibration import CalibrationConfig, calibrate
 from atb_llm.runtime.engine import EngineConfig, LLMEngine
 from atb_llm.runtime.sequence import SamplingParams
 from atb_llm.utils.default_model import resolve_model_path
-from atb_llm.utils.perf import markdown_table
+from benchmarks.common import markdown_table
 
 HERE = Path(__file__).parent
 GPL = Path("/usr/share/common-licenses/GPL-3")

@@ -1,6 +1,6 @@
 """Engine against Hugging Face transformers: same model, same machine, same run.
 
-    python -m examples.benchmark [--model_path DIR] [--dtype bf16] [--cases 1,256,64 4,256,64 8,256,64]
+    python -m benchmarks.bench_vs_hf [--model_path DIR] [--dtype bf16] [--cases 1,256,64 4,256,64 8,256,64]
 
 Each case is batch,input_length,output_length. Prints a Markdown table with the ratio of each
 engine case to transformers at the same case, and to transformers at batch 1.
@@ -16,7 +16,7 @@ import torch
 from atb_llm.config import parse_dtype
 from atb_llm.runtime.engine import EngineConfig, LLMEngine
 from atb_llm.utils.default_model import resolve_model_path
-from atb_llm.utils.perf import load_hf, markdown_table, measure_engine, measure_hf
+from benchmarks.common import load_hf, markdown_table, measure_engine, measure_hf
 
 COLUMNS = [
     "batch_size",

@@ -1,6 +1,6 @@
 """RULER-style long-context accuracy of MLGC plans: synthetic tasks generated from a seed.
 
-    python -m examples.models.qwen2_5_mlgc.ruler [-m WEIGHT_DIR] [--lengths 4096 8192 16384 32768]
+    python -m benchmarks.ruler [-m WEIGHT_DIR] [--lengths 4096 8192 16384 32768]
         [--samples 50] [--tasks ...] [--caches ...] [--dtype fp32] [--chunk 2048] [--out DIR]
 
 Tasks (after RULER, Hsieh et al. 2024), in a haystack of filler sentences of the asked length:
@@ -32,8 +32,8 @@ from tqdm import tqdm
 from atb_llm.runtime.engine import EngineConfig, LLMEngine
 from atb_llm.runtime.sequence import SamplingParams
 from atb_llm.utils.default_model import resolve_model_path
-from atb_llm.utils.perf import markdown_table
-from examples.models.qwen2_5_mlgc.bench_accuracy import FILLER, plans
+from benchmarks.bench_accuracy import FILLER, plans
+from benchmarks.common import markdown_table
 
 HERE = Path(__file__).parent
 TASKS = ("niah_single", "niah_multikey", "niah_multivalue", "vt", "cwe")

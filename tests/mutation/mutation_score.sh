@@ -3,11 +3,11 @@
 # with mutmut: every mutant of those modules is run against the fast tests named in pyproject.toml
 # ([tool.mutmut]). A benchmark, not part of CI: the whole set (about 3900 mutants) takes many hours
 # on 2 cores, so a uniform random sample of it gives the score in a fraction of that time.
-#   bash examples/mutation_score.sh                               # every mutant
-#   bash examples/mutation_score.sh "atb_llm.runtime.scheduler*"  # the mutants of one module
-#   bash examples/mutation_score.sh --sample 400 [--seed 0]       # a random sample of the whole scope
+#   bash tests/mutation/mutation_score.sh                               # every mutant
+#   bash tests/mutation/mutation_score.sh "atb_llm.runtime.scheduler*"  # the mutants of one module
+#   bash tests/mutation/mutation_score.sh --sample 400 [--seed 0]       # a random sample of the whole scope
 # The score is printed twice: over every mutant run, and over those not listed as equivalent in
-# examples/mutation_equivalent.txt (a mutant that no test can kill because the behaviour is the same,
+# tests/mutation/mutation_equivalent.txt (a mutant that no test can kill because the behaviour is the same,
 # each with its reason). Then: .venv/bin/mutmut results (the survivors), .venv/bin/mutmut show NAME.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -51,7 +51,7 @@ exit_codes = {k: v for f in glob.glob("mutants/atb_llm/**/*.meta", recursive=Tru
 wanted = sys.argv[1:]
 names = [k for k in exit_codes if not wanted or any(k == w or fnmatch.fnmatch(k, w) for w in wanted)]
 count = Counter(verdict[exit_codes[k]] for k in names)
-equivalent = {line.split()[0] for line in open("examples/mutation_equivalent.txt") if line.strip() and not line.startswith("#")}
+equivalent = {line.split()[0] for line in open("tests/mutation/mutation_equivalent.txt") if line.strip() and not line.startswith("#")}
 run = [k for k in names if exit_codes[k] is not None]
 killed = [k for k in run if verdict[exit_codes[k]] in ("killed", "timeout", "segfault")]
 print(f"mutants {len(names)}: " + ", ".join(f"{v} {n}" for v, n in sorted(count.items())))

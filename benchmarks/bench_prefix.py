@@ -1,7 +1,7 @@
 """Prefix caching: requests that share a long system prompt, with the cache on and off, and Hugging
 Face transformers on the same prompts in the same run.
 
-    python -m examples.models.qwen2_5_mlgc.bench_prefix [-m WEIGHT_DIR] [--system_tokens 2000]
+    python -m benchmarks.bench_prefix [-m WEIGHT_DIR] [--system_tokens 2000]
         [--requests 3] [--mlgc off random] [--dtype fp32] [--out DIR]
 
 Each request is the same system prompt followed by its own question, sent one after another (greedy,
@@ -25,7 +25,7 @@ from atb_llm.models.qwen2_mlgc.config_qwen2_mlgc import load_qwen2_config
 from atb_llm.runtime.engine import EngineConfig, LLMEngine
 from atb_llm.runtime.sequence import SamplingParams
 from atb_llm.utils.default_model import resolve_model_path
-from atb_llm.utils.perf import load_hf, markdown_table
+from benchmarks.common import load_hf, markdown_table
 
 HERE = Path(__file__).parent
 COLUMNS = ["mlgc", "prefix cache", "request", "prompt tokens", "cached tokens", "ttft_s", "vs first", "same output"]

@@ -1,7 +1,7 @@
 """Time to first token and tokens/s per client at N concurrent streaming clients, over loopback.
 
-    python -m examples.server.bench_clients                      # starts a server (default model), 1 / 8 / 32 clients
-    python -m examples.server.bench_clients --url http://127.0.0.1:8000 --clients 1 4
+    python -m benchmarks.bench_clients                      # starts a server (default model), 1 / 8 / 32 clients
+    python -m benchmarks.bench_clients --url http://127.0.0.1:8000 --clients 1 4
 
 Every client streams one chat answer of exactly --max_tokens tokens (ignore_eos), all started at
 once. Seen from the client: first token = request sent -> first content chunk; decode tokens/s =
@@ -118,7 +118,7 @@ def markdown(rows: list[dict]) -> str:
 
 def start_server(args: argparse.Namespace) -> tuple[subprocess.Popen, str]:
     """A server subprocess on args.port (so the clients do not share its interpreter)."""
-    cmd = [sys.executable, "-m", "examples.server", "--port", str(args.port), "--log_level", "warning"]
+    cmd = [sys.executable, "-m", "atb_llm.entrypoints.openai", "--port", str(args.port), "--log_level", "warning"]
     cmd += ["--max_batch_size", str(args.max_batch_size)]
     if args.model_path:
         cmd += ["--model_path", args.model_path]

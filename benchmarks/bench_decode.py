@@ -1,6 +1,6 @@
 """Decode speed at long context: MLGC against the full cache, same engine, same run.
 
-    python -m examples.models.qwen2_5_mlgc.bench_decode [--context 8192] [--batch 1 4] [--plans PLAN ...]
+    python -m benchmarks.bench_decode [--context 8192] [--batch 1 4] [--plans PLAN ...]
 
 Prefills `batch` sequences of `context` random tokens, then times `--steps` decode steps. Window
 groups read their ring of blocks instead of the whole history, so decode reads fewer bytes.
@@ -18,7 +18,7 @@ from atb_llm.compression.plan import MlgcPlan
 from atb_llm.runtime.engine import EngineConfig, LLMEngine
 from atb_llm.runtime.sequence import SamplingParams
 from atb_llm.utils.default_model import resolve_model_path
-from atb_llm.utils.perf import markdown_table, random_prompts
+from benchmarks.common import markdown_table, random_prompts
 
 HERE = Path(__file__).parent
 

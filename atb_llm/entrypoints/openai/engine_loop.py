@@ -3,7 +3,7 @@
 The engine is not thread-safe, so one thread owns it and runs: drain the command queue (add /
 abort), `step()`, publish every sequence's new text to its request's asyncio queue with
 `loop.call_soon_threadsafe`. The HTTP layer only puts commands on the queue and awaits its own
-queues, so it never blocks on a forward pass; it tokenizes prompts itself (examples/server/prompts.py),
+queues, so it never blocks on a forward pass; it tokenizes prompts itself (atb_llm/entrypoints/openai/prompts.py),
 so the engine thread never waits on a tokenizer either.
 """
 
@@ -17,11 +17,11 @@ from dataclasses import dataclass, field
 
 import torch
 
+from atb_llm.entrypoints.openai.metrics import Metrics
+from atb_llm.entrypoints.openai.text_stream import TextStream
 from atb_llm.runtime.engine import LLMEngine
 from atb_llm.runtime.sequence import SamplingParams, Sequence, TokenLogprob
 from atb_llm.runtime.stats import EngineStats
-from examples.server.metrics import Metrics
-from examples.server.text_stream import TextStream
 
 log = logging.getLogger("atb_llm.server")
 

@@ -1,9 +1,9 @@
 """The CUDA path in one call: every GPU kernel checked against the torch reference, then the whole
 model timed against Hugging Face transformers on the same random weights.
 
-    python examples/models/qwen2_5_mlgc/bench_gpu.py                      # CUDA: Qwen2.5-7B shapes
-    python examples/models/qwen2_5_mlgc/bench_gpu.py --config CONFIG.json # another shape
-    TRITON_INTERPRET=1 python examples/models/qwen2_5_mlgc/bench_gpu.py   # no CUDA: a tiny config
+    python benchmarks/bench_gpu.py                      # CUDA: Qwen2.5-7B shapes
+    python benchmarks/bench_gpu.py --config CONFIG.json # another shape
+    TRITON_INTERPRET=1 python benchmarks/bench_gpu.py   # no CUDA: a tiny config
 
 Weights are random (normal, as transformers initialises them): transformers builds the model from
 config.json on the device and the engine loads the same tensors, so both compute the same
@@ -56,7 +56,7 @@ from atb_llm.runtime.engine import EngineConfig, LLMEngine
 from atb_llm.runtime.model_runner import ModelRunner
 from atb_llm.runtime.sequence import SamplingParams, Sequence
 from atb_llm.utils.default_model import resolve_model_path
-from atb_llm.utils.perf import markdown_table, measure_engine, measure_hf
+from benchmarks.common import markdown_table, measure_engine, measure_hf
 
 HERE = Path(__file__).resolve().parent
 CONFIG_7B = HERE / "configs" / "qwen2.5-7b-instruct.json"
@@ -100,7 +100,7 @@ def make_setup(config_path: Path | None, device: str | None) -> Setup:
     if os.environ.get("TRITON_INTERPRET") != "1":
         raise SystemExit(
             "no CUDA device here: run the kernels on the CPU under Triton's interpreter with "
-            "TRITON_INTERPRET=1 python examples/models/qwen2_5_mlgc/bench_gpu.py"
+            "TRITON_INTERPRET=1 python benchmarks/bench_gpu.py"
         )
     config = json.loads(config_path.read_text()) if config_path else tiny_config()
     return Setup("cpu", torch.float32, config, 16, 64, 96, 4, 3, 4, 32, 16)

@@ -1,7 +1,7 @@
 """One long prompt, prefilled whole or in chunks, with the full cache or an MLGC plan, beside Hugging
 Face transformers: first-token time, peak process RSS and KV bytes.
 
-    python -m examples.models.qwen2_5_mlgc.bench_long [-m WEIGHT_DIR] [--lengths 8192 16384]
+    python -m benchmarks.bench_long [-m WEIGHT_DIR] [--lengths 8192 16384]
         [--chunk 2048] [--mlgc random] [--dtype fp32] [--variants ...] [--out DIR]
 
 Each case runs in its own process; peak RSS is the process's high-water mark during the prefill
@@ -24,7 +24,7 @@ from atb_llm.config import parse_dtype
 from atb_llm.runtime.engine import EngineConfig, LLMEngine
 from atb_llm.runtime.sequence import SamplingParams
 from atb_llm.utils.default_model import resolve_model_path
-from atb_llm.utils.perf import load_hf, markdown_table, random_prompts
+from benchmarks.common import load_hf, markdown_table, random_prompts
 
 HERE = Path(__file__).parent
 VARIANTS = {  # name -> (chunked, mlgc); "transformers" is the peer
@@ -98,7 +98,7 @@ def main() -> None:
     for n in args.lengths:
         by_variant = {}
         for variant in args.variants:
-            cmd = [sys.executable, "-m", "examples.models.qwen2_5_mlgc.bench_long", "-m", args.model_path]
+            cmd = [sys.executable, "-m", "benchmarks.bench_long", "-m", args.model_path]
             cmd += ["--case", variant, "--length", str(n), "--chunk", str(args.chunk), "--mlgc", args.mlgc]
             cmd += ["--dtype", args.dtype]
             print(f"{n} tokens, {variant} ...", file=sys.stderr, flush=True)

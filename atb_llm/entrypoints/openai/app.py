@@ -13,14 +13,13 @@ from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Res
 from fastapi.staticfiles import StaticFiles
 from starlette.background import BackgroundTask
 
-from atb_llm.runtime.request_limits import short
-from examples.server import generation as gen
-from examples.server.engine_loop import EngineLoop
-from examples.server.errors import APIError, install_error_handlers
-from examples.server.limits import LOOPBACK_NAMES, ApiKey, BodyLimit, HostCheck
-from examples.server.logprobs import TokenTexts
-from examples.server.prompts import PromptEncoder
-from examples.server.protocol import (
+from atb_llm.entrypoints.openai import generation as gen
+from atb_llm.entrypoints.openai.engine_loop import EngineLoop
+from atb_llm.entrypoints.openai.errors import APIError, install_error_handlers
+from atb_llm.entrypoints.openai.limits import LOOPBACK_NAMES, ApiKey, BodyLimit, HostCheck
+from atb_llm.entrypoints.openai.logprobs import TokenTexts
+from atb_llm.entrypoints.openai.prompts import PromptEncoder
+from atb_llm.entrypoints.openai.protocol import (
     AssistantMessage,
     ChatChoice,
     ChatCompletion,
@@ -29,6 +28,7 @@ from examples.server.protocol import (
     CompletionRequest,
     SamplingFields,
 )
+from atb_llm.runtime.request_limits import short
 
 STATIC = Path(__file__).parent / "static"
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}

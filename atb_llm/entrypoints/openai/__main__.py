@@ -1,4 +1,4 @@
+from atb_llm.entrypoints.openai.serve import main
 from atb_llm.utils.cli import run_main
-from examples.server.serve import main
 
 run_main(main, "server")

@@ -23,9 +23,9 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
+from atb_llm.entrypoints.openai.metrics import Metrics
+from atb_llm.entrypoints.openai.protocol import ErrorDetail, ErrorResponse
 from atb_llm.runtime.request_limits import short
-from examples.server.metrics import Metrics
-from examples.server.protocol import ErrorDetail, ErrorResponse
 
 log = logging.getLogger("atb_llm.server")
 

@@ -15,13 +15,17 @@ from dataclasses import dataclass, field, replace
 
 from fastapi import Request
 
-from atb_llm.runtime.request_limits import ContextLengthError, RequestError, RequestLimits
-from atb_llm.runtime.sequence import SamplingParams, TokenLogprob
-from examples.server.engine_loop import EngineLoop, GenerationEvent, GenerationRequest, RequestStream, ShuttingDownError
-from examples.server.errors import APIError, error_body
-from examples.server.logprobs import TokenTexts, chat_logprobs, completion_logprobs
-from examples.server.prompts import BadTextError, Prompt, PromptEncoder
-from examples.server.protocol import (
+from atb_llm.entrypoints.openai.engine_loop import (
+    EngineLoop,
+    GenerationEvent,
+    GenerationRequest,
+    RequestStream,
+    ShuttingDownError,
+)
+from atb_llm.entrypoints.openai.errors import APIError, error_body
+from atb_llm.entrypoints.openai.logprobs import TokenTexts, chat_logprobs, completion_logprobs
+from atb_llm.entrypoints.openai.prompts import BadTextError, Prompt, PromptEncoder
+from atb_llm.entrypoints.openai.protocol import (
     ChatChunkChoice,
     ChatCompletionChunk,
     ChatDelta,
@@ -30,6 +34,8 @@ from examples.server.protocol import (
     SamplingFields,
     Usage,
 )
+from atb_llm.runtime.request_limits import ContextLengthError, RequestError, RequestLimits
+from atb_llm.runtime.sequence import SamplingParams, TokenLogprob
 
 DISCONNECT_POLL_S = 0.5
 

@@ -1,6 +1,6 @@
 """KV memory of MLGC plans against the full cache, counted in the whole blocks the engine allocates.
 
-    python -m examples.models.qwen2_5_mlgc.bench_memory [--out DIR]
+    python -m benchmarks.bench_memory [--out DIR]
 
 For the default model (its calibrated plans when WEIGHT_DIR holds them, else the same budget on
 random groups) and for the Qwen2.5-7B shapes (28 layers x 4 KV heads; the memory depends only on
@@ -20,7 +20,7 @@ from atb_llm.compression.layout import GroupLayout
 from atb_llm.compression.memory import kv_bytes, kv_bytes_by_level
 from atb_llm.compression.plan import baseline_plan
 from atb_llm.models.qwen2_mlgc.config_qwen2_mlgc import load_qwen2_config
-from atb_llm.utils.perf import markdown_table
+from benchmarks.common import markdown_table
 
 HERE = Path(__file__).parent
 CONTEXTS = (4096, 8192, 16384, 32768)

@@ -15,8 +15,8 @@ from starlette.exceptions import HTTPException
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from examples.server.errors import error_body
-from examples.server.metrics import Metrics
+from atb_llm.entrypoints.openai.errors import error_body
+from atb_llm.entrypoints.openai.metrics import Metrics
 
 
 class BodyLimit:
