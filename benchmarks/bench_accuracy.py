@@ -31,7 +31,7 @@ from atb_llm.runtime.calibration import CalibrationConfig, calibrate
 from atb_llm.runtime.engine import EngineConfig, LLMEngine
 from atb_llm.runtime.sequence import SamplingParams
 from atb_llm.utils.default_model import resolve_model_path
-from benchmarks.common import markdown_table
+from benchmarks.common import engine_config, markdown_table
 
 HERE = Path(__file__).parent
 GPL = Path("/usr/share/common-licenses/GPL-3")
@@ -58,15 +58,8 @@ def plans(
     return {name: plan for name, plan in found.items() if not only or name in only}
 
 
-def engine_for(model: str, plan: MlgcPlan | None, max_input: int, block_size: int) -> LLMEngine:
-    cfg = EngineConfig(
-        model,
-        max_batch_size=4,
-        max_input_length=max_input,
-        max_output_length=2048,
-        block_size=block_size,
-        progress=False,
-    )
+def engine_for(args: argparse.Namespace, plan: MlgcPlan | None, max_input: int) -> LLMEngine:
+    cfg = engine_config(args, max_batch_size=4, max_input_length=max_input, max_output_length=2048, progress=False)
     return LLMEngine(cfg, layout=plan.to_layout() if plan else None)
 
 
@@ -126,15 +119,14 @@ def run_ppl(engine: LLMEngine, segment: int, prefix: int, window_end: int) -> tu
 
 def main(argv=None) -> str:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model_path", default=None)
     ap.add_argument("--tasks", nargs="+", default=["passkey", "ppl"], choices=["passkey", "ppl"])
     ap.add_argument("--contexts", nargs="+", type=int, default=[2048, 4096, 8192])
-    ap.add_argument("--block_size", "--block-size", type=int, default=128)
     ap.add_argument("--sink", type=int, default=64)
     ap.add_argument("--recent", type=int, default=1024)
     ap.add_argument("--ratios", nargs="+", type=float, default=[0.25, 0.5], help="full ratios of calibrated plans")
     ap.add_argument("--caches", nargs="*", default=None, help="only these caches, by name (default: all)")
     ap.add_argument("--out", type=Path, default=HERE / "results")
+    EngineConfig.add_cli_args(ap)
     args = ap.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     model = str(resolve_model_path(args.model_path))
@@ -147,7 +139,7 @@ def main(argv=None) -> str:
         if key in done:
             rows.append(done[key])
             continue
-        engine = engine_for(model, plan, max(args.contexts) + 256, args.block_size)
+        engine = engine_for(args, plan, max(args.contexts) + 256)
         row = {"cache": name, "kv at 8K": f"{engine_kv_share(engine, 8192, args.block_size):.0%}"}
         if "passkey" in args.tasks:
             for context, rate in run_passkey(engine, args.contexts).items():

@@ -17,8 +17,7 @@ import torch
 from atb_llm.compression.plan import MlgcPlan
 from atb_llm.runtime.engine import EngineConfig, LLMEngine
 from atb_llm.runtime.sequence import SamplingParams
-from atb_llm.utils.default_model import resolve_model_path
-from benchmarks.common import markdown_table, random_prompts
+from benchmarks.common import engine_config, markdown_table, random_prompts
 
 HERE = Path(__file__).parent
 
@@ -39,11 +38,9 @@ def decode_ms(engine: LLMEngine, batch: int, context: int, steps: int) -> float:
 
 def main(argv=None) -> str:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model_path", default=None)
     ap.add_argument("--context", type=int, default=8192)
     ap.add_argument("--batch", nargs="+", type=int, default=[1, 4])
     ap.add_argument("--steps", type=int, default=16)
-    ap.add_argument("--block_size", "--block-size", type=int, default=128)
     ap.add_argument(
         "--plans",
         nargs="*",
@@ -52,18 +49,17 @@ def main(argv=None) -> str:
         help="plans to time (default: results/plan_razor_0.25.json and 0.5 if present)",
     )
     ap.add_argument("--out", type=Path, default=HERE / "results")
+    EngineConfig.add_cli_args(ap)
     args = ap.parse_args(argv)
-    model = str(resolve_model_path(args.model_path))
     plans = args.plans if args.plans is not None else sorted(args.out.glob("plan_razor_*.json"))
     caches = {"full cache": None} | {p.stem: MlgcPlan.load(p) for p in plans}
     rows = []
     for name, plan in caches.items():
-        cfg = EngineConfig(
-            model,
+        cfg = engine_config(
+            args,
             max_batch_size=max(args.batch),
             max_input_length=args.context,
             max_output_length=args.steps + 3,
-            block_size=args.block_size,
             max_prefill_tokens=args.context,
             progress=False,
         )

@@ -84,7 +84,7 @@ def plot(per_level: dict[str, dict[str, float]], path: Path) -> None:
 
 def main(argv=None) -> str:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--block_size", "--block-size", type=int, default=128)
+    ap.add_argument("--block_size", type=int, default=128)
     ap.add_argument("--sink", type=int, default=64)
     ap.add_argument("--recent", type=int, default=1024)
     ap.add_argument("--out", type=Path, default=HERE / "results")

@@ -16,7 +16,7 @@ import torch
 from atb_llm.config import parse_dtype
 from atb_llm.runtime.engine import EngineConfig, LLMEngine
 from atb_llm.utils.default_model import resolve_model_path
-from benchmarks.common import load_hf, markdown_table, measure_engine, measure_hf
+from benchmarks.common import engine_config, load_hf, markdown_table, measure_engine, measure_hf
 
 COLUMNS = [
     "batch_size",
@@ -41,11 +41,9 @@ def parse_case(text: str) -> tuple[int, int, int]:
 
 def main(argv: list[str] | None = None) -> list[dict]:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model_path", default=None)
-    ap.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
     ap.add_argument("--cases", nargs="+", type=parse_case, default=[(1, 256, 64), (4, 256, 64), (8, 256, 64)])
-    ap.add_argument("--block_size", type=int, default=128)
     ap.add_argument("--no_hf", action="store_true", help="engine only")
+    EngineConfig.add_cli_args(ap, dtype="bf16")
     args = ap.parse_args(argv)
     path = str(resolve_model_path(args.model_path))
     torch.manual_seed(0)
@@ -54,13 +52,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
     max_in = max(i for _, i, _ in args.cases)
     max_out = max(o for _, _, o in args.cases)
     engine = LLMEngine(
-        EngineConfig(
-            path,
-            dtype=args.dtype,
+        engine_config(
+            args,
             max_batch_size=max_b,
             max_input_length=max_in,
             max_output_length=max_out,
-            block_size=args.block_size,
             max_prefill_tokens=max_b * max_in,
         )
     )

@@ -1,16 +1,26 @@
-"""Timing one performance case (batch size, input length, output length) on the engine and on
-Hugging Face transformers, measured the same way: first token = the batch's prefill, non-first
-token = mean decode step, end to end = batch * output tokens / total seconds."""
+"""What the benchmarks share: the engine from the command line's flags, and timing one performance
+case (batch size, input length, output length) on the engine and on Hugging Face transformers,
+measured the same way: first token = the batch's prefill, non-first token = mean decode step, end
+to end = batch * output tokens / total seconds."""
 
 from __future__ import annotations
 
+import argparse
 import time
 from dataclasses import asdict, dataclass
 
 import torch
 
-from atb_llm.runtime.engine import LLMEngine
+from atb_llm.runtime.engine import EngineConfig, LLMEngine
 from atb_llm.runtime.sequence import SamplingParams
+from atb_llm.utils.default_model import resolve_model_path
+
+
+def engine_config(args: argparse.Namespace, **overrides) -> EngineConfig:
+    """The engine flags of a parser built with `EngineConfig.add_cli_args` (every engine flag works in
+    every benchmark), with the model folder resolved; `overrides` are what the benchmark's case
+    fixes (lengths, batch)."""
+    return EngineConfig.from_cli_args(args, model_path=str(resolve_model_path(args.model_path)), **overrides)
 
 
 @dataclass

@@ -33,7 +33,7 @@ from atb_llm.runtime.engine import EngineConfig, LLMEngine
 from atb_llm.runtime.sequence import SamplingParams
 from atb_llm.utils.default_model import resolve_model_path
 from benchmarks.bench_accuracy import FILLER, plans
-from benchmarks.common import markdown_table
+from benchmarks.common import engine_config, markdown_table
 
 HERE = Path(__file__).parent
 TASKS = ("niah_single", "niah_multikey", "niah_multivalue", "vt", "cwe")
@@ -149,20 +149,18 @@ def plot(rows: list[dict], lengths: list[int], path: Path) -> None:
 
 def main(argv=None) -> str:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model_path", "-m", default=None)
     ap.add_argument("--lengths", nargs="+", type=int, default=[4096, 8192, 16384, 32768])
     ap.add_argument("--samples", type=int, default=50, help="per task and length")
     ap.add_argument("--tasks", nargs="+", default=list(TASKS), choices=TASKS)
     ap.add_argument("--caches", nargs="*", default=None, help="only these caches, by name (default: all)")
     ap.add_argument("--ratios", nargs="+", type=float, default=[0.25, 0.5])
     ap.add_argument("--int8", action="store_true", help="also each calibrated plan in int8")
-    ap.add_argument("--dtype", default=None, choices=["bf16", "fp16", "fp32"], help="default: the checkpoint's")
     ap.add_argument("--chunk", type=int, default=None, help="chunked prefill of this many tokens")
-    ap.add_argument("--block_size", type=int, default=128)
     ap.add_argument("--sink", type=int, default=64)
     ap.add_argument("--recent", type=int, default=1024)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=HERE / "results")
+    EngineConfig.add_cli_args(ap)
     args = ap.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     model = str(resolve_model_path(args.model_path))
@@ -177,10 +175,9 @@ def main(argv=None) -> str:
     done = json.loads(done_path.read_text()) if done_path.is_file() else {}
     rows = []
     for name, layout in tqdm(caches.items(), desc="Caches"):
-        cfg = EngineConfig(
-            model, dtype=args.dtype, max_batch_size=4, max_input_length=max(args.lengths), max_output_length=128,
-            block_size=args.block_size, chunked_prefill=args.chunk is not None,
-            max_prefill_tokens=args.chunk or max(args.lengths), progress=False,
+        cfg = engine_config(
+            args, max_batch_size=4, max_input_length=max(args.lengths), max_output_length=128,
+            chunked_prefill=args.chunk is not None, max_prefill_tokens=args.chunk or max(args.lengths), progress=False,
         )  # fmt: skip
         engine = None
         row = {"cache": name}

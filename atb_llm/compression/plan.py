@@ -87,7 +87,7 @@ class MlgcPlan:
         if self.block_size != block_size:
             raise ValueError(
                 f"{where} was aligned to block_size={self.block_size}; run with --block_size "
-                f"{self.block_size} or recalibrate with --block-size {block_size}"
+                f"{self.block_size} or recalibrate with --block_size {block_size}"
             )
 
     def level_objects(self) -> list[Level]:

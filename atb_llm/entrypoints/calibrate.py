@@ -19,18 +19,17 @@ from atb_llm.compression.plan import PLAN_NAME, baseline_plan, describe
 from atb_llm.config import parse_dtype
 from atb_llm.models.base.router import get_router
 from atb_llm.runtime.calibration import CalibrationConfig, calibrate
+from atb_llm.runtime.engine_config import EngineConfig
 from atb_llm.utils.cli import run_main
 from atb_llm.utils.default_model import resolve_model_path
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("-m", "--model_path", default=None, help="weight folder (default: the default model)")
-    ap.add_argument("--full_ratio", "--full-ratio", type=float, default=0.25, help="fraction of groups kept full")
+    ap.add_argument("--full_ratio", type=float, default=0.25, help="fraction of groups kept full")
     ap.add_argument("--sink", type=int, default=64)
     ap.add_argument("--recent", type=int, default=1024, help="recent window (extended to fill its last block)")
     ap.add_argument("--int8", action="store_true", help="int8 variants: full_int8 and window_int8")
-    ap.add_argument("--block_size", "--block-size", type=int, default=128)
     ap.add_argument(
         "--method",
         default="razor",
@@ -40,8 +39,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--samples", type=int, default=4, help="random probe sequences")
     ap.add_argument("--period", type=int, default=256, help="probe length before it repeats")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--dtype", default=None, choices=["bf16", "fp16", "fp32"])
     ap.add_argument("-o", "--output", default=None, help=f"plan path (default: WEIGHT_DIR/{PLAN_NAME})")
+    EngineConfig.add_cli_args(ap)  # the model, its dtype and device, the block size the plan aligns to
     return ap.parse_args(argv)
 
 
@@ -60,7 +59,7 @@ def main(argv=None) -> Path:
             args.period,
             seed=args.seed,
         )
-        plan = calibrate(str(model), cfg, dtype=args.dtype)
+        plan = calibrate(str(model), cfg, dtype=args.dtype, device=args.device)
     else:
         plan = baseline_plan(
             args.method, config, args.block_size, args.sink, args.recent, args.full_ratio, args.int8, args.seed

@@ -98,14 +98,17 @@ def choose_full(echo: list[float], induction: list[float], num_full: int) -> set
     return full
 
 
-def calibrate(model_path: str, cfg: CalibrationConfig, dtype: str | None = None, progress: bool = True) -> MlgcPlan:
-    """Probe the model at `model_path` and return its plan."""
+def calibrate(
+    model_path: str, cfg: CalibrationConfig, dtype: str | None = None, progress: bool = True, device: str = "cpu"
+) -> MlgcPlan:
+    """Probe the model at `model_path` (on `device`) and return its plan."""
     config = get_router(model_path).get_config()
     probe = ProbeBackend(config.num_hidden_layers, config.num_attention_heads, cfg.period)
     seq_len = cfg.period * cfg.repeats
     engine_cfg = EngineConfig(
         model_path,
         dtype=dtype,
+        device=device,
         max_batch_size=1,
         max_input_length=seq_len,
         max_output_length=1,
