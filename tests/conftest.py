@@ -33,6 +33,12 @@ def tiny_models(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def tiny(tiny_models) -> Path:
+    """The tiny random Qwen2 of the default shapes (fp32)."""
+    return tiny_models()
+
+
+@pytest.fixture(scope="session")
 def float_model(tmp_path_factory):
     from tiny import build_tiny_qwen2
 

@@ -6,7 +6,12 @@ from atb_llm.cache.block_manager import BlockManager
 from atb_llm.cache.block_pool import BlockPool, NoFreeBlocksError
 from atb_llm.cache.block_table import BlockTable
 from atb_llm.compression.layout import GroupLayout
-from atb_llm.compression.levels import Level, Window
+from atb_llm.compression.levels import FullInt8, Level, Window, WindowInt8
+from atb_llm.runtime.engine import EngineConfig, LLMEngine
+from atb_llm.runtime.sequence import SamplingParams
+
+BS = 16
+
 
 FULL_AND_WINDOW = GroupLayout(1, 2, (Level(), Window(sink=4, recent=12)))  # one KV head each: 16 + 1 slots
 
@@ -221,3 +226,33 @@ def test_fork_needs_exactly_the_blocks_it_copies_and_evicts_idle_ones_for_them()
     child = bm.fork(a, 40)
     assert child[0][:2] == a[0][:2] and len(child[0]) == 3 and len(child[1]) == 2
     assert (pool.num_clean, pool.num_idle, len(bm.prefix.entries)) == (0, 1, 1)  # one cached block evicted
+
+
+# ---- block accounting per level ------------------------------------------------------------------
+def test_blocks_needed_per_level_come_from_the_block_manager():
+    window = Window(sink=4, recent=27)  # 4 + 27 + 1 = 32 slots: a ring of 2 blocks
+    bm = BlockManager(GroupLayout(2, 2, (Level(), window, window, window)), {"model": 100}, BS)
+    got = [bm.blocks_needed(n)["model"] for n in (3, 10, 16, 17, 40, 100)]
+    assert got == [4, 4, 7, 8, 9, 13]  # 1 full group (ceil(n/16)) + 3 rings (at most 2 blocks each)
+
+
+def test_per_level_block_counts_return_to_zero(tiny):
+    levels = (Level(), Window(sink=4, recent=11), FullInt8(), WindowInt8(sink=4, recent=11))
+    engine = LLMEngine(
+        EngineConfig(str(tiny), block_size=BS, max_input_length=64, max_output_length=40, progress=False),
+        layout=GroupLayout(2, 2, levels),
+    )
+    engine.generate([[i + 2] * (10 + 7 * i) for i in range(5)], SamplingParams(max_tokens=40, ignore_eos=True))
+    usage = engine.cache_manager.usage_by_level()
+    assert all(set(u) == {"groups", "blocks_used", "blocks_peak", "bytes_used", "bytes_peak"} for u in usage.values())
+    assert {name: u["blocks_used"] for name, u in usage.items()} == dict.fromkeys(usage, 0)
+    # peaks: 5 sequences of up to 78 tokens; a full group holds ceil(n / 16) blocks, a window ring one
+    assert usage["window"]["blocks_peak"] == usage["window_int8"]["blocks_peak"] == 5
+    assert (
+        usage["full"]["blocks_peak"]
+        == usage["full_int8"]["blocks_peak"]
+        == sum(-(-(10 + 7 * i + 39) // BS) for i in range(5))
+    )
+    assert engine.cache_manager.block_manager.num_free() == {
+        p: engine.cache_manager.num_blocks[p] for p in ("model", "int8")
+    }

@@ -11,11 +11,6 @@ PROMPT = [5, 17, 300, 42, 9, 77, 100, 3]
 
 
 @pytest.fixture(scope="module")
-def tiny(tiny_models):
-    return tiny_models()
-
-
-@pytest.fixture(scope="module")
 def engine(tiny):
     cfg = EngineConfig(str(tiny), dtype="fp32", block_size=16, max_input_length=64, max_output_length=8, progress=False)
     return LLMEngine(cfg)

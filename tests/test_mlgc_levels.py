@@ -6,14 +6,18 @@ import pytest
 import torch
 
 from atb_llm.cache.cache_manager import CacheConfig, CacheManager
+from atb_llm.cache.kv_cache import KVPool
 from atb_llm.compression.layout import GroupLayout
-from atb_llm.compression.levels import FullInt8, Level, Window, WindowInt8
+from atb_llm.compression.levels import INT8_STORAGE, MODEL_STORAGE, FullInt8, Level, Window, WindowInt8
 from atb_llm.layers.attention import kv_write
 from atb_llm.layers.attention.metadata import AttentionMetadata
 from atb_llm.layers.attention.paged_attention import PagedAttention, load_kv_cache_scale
 from atb_llm.layers.attention.torch_backend import TorchBackend
 from atb_llm.runtime.engine import EngineConfig, LLMEngine
 from atb_llm.runtime.sequence import SamplingParams, Sequence
+
+BS = 16
+
 
 COVERING = {  # sink + recent covers the 60 tokens of the test
     "full": Level(),
@@ -256,3 +260,37 @@ def test_int8_levels_without_c8_scales_measure_them_on_a_probe_at_load(tiny_mode
     assert not bm.prefix.entries
     full = GroupLayout.uniform(2, 2)
     assert LLMEngine(cfg, layout=full).model.model.layers[0].self_attn.attn.kv_scale is None  # no int8: no probe
+
+
+# ---- int8 storage against a reference written here -------------------------------------------------
+def test_int8_storage_round_trip_equals_an_fp32_reference():
+    torch.manual_seed(0)
+    x = torch.randn(64, 128) * torch.logspace(-3, 2, 64)[:, None]  # rows over five decades
+    x[3] = 0  # an all-zero token
+    q, scale = WindowInt8.storage.quantize(x)
+    ref_scale = x.abs().amax(-1) / 127
+    ref_q = torch.where(ref_scale[:, None] > 0, torch.round(x / ref_scale[:, None].clamp(min=1e-30)), 0)
+    assert q.dtype == torch.int8 and torch.equal(q.float(), ref_q)
+    assert torch.allclose(scale[ref_scale > 0], ref_scale[ref_scale > 0])
+    back = WindowInt8.storage.dequantize(q, scale, torch.float32)
+    assert torch.all((back - x).abs() <= ref_scale[:, None] / 2 + 1e-6)  # half a step per token
+    assert torch.equal(back[3], torch.zeros(128))
+
+
+def test_a_layout_of_another_shape_is_refused(tiny):
+    cfg = EngineConfig(str(tiny), block_size=BS, max_input_length=64, max_output_length=8, progress=False)
+    with pytest.raises(ValueError, match=r"1 layers x 2 KV heads, the model 2 x 2; build it with GroupLayout"):
+        LLMEngine(cfg, layout=GroupLayout.uniform(1, 2))
+
+
+@pytest.mark.parametrize("int8", [False, True])
+def test_a_pool_reads_back_what_it_wrote_in_the_asked_dtype(int8):
+    pool = KVPool.allocate(4, 16, 32, torch.bfloat16, INT8_STORAGE if int8 else MODEL_STORAGE)
+    torch.manual_seed(0)
+    k, v, slots = torch.randn(5, 32), torch.randn(5, 32), torch.tensor([0, 17, 18, 40, 63])
+    pool.write(slots, k, v)
+    for dtype in (torch.float32, torch.bfloat16):
+        rk, rv = pool.read(slots, dtype)
+        assert rk.dtype == rv.dtype == dtype
+        step = k.abs().amax(-1, keepdim=True) / 127 if int8 else k.abs() / 128  # int8 / bf16 rounding
+        assert torch.all((rk.float() - k).abs() <= step) and not torch.equal(rk, rv)

@@ -1,6 +1,7 @@
 """Plans: file round trip, mismatch errors, baselines, calibration determinism, --mlgc wiring."""
 
 import json
+import re
 import shutil
 
 import pytest
@@ -17,12 +18,10 @@ from atb_llm.runtime.calibration import CalibrationConfig, ProbeBackend, calibra
 from atb_llm.runtime.engine import EngineConfig, LLMEngine
 from atb_llm.runtime.sequence import SamplingParams
 
+BS = 16
+
+
 CAL = CalibrationConfig(full_ratio=0.5, sink=4, recent=20, block_size=16, samples=2, period=24)
-
-
-@pytest.fixture(scope="module")
-def tiny(tiny_models):
-    return tiny_models()
 
 
 @pytest.fixture(scope="module")
@@ -245,3 +244,43 @@ def test_describe_draws_the_layer_by_group_grid():
         "window: window(sink=4, recent=27), window_int8(sink=2, recent=13)",
     ]
     assert describe(GroupLayout.uniform(1, 2)).splitlines() == ["layer g0 g1", "    0  F  F"]  # no windows, no line
+
+
+# ---- plans -------------------------------------------------------------------------------------
+def engine_with_plan(path, plan_path, block_size=BS):
+    cfg = EngineConfig(str(path), block_size=block_size, max_input_length=64, max_output_length=8, progress=False)
+    cfg.mlgc = str(plan_path)
+    return LLMEngine(cfg)
+
+
+def test_plans_for_another_model_or_block_size_are_refused_where_engines_load_them(tiny, tmp_path):
+    engine = engine_with_plan(tiny, "off")
+    plan = baseline_plan("streaming", engine.model_config, BS, sink=4, recent=12)
+    wrong_hash = tmp_path / "hash.json"
+    type(plan)(**{**plan.__dict__, "config_hash": "0123456789abcdef"}).save(wrong_hash)
+    with pytest.raises(ValueError, match="config hash 0123456789abcdef"):
+        engine_with_plan(tiny, wrong_hash)
+    with pytest.raises(ValueError, match="aligned to block_size=16; run with --block_size 16"):
+        engine_with_plan(tiny, plan.save(tmp_path / "p.json"), block_size=32)
+    shape = tmp_path / "shape.json"
+    type(plan)(**{**plan.__dict__, "num_layers": 3, "levels": plan.levels + [["full", "full"]]}).save(shape)
+    with pytest.raises(ValueError, match="3 layers x 2 KV heads"):
+        engine_with_plan(tiny, shape)
+    assert engine_with_plan(tiny, tmp_path / "p.json").layout == plan.to_layout()
+
+
+def test_run_pa_runs_the_plan_it_is_given(tiny, tmp_path, capsys):
+    """A streaming plan (every group a 4 + 12 window) on a 120-token answer: run_pa's engine holds
+    the windows (the KV report, computed from the engine's own layout and block counts) and the
+    answer differs from the full cache's."""
+    engine = engine_with_plan(tiny, "off")
+    plan_path = baseline_plan("streaming", engine.model_config, BS, sink=4, recent=11).save(tmp_path / PLAN_NAME)
+    common = ["--model_path", str(tiny), "--input_texts", "hello world the quick brown fox", "--ignore_eos"]
+    common += ["--max_output_length", "120", "--block_size", str(BS), "--max_input_length", "64"]
+    (windowed,) = run_pa.main(common + ["--mlgc", str(plan_path)])
+    report = capsys.readouterr().out
+    (full,) = run_pa.main(common + ["--mlgc", "off"])
+    assert "window: 4 groups, peak 4 blocks" in report  # 4 + 11 + 1 slots: one block per group
+    share = int(re.search(r"uncompressed \((\d+)%\)", report).group(1))
+    assert share < 15  # 4 blocks against 4 x 8 for ~127 tokens
+    assert windowed.token_ids != full.token_ids

@@ -112,3 +112,20 @@ def test_sampled_tokens_follow_the_distribution():
         share = torch.bincount(torch.tensor(tokens), minlength=4).float() / 4000
         want = _filter(logits / temperature, top_k, 1.0).softmax(-1)
         assert (share - want).abs().max() < 0.03, (temperature, top_k, share, want)
+
+
+# ---- sampling order -------------------------------------------------------------------------------
+def sample_many(temperature: float, top_p: float, n: int = 300) -> set[int]:
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0]])
+    seen = set()
+    for seed in range(n):
+        seq = Sequence([1], SamplingParams(temperature=temperature, top_p=top_p, seed=seed))
+        seen.add(Sampler()(logits, [seq])[0])
+    return seen
+
+
+def test_temperature_applies_before_top_p():
+    """At temperature 0.5 token 0 has p = e^4 / (e^4 + e^2 + 1 + e^-2) = 0.865 >= 0.8: the nucleus is
+    token 0 alone. Filtered first at temperature 1 (p0 = 0.644) the nucleus would also hold token 1."""
+    assert sample_many(0.5, 0.8) == {0}
+    assert sample_many(0.5, 0.9) == {0, 1}  # 0.865 < 0.9: token 1 joins, so the test above can fail

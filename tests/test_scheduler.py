@@ -4,8 +4,13 @@ import random
 
 import pytest
 
+from atb_llm.cache.block_manager import BlockManager
+from atb_llm.compression.layout import GroupLayout
 from atb_llm.runtime.engine import EngineConfig, LLMEngine
-from atb_llm.runtime.sequence import SamplingParams
+from atb_llm.runtime.scheduler import Scheduler
+from atb_llm.runtime.sequence import SamplingParams, Sequence, SequenceStatus
+
+BS = 16
 
 
 def prompts(n, lengths, seed=0):
@@ -64,3 +69,96 @@ def test_abort_frees_blocks_at_once(reference):
     while engine.has_unfinished():
         engine.step()
     assert pool.num_used == 0
+
+
+# ---- preemption ---------------------------------------------------------------------------------
+def full_pool_scheduler(num_blocks: int) -> Scheduler:
+    """One group, `num_blocks` blocks of 16 tokens: a 16-token prompt takes one block, its 17th token a second."""
+    return Scheduler(BlockManager(GroupLayout.uniform(1, 1), {"model": num_blocks}, BS), 8, 8192)
+
+
+def run_prefill(sched: Scheduler, seqs: list[Sequence]) -> None:
+    for s in seqs:
+        sched.add(s)
+    scheduled, is_prefill = sched.schedule()
+    assert is_prefill and scheduled == seqs
+    for s in seqs:
+        s.num_computed_tokens = 16  # as the engine records the prefill
+        s.output_token_ids.append(7)  # the prefill's token: each now needs a block for token 17
+
+
+def test_preemption_takes_the_newest_and_requeues_it_ahead_of_later_arrivals():
+    sched = full_pool_scheduler(3)
+    a, b, c = (Sequence([1] * 16, SamplingParams(), request_id=x) for x in "abc")
+    run_prefill(sched, [a, b, c])  # the pool is full
+    d = Sequence([1] * 16, SamplingParams(), request_id="d")
+    sched.add(d)  # arrives after a, b, c
+    scheduled, is_prefill = sched.schedule()
+    # a (oldest) grows into c's freed block; b cannot grow and no one newer is left: b goes too
+    assert (scheduled, is_prefill) == ([a], False)
+    assert [s.num_preemptions for s in (a, b, c, d)] == [0, 1, 1, 0] and sched.num_preemptions == 2
+    assert [s.request_id for s in sched.waiting] == ["b", "c", "d"]  # preempted ones first, in arrival order
+    assert b.status is c.status is SequenceStatus.WAITING and not any(b.block_table.rows)
+    assert sched.block_manager.num_free() == {"model": 1}
+
+
+def test_a_lone_sequence_that_cannot_grow_preempts_itself():
+    sched = full_pool_scheduler(1)
+    (a,) = seqs = [Sequence([1] * 16, SamplingParams(), request_id="a")]
+    run_prefill(sched, seqs)
+    assert sched.schedule() == ([], False)
+    assert a.num_preemptions == 1 and list(sched.waiting) == [a]
+
+
+# ---- admission ----------------------------------------------------------------------------------
+def admitted(max_batch: int, budget: int, lengths: list[int]) -> list[int]:
+    """Prompt tokens scheduled in the first step for prompts of `lengths`, queued in that order."""
+    sched = Scheduler(BlockManager(GroupLayout.uniform(1, 1), {"model": 64}, BS), max_batch, budget)
+    for n in lengths:
+        sched.add(Sequence(list(range(2, 2 + n)), SamplingParams()))
+    scheduled, is_prefill = sched.schedule()
+    assert is_prefill and len(sched.running) == len(scheduled)
+    return [s.num_scheduled_tokens for s in scheduled]
+
+
+def test_admission_stops_at_the_batch_size_and_the_prefill_budget():
+    assert admitted(2, 1000, [5, 5, 5]) == [5, 5]  # the batch is full
+    assert admitted(3, 32, [16, 16, 16]) == [16, 16]  # an exact fit is admitted, then the budget is spent
+    assert admitted(3, 32, [16, 17, 1]) == [16]  # in order: the one that does not fit stops the others
+    assert admitted(3, 8, [20, 5]) == [20]  # the first prompt goes in whatever its length
+
+
+def test_admission_counts_the_blocks_a_cached_prefix_saves():
+    """A 6-block pool: a holds 4 blocks; b shares a's first 3 and needs 2 of its own, which fit."""
+    sched = Scheduler(BlockManager(GroupLayout.uniform(1, 1), {"model": 6}, BS, prefix_caching=True), 8, 8192)
+    a = Sequence(list(range(2, 66)), SamplingParams())
+    sched.add(a)
+    assert sched.schedule() == ([a], True)
+    a.num_computed_tokens = 64
+    sched.block_manager.cache(a.block_table, a.token_ids, 64)  # as the engine records a finished prefill
+    b = Sequence(list(range(2, 50)) + [1] * 20, SamplingParams())
+    sched.add(b)
+    assert sched.schedule() == ([b], True)
+    assert (b.num_computed_tokens, b.num_scheduled_tokens) == (48, 20)
+    assert b.block_table[0][:3] == a.block_table[0][:3] and sched.block_manager.num_free() == {"model": 0}
+
+
+def test_siblings_of_a_one_token_prompt_start_together_with_nothing_to_share():
+    sched = full_pool_scheduler(8)
+    a, b = Sequence([5], SamplingParams()), Sequence([5], SamplingParams())
+    sched.add(a)
+    sched.add(b, sibling_of=a)
+    assert sched.schedule() == ([a, b], True) and a.fork_at == 0 and not sched.siblings
+
+
+def test_preempted_sequences_come_back_with_their_tokens(tiny_models):
+    """Exact preemption counts on a real engine: three 16-token prompts in a 4-group, 12-block pool."""
+    engine = LLMEngine(
+        EngineConfig(str(tiny_models()), block_size=BS, max_input_length=64, max_output_length=8, num_blocks=12,
+                     max_batch_size=3, progress=False),
+    )  # fmt: skip
+    params = SamplingParams(max_tokens=3, ignore_eos=True)
+    alone = [engine.generate([[i + 2] * 16], params)[0].token_ids for i in range(3)]
+    outs = engine.generate([[i + 2] * 16 for i in range(3)], params)
+    assert [o.token_ids for o in outs] == alone
+    assert [o.num_preemptions for o in outs] == [0, 1, 1]  # the newest two step aside once each

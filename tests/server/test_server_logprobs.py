@@ -17,11 +17,6 @@ PROMPTS = [[5, 17, 300, 42, 9], [77, 100, 3, 8, 250, 11, 12]]
 
 
 @pytest.fixture(scope="module")
-def tiny(tiny_models):
-    return tiny_models()
-
-
-@pytest.fixture(scope="module")
 def server(tiny):
     with running_server(tiny, dtype="fp32", block_size=16, max_input_length=32, max_output_length=8) as s:
         yield s

@@ -12,7 +12,7 @@ from pathlib import Path
 import httpx
 from server_util import free_port, wait_until
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_run_server_sh(tiny_models):
