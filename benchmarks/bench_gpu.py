@@ -1,9 +1,9 @@
 """The CUDA path in one call: every GPU kernel checked against the torch reference, then the whole
 model timed against Hugging Face transformers on the same random weights.
 
-    python benchmarks/bench_gpu.py                      # CUDA: Qwen2.5-7B shapes
-    python benchmarks/bench_gpu.py --config CONFIG.json # another shape
-    TRITON_INTERPRET=1 python benchmarks/bench_gpu.py   # no CUDA: a tiny config
+    python -m benchmarks.bench_gpu                      # CUDA: Qwen2.5-7B shapes
+    python -m benchmarks.bench_gpu --config CONFIG.json # another shape
+    TRITON_INTERPRET=1 python -m benchmarks.bench_gpu  # no CUDA: a tiny config
 
 Weights are random (normal, as transformers initialises them): transformers builds the model from
 config.json on the device and the engine loads the same tensors, so both compute the same
@@ -100,7 +100,7 @@ def make_setup(config_path: Path | None, device: str | None) -> Setup:
     if os.environ.get("TRITON_INTERPRET") != "1":
         raise SystemExit(
             "no CUDA device here: run the kernels on the CPU under Triton's interpreter with "
-            "TRITON_INTERPRET=1 python benchmarks/bench_gpu.py"
+            "TRITON_INTERPRET=1 python -m benchmarks.bench_gpu"
         )
     config = json.loads(config_path.read_text()) if config_path else tiny_config()
     return Setup("cpu", torch.float32, config, 16, 64, 96, 4, 3, 4, 32, 16)

@@ -1,5 +1,10 @@
+import os
 import sys
 from pathlib import Path
+
+# Triton's kernels run on CPU tensors under its interpreter: set before any kernel is defined. A
+# machine with a GPU can run the suite with TRITON_INTERPRET=0 to compile them for real.
+os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest
 import torch
@@ -63,3 +68,11 @@ def quantized(float_model, tmp_path_factory):
         return made[variant]
 
     return get
+
+
+def pytest_collection_modifyitems(items):
+    """Every test that loads the default model is `slow` (besides the long ones marked in their
+    files): `pytest -m "not slow"` is the inner loop, on tiny models only."""
+    for item in items:
+        if "default_model" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.slow)

@@ -4,8 +4,6 @@ the cache layout and the weight formats."""
 
 import os
 
-os.environ.setdefault("TRITON_INTERPRET", "1")  # before any Triton kernel is defined
-
 import pytest
 
 from benchmarks import bench_gpu

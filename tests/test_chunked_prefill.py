@@ -11,11 +11,12 @@ import random
 
 import pytest
 import torch
+from levels import level_table
 from tiny import hf_greedy
 
 from atb_llm.cache.cache_manager import CacheConfig, CacheManager
 from atb_llm.compression.layout import GroupLayout
-from atb_llm.compression.levels import FullInt8, Level, Window, WindowInt8
+from atb_llm.compression.levels import Level, Window
 from atb_llm.layers.attention.metadata import AttentionMetadata
 from atb_llm.layers.attention.torch_backend import TorchBackend
 from atb_llm.runtime.engine import EngineConfig, LLMEngine
@@ -137,7 +138,7 @@ def kept_cache(cm: CacheManager, seq: Sequence, level: Level) -> torch.Tensor:
     return torch.stack([k[:, :read], v[:, :read]], 2).transpose(0, 1)
 
 
-LEVELS = [Level(), FullInt8(), Window(sink=3, recent=20), WindowInt8(sink=3, recent=20), Window(sink=0, recent=9)]
+LEVELS = [*level_table(3, 20), Window(sink=0, recent=9)]  # and a window without sinks
 
 
 @pytest.mark.parametrize("level", LEVELS, ids=lambda lv: lv.describe())

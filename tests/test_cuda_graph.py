@@ -3,10 +3,6 @@ eagerly on its buffers, which checks what graphs add: the copies into static buf
 batch up to its bucket (rows that must neither write the cache nor fold a window), and buffers
 left over from a larger batch. The graph capture itself needs a GPU."""
 
-import os
-
-os.environ.setdefault("TRITON_INTERPRET", "1")  # the triton backend's kernels run on CPU tensors
-
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode

@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+from levels import level_table
 
 from atb_llm.cache.cache_manager import CacheConfig, CacheManager
 from atb_llm.cache.kv_cache import KVPool
@@ -19,12 +20,7 @@ from atb_llm.runtime.sequence import SamplingParams, Sequence
 BS = 16
 
 
-COVERING = {  # sink + recent covers the 60 tokens of the test
-    "full": Level(),
-    "window": Window(sink=4, recent=100),
-    "full_int8": FullInt8(),
-    "window_int8": WindowInt8(sink=4, recent=100),
-}
+COVERING = {level.name: level for level in level_table(4, 100)}  # sink + recent covers the 60 tokens of the test
 INT8_TOL = 0.15  # int8 K/V (per-token scales): max |logit difference| on the tiny model (logits within ±4)
 INT8_MEAN_TOL = 0.02  # ... and mean |logit difference|
 
@@ -103,7 +99,9 @@ def direct_attention(q, keys, values, sink, recent, scale):
     return torch.einsum("hm,mhd->hd", logits.softmax(-1), v)
 
 
-@pytest.mark.parametrize("level, tol", [(Window(sink=3, recent=5), 1e-5), (WindowInt8(sink=3, recent=5), 3e-2)])
+@pytest.mark.parametrize(
+    "level, tol", [(lv, 3e-2 if lv.int8 else 1e-5) for lv in level_table(3, 5) if lv.comp_slot is not None]
+)
 def test_decode_equals_direct_computation_over_kept_tokens(level, tol):
     torch.manual_seed(0)
     hq, hkv, d, bs = 4, 2, 8, 16
@@ -149,7 +147,7 @@ def test_kv_quant_c8_stores_every_group_in_int8_at_its_own_geometry(tiny_models)
 # ---- C8 channel scales: smoothing before the int8 cache ---------------------------------------
 
 
-@pytest.mark.parametrize("level", [Level(), Window(sink=3, recent=5), FullInt8(), WindowInt8(sink=3, recent=5)])
+@pytest.mark.parametrize("level", level_table(3, 5))
 def test_c8_channel_scales_shrink_the_int8_error_and_change_nothing_in_float(level):
     """Keys and values with a few outlier channels (20x the rest), as real ones have: with the checkpoint's
     per-channel scales the layer divides them out before the cache (and multiplies the queries and

@@ -8,14 +8,14 @@ import subprocess
 import sys
 from pathlib import Path
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
-
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
 pytest.importorskip("triton", reason="triton is not installed (pip install -e '.[test]')")
 if os.environ["TRITON_INTERPRET"] != "1" and not torch.cuda.is_available():
     pytest.skip("TRITON_INTERPRET is off and there is no GPU to run the kernels", allow_module_level=True)
+
+from levels import LEVEL_NAMES
 
 from atb_llm.cache.cache_manager import CacheConfig, CacheManager  # noqa: E402
 from atb_llm.compression.layout import GroupLayout  # noqa: E402
@@ -28,7 +28,7 @@ from atb_llm.runtime.engine import EngineConfig, LLMEngine  # noqa: E402
 from atb_llm.runtime.model_runner import ModelRunner  # noqa: E402
 from atb_llm.runtime.sequence import SamplingParams, Sequence  # noqa: E402
 
-LEVELS = ["full", "window", "full_int8", "window_int8"]
+LEVELS = LEVEL_NAMES
 SINK, RECENT = 4, 24  # window capacity 29 slots
 # 5 tokens: less than a block, the compensation slot read but masked (nothing evicted); 29: the
 # first token evicted; 41 and 150: the ring wrapped, 150 spans two blocks of 128.

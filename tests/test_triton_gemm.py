@@ -6,8 +6,6 @@ for W8A16/W4A16, torch._int_mm for W8A8) against their references."""
 import importlib.util
 import os
 
-os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton_gemm is imported: its kernel runs on CPU tensors
-
 import pytest
 import torch
 from quant_reference import dequantized_copy
