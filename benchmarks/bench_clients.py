@@ -122,7 +122,7 @@ def start_server(args: argparse.Namespace) -> tuple[subprocess.Popen, str]:
     cmd += ["--max_batch_size", str(args.max_batch_size)]
     if args.model_path:
         cmd += ["--model_path", args.model_path]
-    root = Path(__file__).resolve().parents[2]
+    root = Path(__file__).resolve().parents[1]
     proc = subprocess.Popen(cmd, cwd=root, env={**os.environ, "PYTHONPATH": str(root)}, stdout=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{args.port}"
     deadline = time.monotonic() + 300

@@ -20,7 +20,7 @@ from atb_llm.compression.layout import GroupLayout
 from atb_llm.compression.memory import kv_bytes, kv_bytes_by_level
 from atb_llm.compression.plan import baseline_plan
 from atb_llm.models.qwen2_mlgc.config_qwen2_mlgc import load_qwen2_config
-from benchmarks.common import markdown_table
+from benchmarks.common import CONFIGS, markdown_table
 
 HERE = Path(__file__).parent
 CONTEXTS = (4096, 8192, 16384, 32768)
@@ -33,7 +33,7 @@ MODELS = {  # name -> (config folder, cache budget for the "sequences that fit" 
 def config_of(name: str):
     """The shipped config of `name`, read the way a weight folder's config.json is."""
     with tempfile.TemporaryDirectory() as tmp:
-        (Path(tmp) / "config.json").write_text((HERE / "configs" / f"{name}.json").read_text())
+        (Path(tmp) / "config.json").write_text((CONFIGS / f"{name}.json").read_text())
         return load_qwen2_config(tmp)
 
 

@@ -8,12 +8,16 @@ from __future__ import annotations
 import argparse
 import time
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 
 from atb_llm.runtime.engine import EngineConfig, LLMEngine
 from atb_llm.runtime.sequence import SamplingParams
 from atb_llm.utils.default_model import resolve_model_path
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = ROOT / "examples" / "models" / "qwen2_5_mlgc" / "configs"  # Qwen2.5 0.5B-72B config.json files
 
 
 def engine_config(args: argparse.Namespace, **overrides) -> EngineConfig:

@@ -5,9 +5,10 @@ import json
 from types import SimpleNamespace
 
 from atb_llm.entrypoints.openai.engine_loop import GenerationEvent
-from atb_llm.entrypoints.openai.generation import ChunkFormat, Shape
+from atb_llm.entrypoints.openai.generation import Shape
 from atb_llm.entrypoints.openai.logprobs import TokenTexts, chat_logprobs, completion_logprobs
 from atb_llm.entrypoints.openai.protocol import ChatCompletionRequest, CompletionRequest, Usage
+from atb_llm.entrypoints.openai.streaming import ChunkFormat
 from atb_llm.runtime.sequence import TokenLogprob
 
 

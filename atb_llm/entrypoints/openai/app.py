@@ -14,6 +14,7 @@ from fastapi.staticfiles import StaticFiles
 from starlette.background import BackgroundTask
 
 from atb_llm.entrypoints.openai import generation as gen
+from atb_llm.entrypoints.openai import streaming
 from atb_llm.entrypoints.openai.engine_loop import EngineLoop
 from atb_llm.entrypoints.openai.errors import APIError, install_error_handlers
 from atb_llm.entrypoints.openai.limits import LOOPBACK_NAMES, ApiKey, BodyLimit, HostCheck
@@ -122,9 +123,9 @@ async def generate(
             streams += await gen.submit(s.loop, s.encoder, rid, prompt, gen.samples(params, n, best_of), param)
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            fmts = [gen.ChunkFormat(request_id, s.model_name, shape, include_usage, j) for j in range(n)]
+            fmts = [streaming.ChunkFormat(request_id, s.model_name, shape, include_usage, j) for j in range(n)]
             return StreamingResponse(
-                gen.event_stream(s.loop, streams, fmts, prompts[0]),
+                streaming.event_stream(s.loop, streams, fmts, prompts[0]),
                 media_type="text/event-stream",
                 headers=SSE_HEADERS,
                 background=BackgroundTask(gen.abort_all, s.loop, streams),  # runs after a disconnect too
