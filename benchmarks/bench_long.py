@@ -24,7 +24,7 @@ from atb_llm.config import parse_dtype
 from atb_llm.runtime.engine import EngineConfig, LLMEngine
 from atb_llm.runtime.sequence import SamplingParams
 from atb_llm.utils.default_model import resolve_model_path
-from benchmarks.common import load_hf, markdown_table, random_prompts
+from benchmarks.common import engine_config, load_hf, markdown_table, random_prompts
 
 HERE = Path(__file__).parent
 VARIANTS = {  # name -> (chunked, mlgc); "transformers" is the peer
@@ -62,8 +62,8 @@ def run_case(args) -> dict:
         kv = sum(t.numel() * t.element_size() for lay in out.past_key_values.layers for t in (lay.keys, lay.values))
         return {"first_token_s": seconds, "peak_rss_gib": peak_rss_gib(), "kv_mib": kv / 2**20}
     chunked, mlgc = VARIANTS[args.case]
-    cfg = EngineConfig(
-        args.model_path, dtype=args.dtype, max_batch_size=1, max_input_length=args.length, max_output_length=1,
+    cfg = engine_config(
+        args, max_batch_size=1, max_input_length=args.length, max_output_length=1,
         max_prefill_tokens=args.chunk if chunked else args.length, chunked_prefill=chunked,
         mlgc=mlgc or args.mlgc, progress=False,
     )  # fmt: skip
@@ -79,15 +79,13 @@ def run_case(args) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model_path", "-m", default=None, help="weight folder (default: the default model)")
     p.add_argument("--lengths", type=int, nargs="+", default=[8192, 16384])
     p.add_argument("--chunk", type=int, default=2048, help="max_prefill_tokens of the chunked variants")
-    p.add_argument("--mlgc", default="random", help="plan of the MLGC variant: random (full ratio 0.25), auto, PLAN")
-    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     p.add_argument("--out", type=Path, default=HERE / "results")
     p.add_argument("--case", default=None, help=argparse.SUPPRESS)
     p.add_argument("--length", type=int, default=None, help=argparse.SUPPRESS)
+    EngineConfig.add_cli_args(p, dtype="fp32", mlgc="random")  # --mlgc: the plan of the MLGC variant
     args = p.parse_args()
     args.model_path = str(resolve_model_path(args.model_path))
     if args.case:
@@ -98,9 +96,8 @@ def main() -> None:
     for n in args.lengths:
         by_variant = {}
         for variant in args.variants:
-            cmd = [sys.executable, "-m", "benchmarks.bench_long", "-m", args.model_path]
-            cmd += ["--case", variant, "--length", str(n), "--chunk", str(args.chunk), "--mlgc", args.mlgc]
-            cmd += ["--dtype", args.dtype]
+            cmd = [sys.executable, "-m", "benchmarks.bench_long", *sys.argv[1:], "-m", args.model_path]
+            cmd += ["--case", variant, "--length", str(n)]  # the same flags, one case
             print(f"{n} tokens, {variant} ...", file=sys.stderr, flush=True)
             done = subprocess.run(cmd, capture_output=True, text=True)
             if done.returncode:

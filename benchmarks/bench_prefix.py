@@ -25,7 +25,7 @@ from atb_llm.models.qwen2_mlgc.config_qwen2_mlgc import load_qwen2_config
 from atb_llm.runtime.engine import EngineConfig, LLMEngine
 from atb_llm.runtime.sequence import SamplingParams
 from atb_llm.utils.default_model import resolve_model_path
-from benchmarks.common import load_hf, markdown_table
+from benchmarks.common import engine_config, load_hf, markdown_table
 
 HERE = Path(__file__).parent
 COLUMNS = ["mlgc", "prefix cache", "request", "prompt tokens", "cached tokens", "ttft_s", "vs first", "same output"]
@@ -38,9 +38,9 @@ def prompts(n: int, system_tokens: int, vocab: int, seed: int = 0) -> list[list[
 
 
 def run_engine(args, mlgc: str, prefix: bool, ps: list[list[int]]) -> list[dict]:
-    cfg = EngineConfig(
-        args.model_path, dtype=args.dtype, max_batch_size=4, max_input_length=max(map(len, ps)),
-        max_output_length=16, mlgc=mlgc, prefix_caching=prefix, progress=False,
+    cfg = engine_config(
+        args, max_batch_size=4, max_input_length=max(map(len, ps)), max_output_length=16, mlgc=mlgc,
+        prefix_caching=prefix, progress=False,
     )  # fmt: skip
     engine = LLMEngine(cfg)
     engine.warmup()
@@ -70,18 +70,17 @@ def run_hf(args, ps: list[list[int]]) -> list[dict]:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model_path", "-m", default=None, help="weight folder (default: the default model)")
     p.add_argument("--system_tokens", type=int, default=2000)
     p.add_argument("--requests", type=int, default=3)
-    p.add_argument("--mlgc", nargs="+", default=["off", "random"], help="plans to run (off, random, auto, PLAN)")
-    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
+    p.add_argument("--plans", nargs="+", default=["off", "random"], help="KV caches to run (off, random, auto, PLAN)")
     p.add_argument("--out", type=Path, default=HERE / "results")
+    EngineConfig.add_cli_args(p, dtype="fp32")
     args = p.parse_args()
     args.model_path = str(resolve_model_path(args.model_path))
     ps = prompts(args.requests, args.system_tokens, load_qwen2_config(args.model_path).vocab_size)
 
     table = []
-    for mlgc in args.mlgc:
+    for mlgc in args.plans:
         off = run_engine(args, mlgc, False, ps)
         on = run_engine(args, mlgc, True, ps)
         for name, rows in (("off", off), ("on", on)):
