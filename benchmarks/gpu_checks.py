@@ -85,7 +85,7 @@ def decode_step(s: Setup, c: ModelConfig, levels, lengths: list[int]):
         seqs.append(Sequence(list(range(n - 1)), SamplingParams()))
         seqs[-1].output_token_ids.append(0)
         cm.block_manager.allocate(seqs[-1].block_table, seqs[-1].num_tokens)
-    a = ModelRunner(None, cm).prepare(seqs, is_prefill=False)
+    a = ModelRunner(None, cm).prepare(seqs, is_prefill=False).forward
     meta = AttentionMetadata.build(
         False, a.block_tables, a.slots, a.input_lengths, a.max_seq_len, s.block_size, s.dtype
     )
