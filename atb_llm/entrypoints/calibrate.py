@@ -2,6 +2,13 @@
 
     bash examples/models/qwen2_5_mlgc/calibrate.sh -m WEIGHT_DIR [--full_ratio 0.25] [--sink 64]
         [--recent 1024] [--int8] [--block_size 128] [-o PLAN]
+    bash examples/models/qwen2_5_mlgc/calibrate.sh -m WEIGHT_DIR --method loss --kv_budget 0.25
+        [--calib_text FILE] [--samples 4] [--context 2048] [--continuation 64]
+
+razor (default) ranks groups by RazorAttention's echo and induction scores and keeps the top
+full_ratio full; loss measures what every level costs every group (the loss of a teacher-forced
+continuation of natural text with that group alone at that level) and picks each group's level
+under a KV byte budget (a share of the full cache's bytes at --reference_tokens).
 
 Writes WEIGHT_DIR/mlgc_plan.json by default (what `--mlgc auto` loads), prints the plan as a
 layer x group grid and the KV bytes per token it leads to.
@@ -15,13 +22,17 @@ from pathlib import Path
 import torch
 
 from atb_llm.compression.memory import kv_bytes
-from atb_llm.compression.plan import PLAN_NAME, baseline_plan, describe
+from atb_llm.compression.plan import PLAN_NAME, MlgcPlan, baseline_plan, describe
 from atb_llm.config import parse_dtype
 from atb_llm.models.base.router import get_router
 from atb_llm.runtime.calibration import CalibrationConfig, calibrate
+from atb_llm.runtime.engine import LLMEngine
 from atb_llm.runtime.engine_config import EngineConfig
+from atb_llm.runtime.level_costs import LossCalibrationConfig, loss_plan
 from atb_llm.utils.cli import run_main
 from atb_llm.utils.default_model import resolve_model_path
+
+CALIB_TEXT = Path("/usr/share/common-licenses/GPL-3")  # natural English text on every Debian machine
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -33,10 +44,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument(
         "--method",
         default="razor",
-        choices=["razor", "streaming", "random"],
-        help="razor: calibrated (default); streaming / random: baselines",
+        choices=["razor", "loss", "streaming", "random"],
+        help="razor: retrieval-head scores (default); loss: measured cost under --kv_budget; streaming / random",
     )
-    ap.add_argument("--samples", type=int, default=4, help="random probe sequences")
+    ap.add_argument("--kv_budget", type=float, default=0.25, help="loss: KV bytes, share of the full cache's")
+    ap.add_argument("--reference_tokens", type=int, default=32768, help="loss: the length the budget counts bytes at")
+    ap.add_argument("--calib_text", type=Path, default=CALIB_TEXT, help="loss: natural text the prompts are cut from")
+    ap.add_argument("--context", type=int, default=2048, help="loss: tokens prefilled per prompt")
+    ap.add_argument("--continuation", type=int, default=64, help="loss: tokens teacher-forced per prompt")
+    ap.add_argument("--samples", type=int, default=4, help="razor: random probe sequences; loss: text prompts")
     ap.add_argument("--period", type=int, default=256, help="probe length before it repeats")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("-o", "--output", default=None, help=f"plan path (default: WEIGHT_DIR/{PLAN_NAME})")
@@ -44,11 +60,42 @@ def parse_args(argv=None) -> argparse.Namespace:
     return ap.parse_args(argv)
 
 
+def loss_calibrate(args: argparse.Namespace, model: Path) -> MlgcPlan:
+    """--method loss: prompts cut from --calib_text, one engine, every (group, level) measured."""
+    cfg = EngineConfig.from_cli_args(
+        args,
+        model_path=str(model),
+        max_batch_size=args.samples,
+        max_input_length=args.context,
+        max_output_length=args.continuation,
+        mlgc="off",
+    )
+    engine = LLMEngine(cfg)
+    if not args.calib_text.is_file():
+        raise FileNotFoundError(f"--calib_text {args.calib_text} does not exist; give a text file to calibrate on")
+    ids = engine.tokenizer.encode(args.calib_text.read_text(), add_special_tokens=False)
+    n = args.context + args.continuation
+    prompts = [ids[i : i + n] for i in range(0, len(ids) - n + 1, n)][: args.samples]
+    if len(prompts) < args.samples:
+        raise ValueError(
+            f"{args.calib_text} gives {len(prompts)} prompt(s) of {n} tokens, --samples asks {args.samples}; "
+            "give a longer text or lower --samples / --context"
+        )
+    lc = LossCalibrationConfig(
+        args.kv_budget, args.reference_tokens, args.sink, args.recent, args.block_size,
+        ("full", "full_int8", "window", "window_int8") if args.int8 else ("full", "window"),
+        args.context, args.continuation, extra={"text": args.calib_text.name, "seed": args.seed},
+    )  # fmt: skip
+    return loss_plan(engine, prompts, lc)
+
+
 def main(argv=None) -> Path:
     args = parse_args(argv)
     model = resolve_model_path(args.model_path)
     config = get_router(model).get_config()
-    if args.method == "razor":
+    if args.method == "loss":
+        plan = loss_calibrate(args, model)
+    elif args.method == "razor":
         cfg = CalibrationConfig(
             args.full_ratio,
             args.sink,

@@ -59,31 +59,34 @@ class LLMEngine:
         self.model = router.get_model_cls().build(self.model_config, backend, self.dtype, cfg.device, self.quant)
         self.model.load_weights(weights, progress=cfg.progress)
         self.model.eval()
-        self.layout = layout or self._layout()
+        self.eos_token_ids = set(self.model_config.eos_token_ids) | {self.tokenizer.eos_token_id} - {None}
+        self.detokenizer = Detokenizer(self.tokenizer, frozenset(self.eos_token_ids), self.max_seq_len)
+        self.backend, self._kv_scales = backend, self.quant.kv_cache_scales
+        self.set_layout(layout or self._layout())
+
+    def set_layout(self, layout: GroupLayout) -> None:
+        """Cache the groups as `layout` says from now on: new pools, block manager, scheduler and
+        runner for the same model (calibration measures many layouts on one loaded model). Only
+        between requests: those in flight would lose their cache."""
+        if getattr(self, "scheduler", None) is not None and self.scheduler.has_unfinished():
+            raise RuntimeError("set_layout with requests in flight; finish or abort them first")
         shape = (self.model_config.num_hidden_layers, self.model_config.num_key_value_heads)
-        if (self.layout.num_layers, self.layout.num_kv_heads) != shape:
+        if (layout.num_layers, layout.num_kv_heads) != shape:
             raise ValueError(
-                f"the layout has {self.layout.num_layers} layers x {self.layout.num_kv_heads} KV heads, the model "
+                f"the layout has {layout.num_layers} layers x {layout.num_kv_heads} KV heads, the model "
                 f"{shape[0]} x {shape[1]}; build it with GroupLayout.uniform({shape[0]}, {shape[1]}, ...)"
             )
+        cfg = self.cfg
         if cfg.kv_quant == "c8" or self.quant.kv_quant == "C8":
-            self.layout = self.layout.as_int8()
+            layout = layout.as_int8()
+        self.layout = layout
         cache_cfg = CacheConfig(cfg.block_size, cfg.num_blocks, cfg.cache_memory_gb, cfg.prefix_caching)
-        self.cache_manager = CacheManager(
-            self.layout,
-            cache_cfg,
-            self.model_config.head_dim,
-            self.dtype,
-            cfg.max_batch_size,
-            self.max_seq_len,
-            cfg.device,
-        )
+        dims = (self.model_config.head_dim, self.dtype, cfg.max_batch_size, self.max_seq_len, cfg.device)
+        self.cache_manager = CacheManager(layout, cache_cfg, *dims)
         self.scheduler = Scheduler(
             self.cache_manager.block_manager, cfg.max_batch_size, cfg.max_prefill_tokens, cfg.chunked_prefill
         )
-        self.eos_token_ids = set(self.model_config.eos_token_ids) | {self.tokenizer.eos_token_id} - {None}
         self.runner = ModelRunner(self.model, self.cache_manager, frozenset(self.eos_token_ids))
-        self.detokenizer = Detokenizer(self.tokenizer, frozenset(self.eos_token_ids), self.max_seq_len)
         self.limits = RequestLimits(
             cfg.max_input_length,
             cfg.max_output_length,
@@ -91,9 +94,10 @@ class LLMEngine:
             self.cache_manager.longest_sequence(self.max_seq_len),
         )
         self._seqs: dict[str, Sequence] = {}
-        if any(level.int8 for level in self.layout.levels) and not self.quant.kv_cache_scales:
+        if any(level.int8 for level in layout.levels) and not self._kv_scales:
             measure_kv_scales(self.model, self.model_config, self.dtype, cfg.device, cfg.block_size)
-        if use_graphs(cfg.device, backend.cuda_graphs, cfg.enforce_eager):  # after the model's last change
+            self._kv_scales = True  # measured once: they depend on the model alone
+        if use_graphs(cfg.device, self.backend.cuda_graphs, cfg.enforce_eager):  # after the model's last change
             blocks, kv = buffer_blocks(self.max_seq_len, cfg.block_size), self.cache_manager.kv_cache
             self.runner.graphs = DecodeGraphs(self.model, kv, cfg.max_batch_size, blocks, self.max_seq_len, cfg.device)
 
