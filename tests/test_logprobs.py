@@ -80,3 +80,24 @@ def test_one_token_prompt_has_one_empty_entry(engine):
 def test_logprobs_count_is_bounded(k):
     with pytest.raises(ValueError, match=rf"logprobs={k} must be in \[0, 20\]"):
         SamplingParams(logprobs=k)
+
+
+def test_prompt_logprobs_past_one_chunk_equal_transformers(tiny):
+    """A prompt longer than LOGPROB_CHUNK (256 rows per log-softmax) gets every position scored, each
+    against its own token, in the second chunk as in the first."""
+    from transformers import AutoModelForCausalLM
+
+    from atb_llm.runtime.sampler import LOGPROB_CHUNK
+
+    prompt = [(7 * i + 3) % 317 + 2 for i in range(LOGPROB_CHUNK + 44)]
+    cfg = EngineConfig(
+        str(tiny), dtype="fp32", block_size=16, max_input_length=512, max_output_length=1, progress=False
+    )
+    (out,) = LLMEngine(cfg).generate([prompt], SamplingParams(max_tokens=1, prompt_logprobs=0))
+    model = AutoModelForCausalLM.from_pretrained(str(tiny), dtype=torch.float32)
+    with torch.no_grad():
+        ref = torch.log_softmax(model(torch.tensor([prompt])).logits[0], -1)
+    scored = out.prompt_logprobs[1:]
+    assert len(scored) == len(prompt) - 1 and [lp.token_id for lp in scored] == prompt[1:]
+    want = [ref[j, prompt[j + 1]].item() for j in range(len(prompt) - 1)]
+    assert [lp.logprob for lp in scored] == pytest.approx(want, abs=1e-4)

@@ -255,3 +255,12 @@ def test_slow_tokenization_and_bad_requests_leave_other_streams_alone(server, mo
     assert finish == "length" and elapsed < 2.0
     greedy = httpx.post(server.url + COMPLETIONS, json={**OK, "max_tokens": 3, "ignore_eos": True}, timeout=30)
     assert responses[2].json()["choices"][0]["text"] == greedy.json()["choices"][0]["text"]
+
+
+def test_a_prompt_of_exactly_max_input_length_is_served(server):
+    """The bound itself is allowed: MAX_INPUT tokens are served, one more is refused."""
+    body = {"prompt": list(range(2, 2 + MAX_INPUT)), "max_tokens": 2, "temperature": 0}
+    r = httpx.post(server.url + COMPLETIONS, json=body, timeout=30)
+    assert r.status_code == 200 and r.json()["usage"]["prompt_tokens"] == MAX_INPUT, r.text
+    r = httpx.post(server.url + COMPLETIONS, json={**body, "prompt": list(range(2, 3 + MAX_INPUT))}, timeout=30)
+    assert r.status_code == 413 and r.json()["error"]["code"] == "context_length_exceeded"
