@@ -3,6 +3,7 @@ continuous batching: schedule, run, postprocess."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterable
 
 import torch
@@ -13,6 +14,7 @@ from atb_llm.compression.layout import GroupLayout
 from atb_llm.compression.plan import resolve_layout
 from atb_llm.config import parse_dtype
 from atb_llm.layers.attention.backend import AttentionBackend
+from atb_llm.layers.attention.metadata import AttentionMetadata
 from atb_llm.layers.attention.selector import get_backend
 from atb_llm.models.base.router import get_router
 from atb_llm.models.base.weights import WeightFiles
@@ -23,7 +25,7 @@ from atb_llm.runtime.model_runner import ModelRunner
 from atb_llm.runtime.outputs import Detokenizer, RequestOutput
 from atb_llm.runtime.request_limits import RequestError, RequestLimits
 from atb_llm.runtime.scheduler import Scheduler
-from atb_llm.runtime.sequence import SamplingParams, Sequence
+from atb_llm.runtime.sequence import SamplingParams, Sequence, SequenceStatus
 from atb_llm.runtime.stats import EngineStats
 
 __all__ = ["EngineConfig", "LLMEngine", "RequestOutput"]
@@ -94,12 +96,18 @@ class LLMEngine:
             self.cache_manager.longest_sequence(self.max_seq_len),
         )
         self._seqs: dict[str, Sequence] = {}
-        if any(level.int8 for level in layout.levels) and not self._kv_scales:
-            measure_kv_scales(self.model, self.model_config, self.dtype, cfg.device, cfg.block_size)
-            self._kv_scales = True  # measured once: they depend on the model alone
+        if any(level.int8 for level in layout.levels):
+            self.ensure_kv_scales()
         if use_graphs(cfg.device, self.backend.cuda_graphs, cfg.enforce_eager):  # after the model's last change
             blocks, kv = buffer_blocks(self.max_seq_len, cfg.block_size), self.cache_manager.kv_cache
             self.runner.graphs = DecodeGraphs(self.model, kv, cfg.max_batch_size, blocks, self.max_seq_len, cfg.device)
+
+    def ensure_kv_scales(self) -> None:
+        """The K/V channel scales int8 levels smooth with: a C8 checkpoint's, or measured once here
+        (they depend on the model alone)."""
+        if not self._kv_scales:
+            measure_kv_scales(self.model, self.model_config, self.dtype, self.cfg.device, self.cfg.block_size)
+            self._kv_scales = True
 
     def _layout(self) -> GroupLayout:
         return resolve_layout(self.cfg.mlgc, self.cfg.model_path, self.model_config, self.cfg.block_size)
@@ -135,6 +143,39 @@ class LLMEngine:
         seq = Sequence(ids, params, request_id or "")
         self._seqs[seq.request_id] = seq
         self.scheduler.add(seq, parent)
+        return seq
+
+    def add_prefilled(self, p, params: SamplingParams | None = None, request_id: str | None = None) -> Sequence:
+        """Queue a request whose prompt was prefilled already (atb_llm.runtime.shared_prefill.Prefilled):
+        its stored K/V are written as this engine's layout keeps them, its first token is the
+        prefill's, and it goes straight to decode. Raises RuntimeError when the batch or the pools
+        have no room for it now."""
+        params = params or SamplingParams()
+        self.limits.check(p.prompt_ids, params)
+        if request_id is not None and request_id in self._seqs:
+            raise RequestError(f"request_id {request_id!r} is already in use", "request_id")
+        seq, cm = Sequence(list(p.prompt_ids), params, request_id or ""), self.cache_manager
+        n = seq.num_tokens
+        if len(self.scheduler.running) >= self.cfg.max_batch_size or not cm.block_manager.can_allocate(
+            seq.block_table, n
+        ):
+            raise RuntimeError("no room for a prefilled request now; step until some finish")
+        cm.block_manager.allocate(seq.block_table, n)
+        tables, length = cm.block_tables([seq.block_table]), cm.to_device(torch.tensor([n]))
+        positions = cm.to_device(torch.arange(n))
+        slots = cm.slots(tables, torch.zeros_like(positions), positions, length)
+        meta = AttentionMetadata.build(True, tables, slots, length, n, self.cfg.block_size, self.dtype)
+        for layer, (k, v) in enumerate(p.kv):
+            self.backend.store(cm.kv_cache, layer, k, v, meta)
+        seq.num_computed_tokens, seq.status = n, SequenceStatus.RUNNING
+        seq.output_token_ids.append(p.first_token)
+        seq.first_token_time = time.perf_counter()
+        self._seqs[seq.request_id] = seq
+        self.scheduler.running.append(seq)
+        reason = self.detokenizer.finish_reason(seq)
+        if reason:
+            self.scheduler.finish(seq, reason)
+            self._seqs.pop(seq.request_id)
         return seq
 
     def abort(self, request_id: str) -> None:
