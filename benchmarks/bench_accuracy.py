@@ -32,10 +32,10 @@ from atb_llm.runtime.engine import EngineConfig, LLMEngine
 from atb_llm.runtime.sequence import SamplingParams
 from atb_llm.utils.default_model import resolve_model_path
 from benchmarks.common import engine_config, markdown_table
+from benchmarks.ruler_tasks import FILLER
 
 HERE = Path(__file__).parent
 GPL = Path("/usr/share/common-licenses/GPL-3")
-FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
 DEPTHS = [i / 10 + 0.05 for i in range(10)]
 
 

@@ -1,207 +1,226 @@
-"""RULER-style long-context accuracy of MLGC plans: synthetic tasks generated from a seed.
+"""RULER-style long-context accuracy of KV caches at equal KV budgets, with intervals.
 
-    python -m benchmarks.ruler [-m WEIGHT_DIR] [--lengths 4096 8192 16384 32768]
-        [--samples 50] [--tasks ...] [--caches ...] [--dtype fp32] [--chunk 2048] [--out DIR]
+    python -m benchmarks.ruler [-m WEIGHT_DIR] [--lengths 2048 4096] [--samples 50] [--budgets 0.5 0.25 0.1]
+        [--sink 16 --recent 128 --block_size 16] [--plans NAME=PLAN.json ...] [--int8] [--dtype fp32]
 
-Tasks (after RULER, Hsieh et al. 2024), in a haystack of filler sentences of the asked length:
-- niah_single: one needle "The special magic number for KEY is: N." at a random depth; answer N.
-- niah_multikey: four needles with different keys; answer the number of one of them.
-- niah_multivalue: four numbers for the same key; answer all four (score: the share found).
-- vt (variable tracking): VAR A = N, then VAR B = VAR A, ... five links spread over the text; name
-  every variable holding N (score: the share named).
-- cwe (common word extraction): a numbered word list where 10 words come 30 times (fewer below 3K
-  tokens) and the others 3 times; name the 10 most common (score: the share named).
+Tasks: benchmarks/ruler_tasks.py (niah single / multikey / multivalue, variable tracking, common
+words), `--samples` per task and length, seeded: every cache answers the same samples. Each
+prompt is prefilled once and its stored K/V written again under every cache
+(atb_llm.runtime.shared_prefill: exact, since prefill attends over the whole prompt whatever the
+layout); greedy decode through each cache gives its answers.
 
-Caches: the full cache, MLGC plans calibrated at full ratio 0.25 and 0.5 (and their int8 variant
-with --int8), streaming (every group a window) and random (the 0.25 budget on random groups).
-Greedy, chat template. `--chunk N` prefills in chunks of N tokens (chunked prefill), where window
-groups also compress what later chunks see; without it every head attends over the whole prompt
-in prefill. Writes results/ruler.md and results/ruler.png; rows done so far are kept in
-results/ruler_rows.json, so a stopped run resumes.
+Caches, at equal KV budgets counted from the level registry (bytes of whole blocks at the longest
+length of the grid, as a share of the full cache's): full, full_int8, streaming (every group a
+window), and at each budget: MLGC razor (the groups of highest retrieval-head scores full, as many
+as the budget holds), random (as many, on random groups, 3 seeds), any `--plans` given (e.g.
+loss-calibrated plans, named with their budget), and with `--int8` the razor plans' int8
+variants. Reported per cache: the mean score and its 95% interval per task and length, the
+five-task average, and the paired difference to the full cache on the same samples with its 95%
+interval. Rows are kept per sample in results/ruler_rows.json, so a stopped run resumes.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import random
 from pathlib import Path
 
 from tqdm import tqdm
 
+from atb_llm.compression.budget import level_bytes
+from atb_llm.compression.layout import GroupLayout
+from atb_llm.compression.levels import Level, Window
+from atb_llm.compression.plan import MlgcPlan, aligned_recent, baseline_plan, plan_from_selection
+from atb_llm.runtime.calibration import CalibrationConfig, calibrate, choose_full
 from atb_llm.runtime.engine import EngineConfig, LLMEngine
 from atb_llm.runtime.sequence import SamplingParams
-from atb_llm.utils.default_model import resolve_model_path
-from benchmarks.bench_accuracy import FILLER, plans
+from atb_llm.runtime.shared_prefill import capture_prefills
 from benchmarks.common import engine_config, markdown_table
+from benchmarks.ruler_tasks import MAX_NEW, TASKS, fit, score
 
 HERE = Path(__file__).parent
-TASKS = ("niah_single", "niah_multikey", "niah_multivalue", "vt", "cwe")
-MAX_NEW = {"niah_single": 24, "niah_multikey": 24, "niah_multivalue": 64, "vt": 48, "cwe": 96}
-INTRO = "Some special magic numbers are hidden inside the following text. Memorize them.\n"
+Z95 = 1.96
 
 
-def word(rng: random.Random) -> str:
-    """A pronounceable made-up word: no overlap with anything the model knows."""
-    return "".join(rng.choice("bdfgklmnprstvz") + rng.choice("aeiou") for _ in range(rng.randint(2, 4)))
+def full_groups_within(budget: float, groups: int, full: int, window: int) -> int:
+    """The most full groups (the rest windows) whose bytes stay within `budget` of the full cache's."""
+    return max(0, min(groups, math.floor((budget * groups * full - groups * window) / (full - window))))
 
 
-def number(rng: random.Random) -> str:
-    return str(rng.randrange(1_000_000, 10_000_000))
+def caches(engine: LLMEngine, args: argparse.Namespace, reference: int) -> dict[str, tuple[GroupLayout, float]]:
+    """name -> (layout, share of the full cache's KV bytes at `reference` tokens)."""
+    c, bs = engine.model_config, args.block_size
+    recent = aligned_recent(args.sink, args.recent, bs)
+    sizes = {
+        lv: level_bytes(lv, reference, c.head_dim, engine.dtype, bs) for lv in (Level(), Window(args.sink, recent))
+    }
+    full_b, win_b = sizes.values()
+    share = lambda lay: sum(level_bytes(lv, reference, c.head_dim, engine.dtype, bs) for lv in lay.levels) / (
+        c.num_groups * full_b
+    )  # fmt: skip
+    scores_path = args.out / "razor_scores.json"  # retrieval-head scores do not depend on the geometry
+    if not scores_path.is_file():
+        plan = calibrate(str(args.model_path), CalibrationConfig(block_size=bs), args.dtype, progress=False)
+        scores_path.write_text(json.dumps(plan.scores))
+    scores = json.loads(scores_path.read_text())
+    echo, induction = (sum(scores[k], []) for k in ("echo", "induction"))
+    uniform = GroupLayout.uniform(c.num_hidden_layers, c.num_key_value_heads)
+    out = {"full": uniform, "full_int8": uniform.as_int8()}
+    out["streaming"] = baseline_plan("streaming", c, bs, args.sink, args.recent).to_layout()
+    for b in args.budgets:
+        r = full_groups_within(b, c.num_groups, full_b, win_b)
+        razor = plan_from_selection(
+            c, choose_full(echo, induction, r), bs, args.sink, args.recent, False, "razor", None
+        )
+        out[f"razor {b}"] = razor.to_layout()
+        if args.int8:
+            out[f"razor {b} int8"] = razor.to_layout().as_int8()
+        for seed in range(3):
+            chosen = set(random.Random(seed).sample(range(c.num_groups), r))
+            rnd = plan_from_selection(c, chosen, bs, args.sink, args.recent, False, "random", None)
+            out[f"random {b} s{seed}"] = rnd.to_layout()
+    for spec in args.plans:
+        name, _, path = spec.partition("=")
+        plan = MlgcPlan.load(path)
+        plan.check(c, bs, where=path)
+        out[name] = plan.to_layout()
+    return {name: (lay, share(lay)) for name, lay in out.items()}
 
 
-class Haystack:
-    """Filler text of a token budget, with sentences placed at depths in [0, 1]."""
-
-    def __init__(self, tokenizer, length: int):
-        self.per_filler = len(tokenizer.encode(FILLER))
-        self.length = length
-
-    def build(self, inserts: list[tuple[float, str]], reserve: int) -> str:
-        n = max(1, (self.length - reserve) // self.per_filler)
-        at = sorted((int(n * d), s) for d, s in inserts)
-        parts, last = [], 0
-        for pos, sentence in at:
-            parts.append(FILLER * (pos - last) + sentence + " ")
-            last = pos
-        parts.append(FILLER * (n - last))
-        return "".join(parts)
+def answers(engine: LLMEngine, prefilled: list, params: SamplingParams) -> list[str]:
+    """Greedy answers of prefilled prompts through the engine's current layout, as many at once as fit."""
+    pending, seqs = list(prefilled), []
+    while pending or engine.has_unfinished():
+        while pending:
+            try:
+                seqs.append(engine.add_prefilled(pending[0], params))
+            except RuntimeError:  # the batch or the pools are full: decode first
+                break
+            pending.pop(0)
+        if engine.has_unfinished():
+            engine.step()
+    return [engine.text_of(s) for s in seqs]
 
 
-def make_sample(task: str, hay: Haystack, rng: random.Random) -> tuple[str, list[str]]:
-    """(prompt text, the strings a right answer contains)."""
-    if task == "niah_single":
-        key, value = word(rng), number(rng)
-        text = hay.build([(rng.random(), f"The special magic number for {key} is: {value}.")], 120)
-        return INTRO + text + f"\nWhat is the special magic number for {key} mentioned in the text?", [value]
-    if task == "niah_multikey":
-        keys = [word(rng) for _ in range(4)]
-        values = [number(rng) for _ in keys]
-        needles = [(rng.random(), f"The special magic number for {k} is: {v}.") for k, v in zip(keys, values)]
-        i = rng.randrange(4)
-        return INTRO + hay.build(needles, 180) + f"\nWhat is the special magic number for {keys[i]}?", [values[i]]
-    if task == "niah_multivalue":
-        key, values = word(rng), [number(rng) for _ in range(4)]
-        needles = [(rng.random(), f"One of the special magic numbers for {key} is: {v}.") for v in values]
-        question = f"\nWhat are all the special magic numbers for {key} mentioned in the text? List all four."
-        return INTRO + hay.build(needles, 200) + question, values
-    if task == "vt":
-        value, names = str(rng.randrange(10000, 100000)), [word(rng).upper() for _ in range(5)]
-        links = [f"VAR {names[0]} = {value}."] + [f"VAR {b} = VAR {a}." for a, b in zip(names, names[1:])]
-        inserts = [(i / 5 + rng.random() / 5, s) for i, s in enumerate(links)]
-        intro = "Memorize and track the chains of variable assignments hidden in the following text.\n"
-        question = f"\nFind all variables that are assigned the value {value} in the text above, directly or not."
-        return intro + hay.build(inserts, 200) + question, names
-    if task == "cwe":
-        entries = hay.length // 5  # about 5 tokens an entry ("123. word "); `fit` trims what is over
-        freq = max(5, min(30, entries // 20))  # RULER: 30 for each common word, 3 for the others
-        common = [word(rng) for _ in range(10)]
-        rare = [word(rng) for _ in range(max(10, (entries - 10 * freq) // 3))]
-        words = [w for w in common for _ in range(freq)] + [w for w in rare for _ in range(3)]
-        rng.shuffle(words)
-        listing = " ".join(f"{i + 1}. {w}" for i, w in enumerate(words))
-        question = "\nWhat are the 10 most common words in the above list? Answer with the 10 words."
-        return "Below is a numbered list of words.\n" + listing + question, common
-    raise ValueError(f"unknown task {task!r}; tasks are {', '.join(TASKS)}")
+def mean_ci(xs: list[float]) -> tuple[float, float]:
+    """Mean and the half-width of its 95% interval (normal approximation)."""
+    m = sum(xs) / len(xs)
+    var = sum((x - m) ** 2 for x in xs) / max(1, len(xs) - 1)
+    return m, Z95 * math.sqrt(var / len(xs))
 
 
-def fit(engine: LLMEngine, task: str, length: int, rng: random.Random) -> tuple[list[int], list[str]]:
-    """A sample whose chat prompt has at most `length` tokens (cwe's list is cut to fit)."""
-    hay = Haystack(engine.tokenizer, length)
-    text, answers = make_sample(task, hay, rng)
-    ids = engine.encode(text, chat=True)
-    while task == "cwe" and len(ids) > length:  # drop rare words from the end of the list
-        head, _, question = text.rpartition("\n")
-        text = head[: int(len(head) * length / len(ids) * 0.98)].rsplit(" ", 2)[0] + "\n" + question
-        ids = engine.encode(text, chat=True)
-    return ids, answers
+def summarize(done: dict, names: list[str], args: argparse.Namespace) -> list[dict]:
+    rows = []
+    for name in names:
+        row = {"cache": name}
+        for n in args.lengths:
+            k = label(n)
+            per_task, diffs = [], []
+            for task in args.tasks:
+                s, f = done[key(name, task, n, args)], done[key("full", task, n, args)]
+                m, h = mean_ci(s)
+                row[f"{task} {k}"] = f"{m:.2f} ± {h:.2f}"
+                per_task.append((m, h))
+                diffs.append(mean_ci([a - b for a, b in zip(s, f)]))
+            avg = sum(m for m, _ in per_task) / len(per_task)  # tasks independent: half-widths add in quadrature
+            row[f"avg {k}"] = f"{avg:.3f} ± {math.sqrt(sum(h * h for _, h in per_task)) / len(per_task):.3f}"
+            d = sum(m for m, _ in diffs) / len(diffs)
+            row[f"vs full {k}"] = f"{d:+.3f} ± {math.sqrt(sum(h * h for _, h in diffs)) / len(diffs):.3f}"
+            row[f"_avg {k}"] = avg
+        rows.append(row)
+    return rows
 
 
-def score(text: str, answers: list[str]) -> float:
-    return sum(a.lower() in text.lower() for a in answers) / len(answers)
+def label(n: int) -> str:
+    return f"{n / 1024:g}K"
 
 
-def run(engine: LLMEngine, task: str, length: int, samples: int, seed: int) -> float:
-    rng = random.Random(f"{task}/{length}/{seed}")
-    items = [fit(engine, task, length, rng) for _ in range(samples)]
-    outs = engine.generate([ids for ids, _ in items], SamplingParams(max_tokens=MAX_NEW[task]))
-    return sum(score(o.text, answers) for o, (_, answers) in zip(outs, items)) / samples
+def key(name: str, task: str, n: int, args: argparse.Namespace) -> str:
+    return f"{name}|{task}|{n}|{args.samples}|{args.seed}|{args.sink}/{args.recent}/{args.block_size}|{args.dtype}"
 
 
-def plot(rows: list[dict], lengths: list[int], path: Path) -> None:
+def plot(rows: list[dict], shares: dict[str, float], n: int, path: Path) -> None:
+    """Five-task average against KV bytes (% of full), one line per kind of cache."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    by_kind: dict[str, list[tuple[float, float, float]]] = {}
     for row in rows:
-        ax.plot(
-            [n // 1024 for n in lengths], [row[f"avg {n // 1024}K"] for n in lengths], marker="o", label=row["cache"]
-        )
-    ax.set_xlabel("context (K tokens)")
+        kind = row["cache"].split(" ")[0] + (" int8" if row["cache"].endswith("int8") else "")
+        m, h = (float(x) for x in row[f"avg {label(n)}"].split(" ± "))
+        by_kind.setdefault(kind, []).append((100 * shares[row["cache"]], m, h))
+    for kind, pts in sorted(by_kind.items()):
+        xs, ys, hs = zip(*sorted(pts))
+        ax.errorbar(xs, ys, yerr=hs, marker="o", capsize=3, label=kind)
+    ax.set_xlabel(f"KV bytes at {label(n)} tokens (% of the full cache)")
     ax.set_ylabel("RULER-style score, mean of tasks")
     ax.set_ylim(0, 1)
-    ax.legend()
+    ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
 
 def main(argv=None) -> str:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--lengths", nargs="+", type=int, default=[4096, 8192, 16384, 32768])
+    ap.add_argument("--lengths", nargs="+", type=int, default=[2048, 4096])
     ap.add_argument("--samples", type=int, default=50, help="per task and length")
     ap.add_argument("--tasks", nargs="+", default=list(TASKS), choices=TASKS)
+    ap.add_argument("--budgets", nargs="+", type=float, default=[0.5, 0.25, 0.1], help="KV shares of the full cache")
+    ap.add_argument("--plans", nargs="*", default=[], help="NAME=PLAN.json: more caches (e.g. loss-calibrated)")
     ap.add_argument("--caches", nargs="*", default=None, help="only these caches, by name (default: all)")
-    ap.add_argument("--ratios", nargs="+", type=float, default=[0.25, 0.5])
-    ap.add_argument("--int8", action="store_true", help="also each calibrated plan in int8")
-    ap.add_argument("--chunk", type=int, default=None, help="chunked prefill of this many tokens")
-    ap.add_argument("--sink", type=int, default=64)
-    ap.add_argument("--recent", type=int, default=1024)
+    ap.add_argument("--int8", action="store_true", help="also each razor plan in int8")
+    ap.add_argument("--sink", type=int, default=16)
+    ap.add_argument("--recent", type=int, default=128)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=HERE / "results")
-    EngineConfig.add_cli_args(ap)
+    EngineConfig.add_cli_args(ap, block_size=16, max_batch_size=8)
     args = ap.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
-    model = str(resolve_model_path(args.model_path))
-    caches = {name: p.to_layout() if p else None for name, p in plans(
-        model, args.out, args.block_size, args.sink, args.recent, args.ratios, None
-    ).items()}  # fmt: skip
-    if args.int8:
-        caches |= {f"{n} int8": lay.as_int8() for n, lay in list(caches.items()) if n.startswith("MLGC")}
+    cfg = engine_config(args, max_input_length=max(args.lengths) + 256, max_output_length=max(MAX_NEW.values()),
+                        chunked_prefill=False, prefix_caching=False, mlgc="off", progress=False)  # fmt: skip
+    args.model_path = cfg.model_path
+    engine = LLMEngine(cfg)
+    layouts = caches(engine, args, max(args.lengths))
     if args.caches:
-        caches = {n: lay for n, lay in caches.items() if n in args.caches}
-    done_path = args.out / "ruler_rows.json"
+        layouts = {n: v for n, v in layouts.items() if n in args.caches or n == "full"}
+    done_path = args.out / "ruler_rows.json"  # per-sample scores so far: a stopped run resumes
     done = json.loads(done_path.read_text()) if done_path.is_file() else {}
-    rows = []
-    for name, layout in tqdm(caches.items(), desc="Caches"):
-        cfg = engine_config(
-            args, max_batch_size=4, max_input_length=max(args.lengths), max_output_length=128,
-            chunked_prefill=args.chunk is not None, max_prefill_tokens=args.chunk or max(args.lengths), progress=False,
-        )  # fmt: skip
-        engine = None
-        row = {"cache": name}
-        for n in args.lengths:
-            for task in args.tasks:
-                key = f"{name}|{task}|{n}|{args.samples}|{args.seed}|{args.chunk}|{args.dtype}"
-                if key not in done:
-                    engine = engine or LLMEngine(cfg, layout=layout)
-                    done[key] = run(engine, task, n, args.samples, args.seed)
-                    done_path.write_text(json.dumps(done, indent=1))
-                row[f"{task} {n // 1024}K"] = done[key]
-            row[f"avg {n // 1024}K"] = sum(row[f"{t} {n // 1024}K"] for t in args.tasks) / len(args.tasks)
-        rows.append(row)
-        del engine
-    columns = ["cache"] + [f"avg {n // 1024}K" for n in args.lengths]
-    columns += [f"{t} {n // 1024}K" for n in args.lengths for t in args.tasks]
+    for n in args.lengths:
+        for task in args.tasks:
+            todo = [name for name in layouts if key(name, task, n, args) not in done]
+            if not todo:
+                continue
+            rng = random.Random(f"{task}/{n}/{args.seed}")
+            items = [fit(engine, task, n, rng) for _ in range(args.samples)]  # the same samples for every cache
+            engine.set_layout(layouts["full"][0])
+            prefilled = capture_prefills(engine, [ids for ids, _ in items])
+            for name in tqdm(todo, desc=f"{task} {label(n)}"):
+                engine.set_layout(layouts[name][0])
+                texts = answers(engine, prefilled, SamplingParams(max_tokens=MAX_NEW[task]))
+                done[key(name, task, n, args)] = [score(t, a) for t, (_, a) in zip(texts, items)]
+                done_path.write_text(json.dumps(done))
+    names = list(layouts)
+    rows = summarize(done, names, args)
+    shares = {name: share for name, (_, share) in layouts.items()}
+    for row in rows:
+        row["KV %"] = f"{100 * shares[row['cache']]:.1f}"
+    ks = [label(n) for n in args.lengths]
+    columns = ["cache", "KV %"] + [f"{p} {k}" for k in ks for p in ("avg", "vs full")]
+    columns += [f"{t} {k}" for k in ks for t in args.tasks]
     head = (
-        f"{args.samples} samples per task and length, seed {args.seed}, greedy; sink={args.sink}, "
-        f"recent={args.recent} (aligned), block_size={args.block_size}, dtype {args.dtype or 'of the checkpoint'}, "
-        f"{'chunked prefill of ' + str(args.chunk) + ' tokens' if args.chunk else 'one-piece prefill'}\n\n"
+        f"{args.samples} samples per task and length (the same for every cache), seed {args.seed}, greedy; "
+        f"sink={args.sink}, recent={args.recent} (aligned to block_size={args.block_size}); KV % counted at "
+        f"{max(args.lengths)} tokens; dtype {args.dtype or 'of the checkpoint'}; mean ± 95% interval, `vs full`: "
+        "paired difference on the same samples\n\n"
     )
     text = head + markdown_table(rows, columns) + "\n"
     (args.out / "ruler.md").write_text(text)
-    plot(rows, args.lengths, args.out / "ruler.png")
+    plot(rows, shares, max(args.lengths), args.out / "ruler.png")
     print(text)
     return text
 

@@ -6,8 +6,10 @@ This is exact, not an approximation: prefill attends over the whole prompt for e
 the layout, so the keys and values each layer stores, and the first generated token, do not
 depend on it; only which of them each group keeps does, and that is the store's work
 (`AttentionBackend.store`), which the replay runs with the layout at hand. Decode then reads the
-cache as it would after a real prefill. Greedy first tokens; prompts are prefilled whole (no
-chunks, no prefix cache).
+cache as it would after a real prefill. One caveat: the capture measures the K/V channel scales
+int8 levels smooth with (LLMEngine.ensure_kv_scales), and the smoothing is an identity only up to
+float rounding, so a float-only layout replayed is what an engine that had int8 levels would
+compute. Greedy first tokens; prompts are prefilled whole (no chunks, no prefix cache).
 """
 
 from __future__ import annotations
