@@ -71,8 +71,8 @@ def quantized(float_model, tmp_path_factory):
 
 
 def pytest_collection_modifyitems(items):
-    """Every test that loads the default model is `slow` (besides the long ones marked in their
-    files): `pytest -m "not slow"` is the inner loop, on tiny models only."""
+    """Every test that loads the default model or runs msModelSlim is `slow` (besides the long ones
+    marked in their files): `pytest -m "not slow"` is the inner loop, on tiny models only."""
     for item in items:
-        if "default_model" in getattr(item, "fixturenames", ()):
+        if {"default_model", "quantized"} & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.slow)

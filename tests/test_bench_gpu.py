@@ -8,7 +8,10 @@ import pytest
 
 from benchmarks import bench_gpu
 
-pytestmark = pytest.mark.skipif(os.environ["TRITON_INTERPRET"] != "1", reason="needs TRITON_INTERPRET=1")
+pytestmark = [
+    pytest.mark.skipif(os.environ["TRITON_INTERPRET"] != "1", reason="needs TRITON_INTERPRET=1"),
+    pytest.mark.slow,  # every kernel under the interpreter: minutes
+]
 
 
 def table(report: str) -> dict[str, list[str]]:

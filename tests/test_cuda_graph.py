@@ -49,6 +49,7 @@ def run(path, backend, graphs):
     return eng, [o.token_ids for o in outs], [[t.logprob for t in o.output_logprobs] for o in outs]
 
 
+@pytest.mark.slow
 def test_decode_through_the_buffers_equals_eager_decode(tiny_models):
     """5 sequences (bucket 8: three padding rows), then 4, 3, 2, 1 as they finish (buckets 4, 4, 2, 1):
     the same tokens and log-probs as plain decode, so padding rows wrote nothing and stale rows

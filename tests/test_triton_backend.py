@@ -202,6 +202,7 @@ def test_kernels_compile_for_sm90():
 
 
 @pytest.mark.parametrize("chunked", [False, True])
+@pytest.mark.slow
 def test_engine_end_to_end_matches_torch(tiny_models, chunked):
     """The tiny model with every level (window sink 4, recent 8: prompts evict) gives the same
     greedy tokens and log-probabilities through the Triton kernels as through the reference, with

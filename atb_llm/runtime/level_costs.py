@@ -4,15 +4,16 @@ byte budget where it costs least.
 For every group g and every level L it may take, the group alone is kept at L (every other group
 full) and long calibration prompts are run through the engine: a context prefilled, then a
 continuation teacher-forced through decode, where the levels act (prefill attends over the whole
-prompt for every head). The cost of (g, L) is the mean increase of the continuation's negative
-log-likelihood over the full cache. Then every group gets the level that minimises the summed cost
+prompt for every head, so the contexts are prefilled once and replayed under every layout). The
+cost of (g, L) is the mean increase of the continuation's negative log-likelihood over the full
+cache. Then every group gets the level that minimises the summed cost
 with the plan's KV bytes (at a reference length) within the budget: a knapsack over the levels
 (atb_llm.compression.budget). One loaded model serves every layout (LLMEngine.set_layout).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from tqdm import tqdm
@@ -23,6 +24,7 @@ from atb_llm.compression.levels import Level, make_level
 from atb_llm.compression.plan import MlgcPlan, aligned_recent
 from atb_llm.runtime.engine import LLMEngine
 from atb_llm.runtime.sequence import SamplingParams
+from atb_llm.runtime.shared_prefill import Prefilled, capture_prefills
 
 
 @dataclass
@@ -48,29 +50,38 @@ class LossCalibrationConfig:
             raise ValueError(f"levels={self.levels} must include full (the reference every cost is measured from)")
 
 
-def continuation_nll(engine: LLMEngine, prompts: list[list[int]], context: int) -> float:
-    """Mean negative log-likelihood of each prompt's tokens after `context`, teacher-forced through decode."""
-    params = [SamplingParams(force_tokens=tuple(p[context:])) for p in prompts]
-    outs = engine.generate([p[:context] for p in prompts], params)
-    nll = [-lp for o in outs for step in o.logprobs for lp in step.values()]
+def continuation_nll(engine: LLMEngine, prefilled: list[Prefilled], continuations: list[list[int]]) -> float:
+    """Mean negative log-likelihood of each continuation after its first token, teacher-forced through
+    decode from the prefilled prompts, as the engine's current layout caches them."""
+    seqs = [
+        engine.add_prefilled(replace(p, first_token=c[0]), SamplingParams(force_tokens=tuple(c)))
+        for p, c in zip(prefilled, continuations)
+    ]
+    while engine.has_unfinished():
+        engine.step()
+    nll = [-lp for s in seqs for step in s.logprobs for lp in step.values()]
     return sum(nll) / len(nll)
 
 
 def measure_costs(
     engine: LLMEngine, prompts: list[list[int]], context: int, levels: list[Level], progress: bool = True
 ) -> torch.Tensor:
-    """[G, len(levels)] the continuation's mean NLL increase with group g alone at levels[j] (0 for full)."""
+    """[G, len(levels)] the continuation's mean NLL increase with group g alone at levels[j] (0 for
+    full). The prompts' contexts are prefilled once and replayed under every layout
+    (atb_llm.runtime.shared_prefill), so each layout costs only its decode steps."""
     base_layout = GroupLayout.uniform(engine.layout.num_layers, engine.layout.num_kv_heads)
     full = base_layout.levels[0]
     engine.set_layout(base_layout)
-    base = continuation_nll(engine, prompts, context)
+    prefilled = capture_prefills(engine, [p[:context] for p in prompts])
+    continuations = [p[context:] for p in prompts]
+    base = continuation_nll(engine, prefilled, continuations)
     costs = torch.zeros(base_layout.num_groups, len(levels), dtype=torch.float64)
     runs = [(g, j) for g in range(base_layout.num_groups) for j, lv in enumerate(levels) if lv != full]
     for g, j in tqdm(runs, desc="Level costs", disable=not progress, unit="layout"):
         one = list(base_layout.levels)
         one[g] = levels[j]
         engine.set_layout(GroupLayout(base_layout.num_layers, base_layout.num_kv_heads, tuple(one)))
-        costs[g, j] = continuation_nll(engine, prompts, context) - base
+        costs[g, j] = continuation_nll(engine, prefilled, continuations) - base
     engine.set_layout(base_layout)
     return costs
 

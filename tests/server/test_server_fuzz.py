@@ -12,7 +12,7 @@ import schemathesis
 from hypothesis import HealthCheck, given, settings
 from server_util import running_server, wait_until
 
-pytestmark = pytest.mark.timeout(600)
+pytestmark = [pytest.mark.timeout(600), pytest.mark.slow]
 
 MAX_EXAMPLES = 300  # per POST operation (20 per GET): about 1.5 minutes here
 STREAM = {"prompt": "hello world", "max_tokens": 32, "temperature": 0, "ignore_eos": True, "stream": True}

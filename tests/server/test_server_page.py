@@ -8,7 +8,7 @@ import re
 import pytest
 from server_util import CHROMIUM, CHROMIUM_ARGS, metrics, running_server, wait_until
 
-pytestmark = pytest.mark.timeout(600)
+pytestmark = [pytest.mark.timeout(600), pytest.mark.slow]
 
 sync_api = pytest.importorskip("playwright.sync_api")
 

@@ -113,6 +113,7 @@ def test_performance_run_writes_csv_table_and_plot(tiny_models, tmp_path, capsys
 
 
 @pytest.mark.timeout(600)
+@pytest.mark.slow
 def test_lm_eval_through_the_server_gives_the_engine_log_probs(tiny_models, tmp_path):
     """lm-eval's own client (local-completions, a separate process) against the OpenAI server scores
     the items to the same log-probabilities as modeltest's direct engine scoring (fp32). The tiny
