@@ -151,7 +151,7 @@ def plot(rows: list[dict], shares: dict[str, float], n: int, path: Path) -> None
     fig, ax = plt.subplots(figsize=(6.5, 4))
     by_kind: dict[str, list[tuple[float, float, float]]] = {}
     for row in rows:
-        kind = row["cache"].split(" ")[0] + (" int8" if row["cache"].endswith("int8") else "")
+        kind = row["cache"].split(" ")[0] + (" int8" if row["cache"].endswith(" int8") else "")
         m, h = (float(x) for x in row[f"avg {label(n)}"].split(" ± "))
         by_kind.setdefault(kind, []).append((100 * shares[row["cache"]], m, h))
     for kind, pts in sorted(by_kind.items()):
