@@ -110,6 +110,7 @@ def test_the_detector_sees_host_syncs():
                       "aten.repeat_interleave.Tensor"]  # fmt: skip
 
 
+@pytest.mark.slow
 def test_decode_forward_and_sampling_wait_for_no_device_value(tiny_models):
     """What a graph captures, the decode forward on the triton backend (every level, int8 levels with
     their measured smoothing scales, batch sizes 2 then 1), reads no value back from the device;

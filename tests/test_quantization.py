@@ -131,6 +131,7 @@ def test_activation_quantized_model_stays_near_float(float_model, quantized, var
     assert F.cosine_similarity(got, want, dim=0) > 0.98  # 8-bit activations of a random model (~0.99 seen)
 
 
+@pytest.mark.slow  # runs msModelSlim
 def test_fp32_checkpoint_stores_deq_scale_as_float_bits(tmp_path):
     src = build_tiny_qwen2(tmp_path / "fp32", hidden=128, dtype=torch.float32)
     folder = convert(src, tmp_path / "w8a8", "w8a8", None, 2, "cpu")
