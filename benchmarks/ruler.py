@@ -29,9 +29,9 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from atb_llm.compression.budget import level_bytes
 from atb_llm.compression.layout import GroupLayout
 from atb_llm.compression.levels import Level, Window
+from atb_llm.compression.memory import level_bytes
 from atb_llm.compression.plan import MlgcPlan, aligned_recent, baseline_plan, plan_from_selection
 from atb_llm.runtime.calibration import CalibrationConfig, calibrate, choose_full
 from atb_llm.runtime.engine import EngineConfig, LLMEngine

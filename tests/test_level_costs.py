@@ -9,8 +9,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from atb_llm.compression.budget import choose_levels, level_bytes
+from atb_llm.compression.budget import choose_levels
 from atb_llm.compression.levels import FullInt8, Level, Window, WindowInt8
+from atb_llm.compression.memory import level_bytes
 from atb_llm.runtime.engine import EngineConfig, LLMEngine
 from atb_llm.runtime.level_costs import LossCalibrationConfig, loss_plan
 

@@ -14,14 +14,8 @@ import math
 from functools import reduce
 
 import numpy as np
-import torch
 
 from atb_llm.compression.levels import Level
-
-
-def level_bytes(level: Level, num_tokens: int, head_dim: int, dtype: torch.dtype, block_size: int) -> int:
-    """Bytes one group at `level` holds for a sequence of `num_tokens` tokens, in whole blocks."""
-    return level.blocks(num_tokens, block_size) * level.storage.bytes_per_block(block_size, head_dim, dtype)
 
 
 def choose_levels(costs: list[dict[Level, float]], sizes: dict[Level, int], budget: int) -> list[Level]:

@@ -5,6 +5,12 @@ from __future__ import annotations
 import torch
 
 from atb_llm.compression.layout import GroupLayout
+from atb_llm.compression.levels import Level
+
+
+def level_bytes(level: Level, num_tokens: int, head_dim: int, dtype: torch.dtype, block_size: int) -> int:
+    """Bytes one group at `level` holds for a sequence of `num_tokens` tokens, in whole blocks."""
+    return level.blocks(num_tokens, block_size) * level.storage.bytes_per_block(block_size, head_dim, dtype)
 
 
 def kv_bytes_by_level(
@@ -13,8 +19,9 @@ def kv_bytes_by_level(
     """Bytes one sequence of `num_tokens` tokens holds, per level name."""
     out: dict[str, int] = {}
     for level, groups in layout.groups_by_level().items():
-        per_block = level.storage.bytes_per_block(block_size, head_dim, dtype)
-        out[level.name] = out.get(level.name, 0) + len(groups) * level.blocks(num_tokens, block_size) * per_block
+        out[level.name] = out.get(level.name, 0) + len(groups) * level_bytes(
+            level, num_tokens, head_dim, dtype, block_size
+        )
     return out
 
 

@@ -25,7 +25,7 @@ from atb_llm.runtime.model_runner import ModelRunner
 from atb_llm.runtime.outputs import Detokenizer, RequestOutput
 from atb_llm.runtime.request_limits import RequestError, RequestLimits
 from atb_llm.runtime.scheduler import Scheduler
-from atb_llm.runtime.sequence import SamplingParams, Sequence, SequenceStatus
+from atb_llm.runtime.sequence import SamplingParams, Sequence
 from atb_llm.runtime.stats import EngineStats
 
 __all__ = ["EngineConfig", "LLMEngine", "RequestOutput"]
@@ -132,29 +132,28 @@ class LLMEngine:
         """Queue a request after `self.limits` checked it (RequestError / ContextLengthError if not).
         `sibling_of`: the id of an unfinished request with the same prompt (n > 1 samples of one
         prompt): the prompt is computed once and the siblings start from copies of its cache."""
-        params = params or SamplingParams()
-        ids = self.encode(prompt)
-        self.limits.check(ids, params)
-        if request_id is not None and request_id in self._seqs:
-            raise RequestError(f"request_id {request_id!r} is already in use", "request_id")
+        seq = self._new_sequence(self.encode(prompt), params, request_id)
         parent = self._seqs.get(sibling_of) if sibling_of is not None else None
-        if sibling_of is not None and (parent is None or parent.prompt_token_ids != ids):
+        if sibling_of is not None and (parent is None or parent.prompt_token_ids != seq.prompt_token_ids):
             raise RequestError(f"sibling_of={sibling_of!r} names no unfinished request with the same prompt")
-        seq = Sequence(ids, params, request_id or "")
         self._seqs[seq.request_id] = seq
         self.scheduler.add(seq, parent)
         return seq
+
+    def _new_sequence(self, ids: list[int], params: SamplingParams | None, request_id: str | None) -> Sequence:
+        """A request's sequence, once `self.limits` and the id have passed."""
+        params = params or SamplingParams()
+        self.limits.check(ids, params)
+        if request_id is not None and request_id in self._seqs:
+            raise RequestError(f"request_id {request_id!r} is already in use", "request_id")
+        return Sequence(list(ids), params, request_id or "")
 
     def add_prefilled(self, p, params: SamplingParams | None = None, request_id: str | None = None) -> Sequence:
         """Queue a request whose prompt was prefilled already (atb_llm.runtime.shared_prefill.Prefilled):
         its stored K/V are written as this engine's layout keeps them, its first token is the
         prefill's, and it goes straight to decode. Raises RuntimeError when the batch or the pools
         have no room for it now."""
-        params = params or SamplingParams()
-        self.limits.check(p.prompt_ids, params)
-        if request_id is not None and request_id in self._seqs:
-            raise RequestError(f"request_id {request_id!r} is already in use", "request_id")
-        seq, cm = Sequence(list(p.prompt_ids), params, request_id or ""), self.cache_manager
+        seq, cm = self._new_sequence(p.prompt_ids, params, request_id), self.cache_manager
         n = seq.num_tokens
         if len(self.scheduler.running) >= self.cfg.max_batch_size or not cm.block_manager.can_allocate(
             seq.block_table, n
@@ -167,11 +166,11 @@ class LLMEngine:
         meta = AttentionMetadata.build(True, tables, slots, length, n, self.cfg.block_size, self.dtype)
         for layer, (k, v) in enumerate(p.kv):
             self.backend.store(cm.kv_cache, layer, k, v, meta)
-        seq.num_computed_tokens, seq.status = n, SequenceStatus.RUNNING
+        seq.num_computed_tokens = n
         seq.output_token_ids.append(p.first_token)
         seq.first_token_time = time.perf_counter()
         self._seqs[seq.request_id] = seq
-        self.scheduler.running.append(seq)
+        self.scheduler.add_running(seq)
         reason = self.detokenizer.finish_reason(seq)
         if reason:
             self.scheduler.finish(seq, reason)

@@ -18,9 +18,10 @@ from dataclasses import dataclass, field, replace
 import torch
 from tqdm import tqdm
 
-from atb_llm.compression.budget import choose_levels, level_bytes
+from atb_llm.compression.budget import choose_levels
 from atb_llm.compression.layout import GroupLayout
 from atb_llm.compression.levels import Level, make_level
+from atb_llm.compression.memory import level_bytes
 from atb_llm.compression.plan import MlgcPlan, aligned_recent
 from atb_llm.runtime.engine import LLMEngine
 from atb_llm.runtime.sequence import SamplingParams

@@ -47,6 +47,12 @@ class Scheduler:
                 return
         self.waiting.append(seq)
 
+    def add_running(self, seq: Sequence) -> None:
+        """A sequence whose blocks are allocated and whose prompt is in the cache already (a replayed
+        prefill): it decodes from the next step on."""
+        seq.status = SequenceStatus.RUNNING
+        self.running.append(seq)
+
     def fork(self, parent: Sequence) -> None:
         """After `parent` computed its prompt but the last token: its siblings join the running batch
         on copies of its cache, where the pools and the batch have room (the others queue as new)."""

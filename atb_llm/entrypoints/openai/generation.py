@@ -1,5 +1,5 @@
-"""From a validated request to the engine loop and back: sampling parameters, submission, the
-collected (non-streaming) answer, and the server-sent-event stream in OpenAI's chunk format.
+"""From a validated request to the engine loop and back: sampling parameters, submission and the
+collected (non-streaming) answer (the event stream is in streaming.py).
 
 A request whose client goes away is aborted, so its sequence stops and its blocks are freed:
 streaming, when the response is cancelled or closed; non-streaming, by polling the connection.
@@ -70,11 +70,13 @@ def sampling_params(
         raise request_error(e) from e
 
 
-def request_error(e: RequestError, param: str | None = None) -> APIError:
-    """The engine's refusal of a request as the API's error: 413 for what is too long, else 422."""
+def request_error(e: RequestError, prompt_param: str | None = None) -> APIError:
+    """The engine's refusal of a request as the API's error: 413 for what is too long, else 422.
+    `prompt_param`: the route's name for the prompt (prompt, messages)."""
     if isinstance(e, ContextLengthError):
-        return APIError(413, str(e), param or e.param, "context_length_exceeded")
-    return APIError(422, str(e), e.param or param, "invalid_value")
+        return APIError(413, str(e), prompt_param or e.param, "context_length_exceeded")
+    param = prompt_param if prompt_param and e.param == "prompt" else e.param
+    return APIError(422, str(e), param, "invalid_value")
 
 
 async def submit(
@@ -99,10 +101,8 @@ async def submit(
         return await loop.submit(*requests)
     except BadTextError as e:
         raise APIError(400, str(e), e.param, "invalid_text") from e
-    except ContextLengthError as e:
-        raise request_error(e, param) from e
     except RequestError as e:
-        raise request_error(e, param if e.param == "prompt" else None) from e
+        raise request_error(e, param) from e
     except ShuttingDownError as e:
         raise APIError(503, str(e), code="shutting_down") from e
     except ValueError as e:  # no chat template
