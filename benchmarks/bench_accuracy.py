@@ -51,7 +51,8 @@ def plans(
             continue
         path = out / f"plan_razor_{ratio}.json"
         if not path.is_file():
-            calibrate(model, CalibrationConfig(ratio, sink, recent, block_size=block_size), progress=False).save(path)
+            cal = CalibrationConfig(ratio, sink=sink, recent=recent, block_size=block_size)
+            calibrate(model, cal, progress=False).save(path)
         found[f"MLGC {ratio}"] = MlgcPlan.load(path)
     found["streaming"] = baseline_plan("streaming", config, block_size, sink, recent)
     found[f"random {ratios[0]}"] = baseline_plan("random", config, block_size, sink, recent, full_ratio=ratios[0])

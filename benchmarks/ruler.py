@@ -1,7 +1,7 @@
 """RULER-style long-context accuracy of KV caches at equal KV budgets, with intervals.
 
     python -m benchmarks.ruler [-m WEIGHT_DIR] [--lengths 2048 4096] [--samples 50] [--budgets 0.5 0.25 0.1]
-        [--sink 16 --recent 128 --block_size 16] [--plans NAME=PLAN.json ...] [--int8] [--dtype fp32]
+        [--sink 16 --recent 128 --block_size 16] [--plans NAME=PLAN.json ...] [--caches NAME ...] [--dtype fp32]
 
 Tasks: benchmarks/ruler_tasks.py (niah single / multikey / multivalue, variable tracking, common
 words), `--samples` per task and length, seeded: every cache answers the same samples. Each
@@ -10,11 +10,13 @@ prompt is prefilled once and its stored K/V written again under every cache
 layout); greedy decode through each cache gives its answers.
 
 Caches, at equal KV budgets counted from the level registry (bytes of whole blocks at the longest
-length of the grid, as a share of the full cache's): full, full_int8, streaming (every group a
-window), and at each budget: MLGC razor (the groups of highest retrieval-head scores full, as many
-as the budget holds), random (as many, on random groups, 3 seeds), any `--plans` given (e.g.
-loss-calibrated plans, named with their budget), and with `--int8` the razor plans' int8
-variants. Reported per cache: the mean score and its 95% interval per task and length, the
+length of the grid, as a share of a full bf16 cache's: what a deployment holds, whatever dtype
+computes here): full, full_int8, streaming (every group a
+window), and at each budget: razor (the groups of highest retrieval-head scores full, as many as
+the budget holds, the others windows), mlgc (the same scores spent over full, full_int8, window
+and window_int8 by the knapsack: `calibrate.sh --kv_budget B --int8`), random (as many full
+groups as razor, on random groups, 3 seeds), and any `--plans` given (e.g. loss-calibrated plans,
+named with their budget). Reported per cache: the mean score and its 95% interval per task and length, the
 five-task average, and the paired difference to the full cache on the same samples with its 95%
 interval. Rows are kept per sample in results/ruler_rows.json, so a stopped run resumes.
 """
@@ -27,13 +29,14 @@ import math
 import random
 from pathlib import Path
 
+import torch
 from tqdm import tqdm
 
 from atb_llm.compression.layout import GroupLayout
 from atb_llm.compression.levels import Level, Window
 from atb_llm.compression.memory import level_bytes
 from atb_llm.compression.plan import MlgcPlan, aligned_recent, baseline_plan, plan_from_selection
-from atb_llm.runtime.calibration import CalibrationConfig, calibrate, choose_full
+from atb_llm.runtime.calibration import CalibrationConfig, budget_levels, calibrate, choose_full
 from atb_llm.runtime.engine import EngineConfig, LLMEngine
 from atb_llm.runtime.sequence import SamplingParams
 from atb_llm.runtime.shared_prefill import capture_prefills
@@ -41,6 +44,7 @@ from benchmarks.common import engine_config, markdown_table
 from benchmarks.ruler_tasks import MAX_NEW, TASKS, fit, score
 
 HERE = Path(__file__).parent
+BYTES_DTYPE = torch.bfloat16  # budgets count a 16-bit cache's bytes, as deployed, whatever dtype computes here
 Z95 = 1.96
 
 
@@ -51,13 +55,11 @@ def full_groups_within(budget: float, groups: int, full: int, window: int) -> in
 
 def caches(engine: LLMEngine, args: argparse.Namespace, reference: int) -> dict[str, tuple[GroupLayout, float]]:
     """name -> (layout, share of the full cache's KV bytes at `reference` tokens)."""
-    c, bs = engine.model_config, args.block_size
+    c, bs, dt = engine.model_config, args.block_size, BYTES_DTYPE
     recent = aligned_recent(args.sink, args.recent, bs)
-    sizes = {
-        lv: level_bytes(lv, reference, c.head_dim, engine.dtype, bs) for lv in (Level(), Window(args.sink, recent))
-    }
+    sizes = {lv: level_bytes(lv, reference, c.head_dim, dt, bs) for lv in (Level(), Window(args.sink, recent))}
     full_b, win_b = sizes.values()
-    share = lambda lay: sum(level_bytes(lv, reference, c.head_dim, engine.dtype, bs) for lv in lay.levels) / (
+    share = lambda lay: sum(level_bytes(lv, reference, c.head_dim, dt, bs) for lv in lay.levels) / (
         c.num_groups * full_b
     )  # fmt: skip
     scores_path = args.out / "razor_scores.json"  # retrieval-head scores do not depend on the geometry
@@ -75,8 +77,10 @@ def caches(engine: LLMEngine, args: argparse.Namespace, reference: int) -> dict[
             c, choose_full(echo, induction, r), bs, args.sink, args.recent, False, "razor", None
         )
         out[f"razor {b}"] = razor.to_layout()
-        if args.int8:
-            out[f"razor {b} int8"] = razor.to_layout().as_int8()
+        cal = CalibrationConfig(kv_budget=b, reference_tokens=reference, sink=args.sink, recent=args.recent,
+                                int8=True, block_size=bs)  # fmt: skip
+        chosen, _ = budget_levels(echo, induction, cal, c.head_dim, dt)
+        out[f"mlgc {b}"] = GroupLayout(c.num_hidden_layers, c.num_key_value_heads, tuple(chosen))
         for seed in range(3):
             chosen = set(random.Random(seed).sample(range(c.num_groups), r))
             rnd = plan_from_selection(c, chosen, bs, args.sink, args.recent, False, "random", None)
@@ -151,7 +155,7 @@ def plot(rows: list[dict], shares: dict[str, float], n: int, path: Path) -> None
     fig, ax = plt.subplots(figsize=(6.5, 4))
     by_kind: dict[str, list[tuple[float, float, float]]] = {}
     for row in rows:
-        kind = row["cache"].split(" ")[0] + (" int8" if row["cache"].endswith(" int8") else "")
+        kind = row["cache"].split(" ")[0]
         m, h = (float(x) for x in row[f"avg {label(n)}"].split(" ± "))
         by_kind.setdefault(kind, []).append((100 * shares[row["cache"]], m, h))
     for kind, pts in sorted(by_kind.items()):
@@ -173,7 +177,6 @@ def main(argv=None) -> str:
     ap.add_argument("--budgets", nargs="+", type=float, default=[0.5, 0.25, 0.1], help="KV shares of the full cache")
     ap.add_argument("--plans", nargs="*", default=[], help="NAME=PLAN.json: more caches (e.g. loss-calibrated)")
     ap.add_argument("--caches", nargs="*", default=None, help="only these caches, by name (default: all)")
-    ap.add_argument("--int8", action="store_true", help="also each razor plan in int8")
     ap.add_argument("--sink", type=int, default=16)
     ap.add_argument("--recent", type=int, default=128)
     ap.add_argument("--seed", type=int, default=0)
@@ -215,7 +218,8 @@ def main(argv=None) -> str:
     head = (
         f"{args.samples} samples per task and length (the same for every cache), seed {args.seed}, greedy; "
         f"sink={args.sink}, recent={args.recent} (aligned to block_size={args.block_size}); KV % counted at "
-        f"{max(args.lengths)} tokens; dtype {args.dtype or 'of the checkpoint'}; mean ± 95% interval, `vs full`: "
+        f"{max(args.lengths)} tokens of a bf16 cache; compute dtype {args.dtype or 'of the checkpoint'}; "
+        "mean ± 95% interval, `vs full`: "
         "paired difference on the same samples\n\n"
     )
     text = head + markdown_table(rows, columns) + "\n"

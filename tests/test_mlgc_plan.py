@@ -1,6 +1,7 @@
 """Plans: file round trip, mismatch errors, baselines, calibration determinism, --mlgc wiring."""
 
 import json
+import random
 import re
 import shutil
 
@@ -284,3 +285,46 @@ def test_run_pa_runs_the_plan_it_is_given(tiny, tmp_path, capsys):
     share = int(re.search(r"uncompressed \((\d+)%\)", report).group(1))
     assert share < 15  # 4 blocks against 4 x 8 for ~127 tokens
     assert windowed.token_ids != full.token_ids
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_a_kv_budget_keeps_the_most_groups_whole_and_windows_the_least_scored(seed):
+    """retrieval_costs spent by the knapsack: as many whole-history groups as the bytes hold (int8
+    where they must be), the windows on the groups of least score, full precision on the highest."""
+    from atb_llm.compression.budget import retrieval_costs, spend
+
+    rng = random.Random(seed)
+    groups, share = 12, rng.uniform(0.06, 0.9)
+    scores = [rng.random() for _ in range(groups)]
+    full, window = Level(), Window(sink=4, recent=27)
+    levels = [full, full.as_int8(), window, window.as_int8()]
+    chosen, record = spend(retrieval_costs(scores, levels), share, 256, 16, torch.float32, BS)
+    size = {lv: lv.blocks(256, BS) * lv.storage.bytes_per_block(BS, 16, torch.float32) for lv in levels}
+    assert record["kv_bytes"] == sum(size[lv] for lv in chosen) <= record["budget_bytes"] == int(share * 12 * 32768)
+    whole = [g for g, lv in enumerate(chosen) if lv.comp_slot is None]
+    most = max(
+        k for k in range(groups + 1) if k * size[levels[1]] + (groups - k) * size[levels[3]] <= share * 12 * 32768
+    )
+    assert len(whole) == most
+    windowed = [g for g in range(groups) if g not in whole]
+    assert all(scores[w] < scores[g] for w in windowed for g in whole)
+    fp = [g for g in whole if not chosen[g].int8]
+    assert all(scores[f] > scores[g] for f in fp for g in whole if chosen[g].int8)
+
+
+def test_calibrate_spends_a_kv_budget_over_every_level(tiny, tmp_path, capsys):
+    model = shutil.copytree(tiny, tmp_path / "m")
+    argv = ["-m", str(model), "--kv_budget", "0.25", "--int8", "--reference_tokens", "512", "--sink", "4",
+            "--recent", "20", "--block_size", "16", "--samples", "2", "--period", "24"]  # fmt: skip
+    plan = MlgcPlan.load(calibrate_cli.main(argv))
+    assert plan.method == "razor" and plan.full_ratio is None
+    rec = plan.calibration
+    assert rec["kv_bytes"] <= rec["budget_bytes"] == int(0.25 * 4 * 32 * 2048) and rec["dtype"] == "float32"
+    assert rec["budget"] == 0.25 and rec["reference_tokens"] == 512 and rec["period"] == 24
+    # at 512 tokens (head_dim 16, fp32) full_int8 is 32 blocks of 512 + 128 bytes (31.25% of full), a
+    # window 2 blocks of 2048 (6.25%): three full_int8 and one float window fill the quarter exactly
+    assert plan.counts() == {"full_int8": 3, "window": 1}
+    echo, induction = sum(plan.scores["echo"], []), sum(plan.scores["induction"], [])
+    scores = [max(e / max(echo), i / max(induction)) for e, i in zip(echo, induction)]
+    assert sum(plan.levels, []).index("window") == min(range(4), key=lambda g: scores[g])
+    assert "levels: {'full_int8': 3, 'window': 1}" in capsys.readouterr().out

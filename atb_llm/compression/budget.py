@@ -6,6 +6,10 @@ at a reference length (from the level registry: whole blocks of its storage). Th
 multiple-choice knapsack: one level per group, total bytes within the budget, least summed cost.
 It is solved exactly by dynamic programming over bytes counted in units of the gcd of the levels'
 sizes (a few thousand units per group at 32K tokens).
+
+The costs come from a measurement (atb_llm.runtime.level_costs: the loss when a group alone takes
+a level) or from retrieval-head scores (`retrieval_costs`: the RazorAttention ranking, spent over
+every level the bytes allow).
 """
 
 from __future__ import annotations
@@ -14,8 +18,12 @@ import math
 from functools import reduce
 
 import numpy as np
+import torch
 
-from atb_llm.compression.levels import Level
+from atb_llm.compression.levels import Level, Window
+from atb_llm.compression.memory import level_bytes
+
+INT8_COST = 1e-3  # int8 keeps every token, a little blurred: far cheaper than a window, dearer than full
 
 
 def choose_levels(costs: list[dict[Level, float]], sizes: dict[Level, int], budget: int) -> list[Level]:
@@ -56,3 +64,42 @@ def choose_levels(costs: list[dict[Level, float]], sizes: dict[Level, int], budg
         chosen.append(lv)
         total -= width[lv]
     return chosen[::-1]
+
+
+def retrieval_costs(scores: list[float], levels: list[Level]) -> list[dict[Level, float]]:
+    """Knapsack costs from retrieval-head scores in [0, 1] (one per group): a window costs its group
+    1 + score (every window loses the history it drops, a retrieval head the most), int8 adds
+    INT8_COST times that much again. Spent under a budget, this keeps the whole history of as many
+    groups as the bytes allow (int8 where it must), windows the groups of least score, and keeps
+    the groups of highest score in full precision first."""
+    return [
+        {lv: (1.0 + s) * ((1.0 if isinstance(lv, Window) else 0.0) + (INT8_COST if lv.int8 else 0.0)) for lv in levels}
+        for s in scores
+    ]
+
+
+def spend(
+    costs: list[dict[Level, float]],
+    share: float,
+    reference_tokens: int,
+    head_dim: int,
+    dtype: torch.dtype,
+    block_size: int,
+) -> tuple[list[Level], dict]:
+    """The levels of least summed cost whose KV bytes, for one sequence of `reference_tokens`
+    tokens, stay within `share` of the full cache's; and the record a plan keeps of it."""
+    if not 0 < share <= 1:
+        raise ValueError(f"kv_budget={share} must be in (0, 1]: the share of the full cache's KV bytes")
+    levels = {lv for c in costs for lv in c}
+    sizes = {lv: level_bytes(lv, reference_tokens, head_dim, dtype, block_size) for lv in levels}
+    full = level_bytes(Level(), reference_tokens, head_dim, dtype, block_size)
+    budget = int(share * full * len(costs))
+    chosen = choose_levels(costs, sizes, budget)
+    record = {
+        "budget": share,
+        "reference_tokens": reference_tokens,
+        "kv_bytes": sum(sizes[lv] for lv in chosen),
+        "budget_bytes": budget,
+        "dtype": str(dtype).removeprefix("torch."),
+    }
+    return chosen, record

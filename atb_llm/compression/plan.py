@@ -110,25 +110,21 @@ def select_full(scores: list[float], num_full: int) -> set[int]:
     return set(order[:num_full])
 
 
-def plan_from_selection(
+def plan_from_levels(
     config: ModelConfig,
-    full: set[int],
+    chosen: list[Level],
     block_size: int,
     sink: int,
     recent: int,
-    int8: bool,
     method: str,
     full_ratio: float | None,
     **extra,
 ) -> MlgcPlan:
-    kept, window = Level(), Window(sink=sink, recent=recent)
-    if int8:
-        kept, window = kept.as_int8(), window.as_int8()
+    """The plan whose group g (layer-major) takes chosen[g]."""
     h = config.num_key_value_heads
-    levels = [
-        [(kept if layer * h + head in full else window).name for head in range(h)]
-        for layer in range(config.num_hidden_layers)
-    ]
+    if len(chosen) != config.num_groups:
+        raise ValueError(f"{len(chosen)} levels for a model of {config.num_groups} groups")
+    levels = [[chosen[layer * h + head].name for head in range(h)] for layer in range(config.num_hidden_layers)]
     return MlgcPlan(
         config.model_type,
         config.config_hash(),
@@ -142,6 +138,25 @@ def plan_from_selection(
         full_ratio,
         **extra,
     )
+
+
+def plan_from_selection(
+    config: ModelConfig,
+    full: set[int],
+    block_size: int,
+    sink: int,
+    recent: int,
+    int8: bool,
+    method: str,
+    full_ratio: float | None,
+    **extra,
+) -> MlgcPlan:
+    """The groups in `full` keep their whole history, the others a window (both int8 with `int8`)."""
+    kept, window = Level(), Window(sink=sink, recent=recent)
+    if int8:
+        kept, window = kept.as_int8(), window.as_int8()
+    chosen = [kept if g in full else window for g in range(config.num_groups)]
+    return plan_from_levels(config, chosen, block_size, sink, recent, method, full_ratio, **extra)
 
 
 def num_full_groups(config: ModelConfig, full_ratio: float) -> int:

@@ -2,13 +2,17 @@
 
     bash examples/models/qwen2_5_mlgc/calibrate.sh -m WEIGHT_DIR [--full_ratio 0.25] [--sink 64]
         [--recent 1024] [--int8] [--block_size 128] [-o PLAN]
+    bash examples/models/qwen2_5_mlgc/calibrate.sh -m WEIGHT_DIR --kv_budget 0.25 --int8
     bash examples/models/qwen2_5_mlgc/calibrate.sh -m WEIGHT_DIR --method loss --kv_budget 0.25
         [--calib_text FILE] [--samples 4] [--context 2048] [--continuation 64]
 
 razor (default) ranks groups by RazorAttention's echo and induction scores and keeps the top
-full_ratio full; loss measures what every level costs every group (the loss of a teacher-forced
-continuation of natural text with that group alone at that level) and picks each group's level
-under a KV byte budget (a share of the full cache's bytes at --reference_tokens).
+full_ratio full, or with --kv_budget spends that share of the full cache's KV bytes over the levels
+(with --int8: full, full_int8, window, window_int8), keeping as many groups' whole history as the
+bytes hold and windowing those of least score; loss measures what every level costs every group
+(the loss of a teacher-forced continuation of natural text with that group alone at that level)
+and picks each group's level under a KV byte budget (a share of the full cache's bytes at
+--reference_tokens).
 
 Writes WEIGHT_DIR/mlgc_plan.json by default (what `--mlgc auto` loads), prints the plan as a
 layer x group grid and the KV bytes per token it leads to.
@@ -47,8 +51,10 @@ def parse_args(argv=None) -> argparse.Namespace:
         choices=["razor", "loss", "streaming", "random"],
         help="razor: retrieval-head scores (default); loss: measured cost under --kv_budget; streaming / random",
     )
-    ap.add_argument("--kv_budget", type=float, default=0.25, help="loss: KV bytes, share of the full cache's")
-    ap.add_argument("--reference_tokens", type=int, default=32768, help="loss: the length the budget counts bytes at")
+    ap.add_argument(
+        "--kv_budget", type=float, default=None, help="KV bytes, share of the full cache's (loss: default 0.25)"
+    )
+    ap.add_argument("--reference_tokens", type=int, default=32768, help="the length --kv_budget counts bytes at")
     ap.add_argument("--calib_text", type=Path, default=CALIB_TEXT, help="loss: natural text the prompts are cut from")
     ap.add_argument("--context", type=int, default=2048, help="loss: tokens prefilled per prompt")
     ap.add_argument("--continuation", type=int, default=64, help="loss: tokens teacher-forced per prompt")
@@ -82,7 +88,8 @@ def loss_calibrate(args: argparse.Namespace, model: Path) -> MlgcPlan:
             "give a longer text or lower --samples / --context"
         )
     lc = LossCalibrationConfig(
-        args.kv_budget, args.reference_tokens, args.sink, args.recent, args.block_size,
+        0.25 if args.kv_budget is None else args.kv_budget, args.reference_tokens,
+        args.sink, args.recent, args.block_size,
         ("full", "full_int8", "window", "window_int8") if args.int8 else ("full", "window"),
         args.context, args.continuation, extra={"text": args.calib_text.name, "seed": args.seed},
     )  # fmt: skip
@@ -97,15 +104,9 @@ def main(argv=None) -> Path:
         plan = loss_calibrate(args, model)
     elif args.method == "razor":
         cfg = CalibrationConfig(
-            args.full_ratio,
-            args.sink,
-            args.recent,
-            args.int8,
-            args.block_size,
-            args.samples,
-            args.period,
-            seed=args.seed,
-        )
+            args.full_ratio, args.kv_budget, args.reference_tokens, args.sink, args.recent, args.int8,
+            args.block_size, args.samples, args.period, seed=args.seed,
+        )  # fmt: skip
         plan = calibrate(str(model), cfg, dtype=args.dtype, device=args.device)
     else:
         plan = baseline_plan(

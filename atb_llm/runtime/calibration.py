@@ -5,6 +5,12 @@ repeat, an *echo* head attends to t - L (the same token's previous occurrence) a
 head to t - L + 1 (the token that followed it, i.e. the one to predict). Such retrieval heads need
 the full context; the others do well on sinks + a recent window. A group's score is the max over
 the query heads that share its KV head.
+
+Two ways to spend the scores: `full_ratio` keeps that share of the groups full (RazorAttention's
+split: top echo groups, then induction) and windows the rest; `kv_budget` spends a share of the full
+cache's KV bytes over every level (full, window and, with `int8`, their int8 twins) by the
+knapsack of atb_llm.compression.budget, with the scores as costs: as many groups as the bytes allow
+keep their whole history, the rest, those of least score, become windows.
 """
 
 from __future__ import annotations
@@ -13,7 +19,16 @@ from dataclasses import dataclass
 
 import torch
 
-from atb_llm.compression.plan import MlgcPlan, num_full_groups, plan_from_selection, select_full
+from atb_llm.compression.budget import retrieval_costs, spend
+from atb_llm.compression.levels import Level, Window
+from atb_llm.compression.plan import (
+    MlgcPlan,
+    aligned_recent,
+    num_full_groups,
+    plan_from_levels,
+    plan_from_selection,
+    select_full,
+)
 from atb_llm.layers.attention.torch_backend import TorchBackend
 from atb_llm.models.base.router import get_router
 from atb_llm.runtime.engine import EngineConfig, LLMEngine
@@ -71,6 +86,8 @@ class ProbeBackend(TorchBackend):
 @dataclass
 class CalibrationConfig:
     full_ratio: float = 0.25
+    kv_budget: float | None = None  # set: spend this share of the full cache's bytes instead of full_ratio
+    reference_tokens: int = 32768  # the sequence length kv_budget counts bytes at
     sink: int = 64
     recent: int = 1024
     int8: bool = False
@@ -98,6 +115,23 @@ def choose_full(echo: list[float], induction: list[float], num_full: int) -> set
     return full
 
 
+def retrieval_scores(echo: list[float], induction: list[float]) -> list[float]:
+    """One score per group in [0, 1]: the larger of its echo and induction scores, each divided by
+    the largest of its kind."""
+    top_e, top_i = max(max(echo), 1e-12), max(max(induction), 1e-12)
+    return [max(e / top_e, i / top_i) for e, i in zip(echo, induction)]
+
+
+def budget_levels(
+    echo: list[float], induction: list[float], cfg: CalibrationConfig, head_dim: int, dtype
+) -> tuple[list[Level], dict]:
+    """Per group, the level the knapsack gives it within cfg.kv_budget (see the module's docstring)."""
+    full, window = Level(), Window(cfg.sink, aligned_recent(cfg.sink, cfg.recent, cfg.block_size))
+    levels = [full, window] + ([full.as_int8(), window.as_int8()] if cfg.int8 else [])
+    costs = retrieval_costs(retrieval_scores(echo, induction), levels)
+    return spend(costs, cfg.kv_budget, cfg.reference_tokens, head_dim, dtype, cfg.block_size)
+
+
 def calibrate(
     model_path: str, cfg: CalibrationConfig, dtype: str | None = None, progress: bool = True, device: str = "cpu"
 ) -> MlgcPlan:
@@ -118,16 +152,17 @@ def calibrate(
     engine = LLMEngine(engine_cfg, backend=probe)
     engine.generate(probe_tokens(cfg, config.vocab_size), SamplingParams(max_tokens=1), use_tqdm=progress)
     echo, induction = probe.group_scores(config.num_key_value_heads)
-    full = choose_full(echo.flatten().tolist(), induction.flatten().tolist(), num_full_groups(config, cfg.full_ratio))
+    e, i = echo.flatten().tolist(), induction.flatten().tolist()
+    scores = {"echo": echo.tolist(), "induction": induction.tolist()}
+    probes = {"seed": cfg.seed, "samples": cfg.samples, "period": cfg.period, "repeats": cfg.repeats}
+    if cfg.kv_budget is not None:
+        chosen, spent = budget_levels(e, i, cfg, config.head_dim, engine.dtype)
+        return plan_from_levels(
+            config, chosen, cfg.block_size, cfg.sink, cfg.recent, "razor", None,
+            scores=scores, calibration={**spent, **probes},
+        )  # fmt: skip
+    full = choose_full(e, i, num_full_groups(config, cfg.full_ratio))
     return plan_from_selection(
-        config,
-        full,
-        cfg.block_size,
-        cfg.sink,
-        cfg.recent,
-        cfg.int8,
-        "razor",
-        cfg.full_ratio,
-        scores={"echo": echo.tolist(), "induction": induction.tolist()},
-        calibration={"seed": cfg.seed, "samples": cfg.samples, "period": cfg.period, "repeats": cfg.repeats},
-    )
+        config, full, cfg.block_size, cfg.sink, cfg.recent, cfg.int8, "razor", cfg.full_ratio,
+        scores=scores, calibration=probes,
+    )  # fmt: skip

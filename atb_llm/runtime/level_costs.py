@@ -18,11 +18,10 @@ from dataclasses import dataclass, field, replace
 import torch
 from tqdm import tqdm
 
-from atb_llm.compression.budget import choose_levels
+from atb_llm.compression.budget import spend
 from atb_llm.compression.layout import GroupLayout
 from atb_llm.compression.levels import Level, make_level
-from atb_llm.compression.memory import level_bytes
-from atb_llm.compression.plan import MlgcPlan, aligned_recent
+from atb_llm.compression.plan import MlgcPlan, aligned_recent, plan_from_levels
 from atb_llm.runtime.engine import LLMEngine
 from atb_llm.runtime.sequence import SamplingParams
 from atb_llm.runtime.shared_prefill import Prefilled, capture_prefills
@@ -96,27 +95,22 @@ def loss_plan(
     prompts = [p[: cfg.context + cfg.continuation] for p in prompts]
     costs = measure_costs(engine, prompts, cfg.context, levels, progress)
     mc = engine.model_config
-    sizes = {lv: level_bytes(lv, cfg.reference_tokens, mc.head_dim, engine.dtype, cfg.block_size) for lv in levels}
-    full_bytes = mc.num_groups * sizes[levels[list(cfg.levels).index("full")]]
-    chosen = choose_levels([dict(zip(levels, row.tolist())) for row in costs], sizes, int(cfg.budget * full_bytes))
+    chosen, spent = spend(
+        [dict(zip(levels, row.tolist())) for row in costs],
+        cfg.budget, cfg.reference_tokens, mc.head_dim, engine.dtype, cfg.block_size,
+    )  # fmt: skip
     h = mc.num_key_value_heads
-    return MlgcPlan(
-        mc.model_type,
-        mc.config_hash(),
-        mc.num_hidden_layers,
-        h,
+    return plan_from_levels(
+        mc,
+        chosen,
         cfg.block_size,
         cfg.sink,
-        recent,
-        [[chosen[layer * h + head].name for head in range(h)] for layer in range(mc.num_hidden_layers)],
-        method="loss",
-        full_ratio=None,
+        cfg.recent,
+        "loss",
+        None,
         scores={f"cost {lv.name}": costs[:, j].view(-1, h).tolist() for j, lv in enumerate(levels)},
         calibration={
-            "budget": cfg.budget,
-            "reference_tokens": cfg.reference_tokens,
-            "kv_bytes": sum(sizes[lv] for lv in chosen),
-            "budget_bytes": int(cfg.budget * full_bytes),
+            **spent,
             "prompts": len(prompts),
             "context": cfg.context,
             "continuation": cfg.continuation,
