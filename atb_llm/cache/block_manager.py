@@ -67,12 +67,12 @@ class BlockManager:
         self.used_by_level[level] += blocks
         self.peak_by_level[level] = max(self.peak_by_level[level], self.used_by_level[level])
 
-    def _cached_prefix(self, tokens: list[int] | None, num_tokens: int) -> tuple[list[Entry], int]:
+    def _cached_prefix(self, tokens: list[int] | None, num_tokens: int, namespace: int) -> tuple[list[Entry], int]:
         """Cached entries for the start of `tokens`, leaving at least one token to compute, and
         how many blocks the full-level groups match (see PrefixCache.match)."""
         if self.prefix is None or tokens is None:
             return [], 0
-        return self.prefix.match(tokens, (num_tokens - 1) // self.block_size)
+        return self.prefix.match(tokens, (num_tokens - 1) // self.block_size, namespace)
 
     def _with_prefix(self, entries: list[Entry]) -> BlockTable:
         """A table holding the prefix's blocks (what `_growth` counts as already there)."""
@@ -83,10 +83,12 @@ class BlockManager:
                 table.extend(g, [b])
         return table
 
-    def can_allocate(self, table: BlockTable, num_tokens: int, tokens: list[int] | None = None) -> bool:
+    def can_allocate(
+        self, table: BlockTable, num_tokens: int, tokens: list[int] | None = None, namespace: int = 0
+    ) -> bool:
         """Whether a sequence of `num_tokens` tokens fits (prefill; `tokens`: its tokens, to count
-        a cached prefix), or its next token (decode)."""
-        entries, _ = self._cached_prefix(tokens, num_tokens)
+        a cached prefix of its `namespace`, see PrefixCache), or its next token (decode)."""
+        entries, _ = self._cached_prefix(tokens, num_tokens, namespace)
         if entries:  # the prefix's idle blocks are counted free but will be taken
             return self._fits(self._growth(self._with_prefix(entries), num_tokens), self.prefix.idle_blocks(entries))
         return self._fits(self._growth(table, num_tokens))
@@ -103,16 +105,18 @@ class BlockManager:
         lv = self.layout.levels[group]
         self.used_by_level[lv.name] -= self.pools[lv.pool].free(list(ids))
 
-    def allocate(self, table: BlockTable, num_tokens: int, tokens: list[int] | None = None) -> tuple[int, int]:
+    def allocate(
+        self, table: BlockTable, num_tokens: int, tokens: list[int] | None = None, namespace: int = 0
+    ) -> tuple[int, int]:
         """Blocks for a whole sequence of `num_tokens` tokens (prefill) into an empty table.
         `tokens`: its tokens, to reuse a cached prefix. Returns (tokens found in the cache, the
         length after which its window groups should be snapshotted for later requests; 0 = none).
         A reused snapshot is copied into the sequence's window blocks by `flush_copies`."""
         if table:
             raise RuntimeError("this block table already holds blocks; deallocate it first")
-        entries, matched = self._cached_prefix(tokens, num_tokens)
+        entries, matched = self._cached_prefix(tokens, num_tokens, namespace)
         if matched:  # before growing: what the prompt matched is evicted last
-            self.prefix.touch(tokens, matched)
+            self.prefix.touch(tokens, matched, namespace)
         table.reset(self.layout.num_groups)
         for e in entries:
             for g, b in zip(self.prefix.groups, e.blocks):
@@ -131,13 +135,13 @@ class BlockManager:
         later = matched > len(entries) and self.prefix.window_groups
         return len(entries) * self.block_size, matched * self.block_size if later else 0
 
-    def snapshot(self, table: BlockTable, tokens: list[int], num_tokens: int) -> None:
+    def snapshot(self, table: BlockTable, tokens: list[int], num_tokens: int, namespace: int = 0) -> None:
         """Record the first `num_tokens` tokens (whole blocks, all computed, nothing after them
         yet) with a copy of every window group's blocks, if the pools have room for it."""
         if self.prefix is None or not table or num_tokens % self.block_size:
             return
         n = num_tokens // self.block_size
-        entry = self.prefix.entry(tokens, n)
+        entry = self.prefix.entry(tokens, n, namespace)
         if entry is not None and entry.snapshot is not None:
             return
         groups = self.prefix.window_groups
@@ -150,8 +154,8 @@ class BlockManager:
         for p, k in need.items():  # room first: this may evict the prefix's entries too...
             if self.pools[p].num_clean < k:
                 self.prefix.evict(p, k)
-        self.prefix.insert(tokens, table.rows, n)  # ...which this records again, from this table
-        entry = self.prefix.entry(tokens, n)
+        self.prefix.insert(tokens, table.rows, n, namespace)  # ...which this records again, from this table
+        entry = self.prefix.entry(tokens, n, namespace)
         snapshot = []
         for g in groups:
             lv = self.layout.levels[g]
@@ -216,16 +220,18 @@ class BlockManager:
                     self.copies.append((g, src, dst, src))
         return child
 
-    def cache(self, table: BlockTable, tokens: list[int], num_computed: int) -> None:
+    def cache(self, table: BlockTable, tokens: list[int], num_computed: int, namespace: int = 0) -> None:
         """Record the full blocks of computed tokens in the prefix cache (no-op without one)."""
         if self.prefix is not None and table:
-            self.prefix.insert(tokens, table.rows, num_computed // self.block_size)
+            self.prefix.insert(tokens, table.rows, num_computed // self.block_size, namespace)
 
-    def deallocate(self, table: BlockTable, tokens: list[int] | None = None, num_computed: int = 0) -> None:
+    def deallocate(
+        self, table: BlockTable, tokens: list[int] | None = None, num_computed: int = 0, namespace: int = 0
+    ) -> None:
         """Free the table's blocks; `tokens` and `num_computed` record its computed blocks in the
-        prefix cache first."""
+        prefix cache (under `namespace`) first."""
         if tokens is not None:
-            self.cache(table, tokens, num_computed)
+            self.cache(table, tokens, num_computed, namespace)
         for lv, gs, pool in self._levels:
             ids = [b for g in gs for b in table[g]] if table.rows else []
             self.used_by_level[lv.name] -= self.pools[pool].free(ids)

@@ -15,6 +15,9 @@ any snapshot computes its prompt in two parts, and the snapshot is taken between
 requests after it.
 
 Entries nobody holds stay in their blocks until the blocks are needed (least recently used first).
+
+Chains start from a `namespace`: the LoRA adapter a sequence runs with (0 for the base model), so
+blocks computed under one adapter never serve another.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ from atb_llm.compression.layout import GroupLayout
 
 @dataclass
 class Entry:
-    parent: int | None  # hash of the block before, None for the first
+    parent: object  # hash of the block before; for the first, its chain's start (see PrefixCache.hashes)
     tokens: tuple[int, ...]
     blocks: tuple[int, ...]  # one per full-level group, in PrefixCache.groups order
     snapshot: tuple[tuple[int, ...], ...] | None = None  # per window group, its blocks after this prefix
@@ -46,21 +49,26 @@ class PrefixCache:
         self.query_tokens = 0  # prompt tokens looked up, since start
         self.hit_tokens = 0  # of which found
 
-    def hashes(self, tokens: list[int], num_blocks: int) -> list[tuple[int, tuple[int, ...]]]:
+    @staticmethod
+    def start(namespace: int) -> object:
+        """What the chain of a namespace's first block hangs from."""
+        return None if namespace == 0 else ("namespace", namespace)
+
+    def hashes(self, tokens: list[int], num_blocks: int, namespace: int = 0) -> list[tuple[int, tuple[int, ...]]]:
         """(hash, tokens) of the first `num_blocks` full blocks of `tokens`, chained."""
-        out, h, bs = [], None, self.block_size
+        out, h, bs = [], self.start(namespace), self.block_size
         for i in range(num_blocks):
             block = tuple(tokens[i * bs : (i + 1) * bs])
             h = hash((h, block))
             out.append((h, block))
         return out
 
-    def match(self, tokens: list[int], max_blocks: int) -> tuple[list[Entry], int]:
+    def match(self, tokens: list[int], max_blocks: int, namespace: int = 0) -> tuple[list[Entry], int]:
         """(the entries of the longest reusable prefix of `tokens`, at most `max_blocks` blocks;
         how many blocks the full-level groups alone match). With window groups a prefix is
         reusable up to the last entry with a snapshot."""
-        found, parent = [], None
-        for h, block in self.hashes(tokens, max_blocks):
+        found, parent = [], self.start(namespace)
+        for h, block in self.hashes(tokens, max_blocks, namespace):
             entry = self.entries.get(h)
             if entry is None or entry.tokens != block or entry.parent != parent:
                 break
@@ -72,16 +80,16 @@ class PrefixCache:
                 usable -= 1
         return found[:usable], len(found)
 
-    def touch(self, tokens: list[int], num_blocks: int) -> None:
+    def touch(self, tokens: list[int], num_blocks: int, namespace: int = 0) -> None:
         """Mark a prefix as just used; its later blocks are evicted before its earlier ones."""
-        for h, _ in reversed(self.hashes(tokens, num_blocks)):
+        for h, _ in reversed(self.hashes(tokens, num_blocks, namespace)):
             self.entries.move_to_end(h)
 
-    def insert(self, tokens: list[int], rows: list[list[int]], num_blocks: int) -> None:
+    def insert(self, tokens: list[int], rows: list[list[int]], num_blocks: int, namespace: int = 0) -> None:
         """Record the first `num_blocks` full blocks of a sequence (rows: its block table) unless
         an entry for the same prefix exists."""
-        parent = None
-        for i, (h, block) in enumerate(self.hashes(tokens, num_blocks)):
+        parent = self.start(namespace)
+        for i, (h, block) in enumerate(self.hashes(tokens, num_blocks, namespace)):
             if h not in self.entries:
                 blocks = tuple(rows[g][i] for g in self.groups)
                 for pool, b in zip(self.group_pools, blocks):
@@ -89,8 +97,8 @@ class PrefixCache:
                 self.entries[h] = Entry(parent, block, blocks)
             parent = h
 
-    def entry(self, tokens: list[int], num_blocks: int) -> Entry | None:
-        return self.entries.get(self.hashes(tokens, num_blocks)[-1][0]) if num_blocks else None
+    def entry(self, tokens: list[int], num_blocks: int, namespace: int = 0) -> Entry | None:
+        return self.entries.get(self.hashes(tokens, num_blocks, namespace)[-1][0]) if num_blocks else None
 
     def _snapshot_blocks(self, entry: Entry) -> list[tuple[str, int]]:
         """(pool, block) of the entry's window snapshot (none without one)."""

@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from atb_llm.layers.lora import LoraWeights
+
 
 def _check_shape(name: str, param: torch.Tensor, loaded: torch.Tensor) -> None:
     if tuple(param.shape) != tuple(loaded.shape):
@@ -60,6 +62,7 @@ class LinearBase(nn.Module):
         self.method = method or LinearMethod()
         self.packed = None
         self.shares_weight = False  # True when tied to the embedding
+        self.lora: LoraWeights | None = None  # LoRA adapters, when the model has some for this linear
         self.method.create_weights(self, bias)
         if not bias:
             self.bias = None
@@ -79,7 +82,8 @@ class LinearBase(nn.Module):
         default_weight_loader(param, loaded, name)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.method.apply(self, x)
+        y = self.method.apply(self, x)
+        return y if self.lora is None else self.lora.add(x, y)
 
 
 class ReplicatedLinear(LinearBase):

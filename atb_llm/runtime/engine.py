@@ -16,6 +16,7 @@ from atb_llm.config import parse_dtype
 from atb_llm.layers.attention.backend import AttentionBackend
 from atb_llm.layers.attention.metadata import AttentionMetadata
 from atb_llm.layers.attention.selector import get_backend
+from atb_llm.models.base.lora import BASE, adapter_paths, read_adapter
 from atb_llm.models.base.router import get_router
 from atb_llm.models.base.weights import WeightFiles
 from atb_llm.runtime.cuda_graph import DecodeGraphs, buffer_blocks, use_graphs
@@ -61,6 +62,9 @@ class LLMEngine:
         self.model = router.get_model_cls().build(self.model_config, backend, self.dtype, cfg.device, self.quant)
         self.model.load_weights(weights, progress=cfg.progress)
         self.model.eval()
+        loras = [read_adapter(n, p) for n, p in adapter_paths(cfg.model_path, cfg.lora_modules).items()]
+        self.model.load_adapters(loras)
+        self.adapters = {BASE: 0} | {a.name: slot for slot, a in enumerate(loras, start=1)}  # name -> slot
         self.eos_token_ids = set(self.model_config.eos_token_ids) | {self.tokenizer.eos_token_id} - {None}
         self.detokenizer = Detokenizer(self.tokenizer, frozenset(self.eos_token_ids), self.max_seq_len)
         self.backend, self._kv_scales = backend, self.quant.kv_cache_scales
@@ -128,17 +132,29 @@ class LLMEngine:
         params: SamplingParams | None = None,
         request_id: str | None = None,
         sibling_of: str | None = None,
+        adapter: str | None = None,
     ) -> Sequence:
         """Queue a request after `self.limits` checked it (RequestError / ContextLengthError if not).
         `sibling_of`: the id of an unfinished request with the same prompt (n > 1 samples of one
-        prompt): the prompt is computed once and the siblings start from copies of its cache."""
+        prompt): the prompt is computed once and the siblings start from copies of its cache.
+        `adapter`: the name of a loaded LoRA adapter to run with (None or "base": the base model)."""
         seq = self._new_sequence(self.encode(prompt), params, request_id)
+        seq.adapter = self.adapter_slot(adapter)
         parent = self._seqs.get(sibling_of) if sibling_of is not None else None
-        if sibling_of is not None and (parent is None or parent.prompt_token_ids != seq.prompt_token_ids):
-            raise RequestError(f"sibling_of={sibling_of!r} names no unfinished request with the same prompt")
+        if sibling_of is not None and (
+            parent is None or parent.prompt_token_ids != seq.prompt_token_ids or parent.adapter != seq.adapter
+        ):
+            raise RequestError(f"sibling_of={sibling_of!r} names no unfinished request of the same prompt and adapter")
         self._seqs[seq.request_id] = seq
         self.scheduler.add(seq, parent)
         return seq
+
+    def adapter_slot(self, name: str | None) -> int:
+        """The model slot of a LoRA adapter by name (0: the base model); RequestError if none has it."""
+        slot = self.adapters.get(BASE if name is None else name)
+        if slot is None:
+            raise RequestError(f"adapter {name!r} is not loaded; this engine serves {sorted(self.adapters)}", "adapter")
+        return slot
 
     def _new_sequence(self, ids: list[int], params: SamplingParams | None, request_id: str | None) -> Sequence:
         """A request's sequence, once `self.limits` and the id have passed."""
@@ -221,9 +237,12 @@ class LLMEngine:
         prompts: list[str | list[int]],
         params: SamplingParams | list[SamplingParams] | None = None,
         use_tqdm: bool = False,
+        adapters: list[str | None] | None = None,
     ) -> list[RequestOutput]:
+        """`adapters`: each prompt's LoRA adapter (None: the base model)."""
         params = params if isinstance(params, list) else [params or SamplingParams()] * len(prompts)
-        seqs = [self.add_request(p, sp) for p, sp in zip(prompts, params)]
+        adapters = adapters or [None] * len(prompts)
+        seqs = [self.add_request(p, sp, adapter=a) for p, sp, a in zip(prompts, params, adapters)]
         with tqdm(total=len(seqs), desc="Generating", disable=not use_tqdm) as bar:
             while self.has_unfinished():
                 done = sum(s.is_finished for s in self.step())

@@ -24,7 +24,9 @@ class EngineConfig:
     attention_backend: torch | triton | npu; None = by device. triton also runs the quantized linears
     in the GPU kernels (on CPU tensors only under Triton's interpreter, TRITON_INTERPRET=1).
     enforce_eager: on CUDA with the triton backend, run decode eagerly instead of replaying CUDA
-    graphs captured per batch-size bucket (see atb_llm.runtime.cuda_graph)."""
+    graphs captured per batch-size bucket (see atb_llm.runtime.cuda_graph). lora_modules: LoRA
+    adapters served beside the base model, {name: PEFT folder} (or ["NAME=PATH", ...] as the flag
+    takes them), added to those the weight folder's lora_adapter.json lists (atb_llm.models.base.lora)."""
 
     model_path: str
     dtype: str | None = None
@@ -44,6 +46,7 @@ class EngineConfig:
     progress: bool = True
     attention_backend: str | None = None
     enforce_eager: bool = False
+    lora_modules: dict[str, str] | None = None
 
     def __post_init__(self):
         for name in ("max_batch_size", "max_input_length", "max_output_length", "max_prefill_tokens"):
@@ -55,6 +58,16 @@ class EngineConfig:
             raise ValueError(f"quantize={self.quantize!r} is not supported; use one of {', '.join(QUANTIZE_CHOICES)}")
         if self.kv_quant not in (None, "c8"):
             raise ValueError(f"kv_quant={self.kv_quant!r} is not supported; use c8 (or none)")
+        if isinstance(self.lora_modules, (list, tuple)):
+            pairs = {}
+            for item in self.lora_modules:
+                name, sep, path = item.partition("=")
+                if not sep or not name or not path:
+                    raise ValueError(f"--lora_modules {item!r} is not NAME=PATH; write e.g. sql=/models/sql-lora")
+                if name in pairs:
+                    raise ValueError(f"--lora_modules names {name!r} twice; give each adapter its own name")
+                pairs[name] = path
+            self.lora_modules = pairs
 
     @staticmethod
     def add_cli_args(parser: argparse.ArgumentParser, **defaults) -> argparse.ArgumentParser:
@@ -99,6 +112,13 @@ class EngineConfig:
             action="store_true",
             default=d["enforce_eager"],
             help="CUDA: decode without CUDA graphs",
+        )
+        g.add_argument(
+            "--lora_modules",
+            nargs="+",
+            default=d["lora_modules"],
+            metavar="NAME=PATH",
+            help="LoRA adapters (PEFT folders) to serve beside the base model",
         )
         return parser
 

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 import torch
 
 from atb_llm.cache.cache_manager import CacheManager
+from atb_llm.layers.lora import LoraBatch
 from atb_llm.models.base.flash_causal_lm import FlashForCausalLM
 from atb_llm.models.base.forward_batch import ForwardBatch
 from atb_llm.runtime.cuda_graph import DecodeGraphs
@@ -55,7 +56,7 @@ class ModelRunner:
     def prepare(self, seqs: list[Sequence], is_prefill: bool) -> StepBatch:
         """The forward contract for this step, and the logits rows to sample and score."""
         self.cache_manager.flush_copies()
-        input_ids, positions, seq_idx, q_lens, lengths = [], [], [], [], []
+        input_ids, positions, seq_idx, q_lens, lengths, adapters = [], [], [], [], [], []
         rows, ends, sampled, prompt_rows, start = [], [], [], [], 0
         for i, s in enumerate(seqs):
             c, n = s.step_span(is_prefill)
@@ -63,6 +64,7 @@ class ModelRunner:
             input_ids += s.token_ids[c:end]
             positions += range(c, end)
             seq_idx += [i] * n
+            adapters += [s.adapter] * n
             q_lens.append(n)
             lengths.append(end)
             if is_prefill and s.params.prompt_logprobs is not None:
@@ -92,6 +94,7 @@ class ModelRunner:
             max_seq_len=max(lengths),
             lm_head_indices=self._tensor(rows) if is_prefill else None,
             q_lens=self._tensor(q_lens) if is_prefill else None,
+            lora=LoraBatch.of_rows(adapters, positions_t.device),
         )
         return StepBatch(
             forward,
@@ -101,7 +104,7 @@ class ModelRunner:
         )
 
     def _forward(self, b: ForwardBatch) -> torch.Tensor:
-        if not b.is_prefill and self.graphs is not None and self.graphs.fits(b.block_tables):
+        if not b.is_prefill and b.lora is None and self.graphs is not None and self.graphs.fits(b.block_tables):
             return self.graphs.run(b)
         return self.model(b)
 

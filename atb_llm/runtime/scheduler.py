@@ -95,12 +95,12 @@ class Scheduler:
             over_budget = seq.num_tokens > budget if not self.chunked else budget <= 0
             tokens = self._cacheable(seq)
             if (scheduled and over_budget) or not self.block_manager.can_allocate(
-                seq.block_table, seq.num_tokens, tokens
+                seq.block_table, seq.num_tokens, tokens, seq.adapter
             ):
                 break
             self.waiting.popleft()
             # the whole prompt's blocks at once; a cached prefix is not computed again
-            cached, seq.snapshot_at = self.block_manager.allocate(seq.block_table, seq.num_tokens, tokens)
+            cached, seq.snapshot_at = self.block_manager.allocate(seq.block_table, seq.num_tokens, tokens, seq.adapter)
             seq.num_computed_tokens = cached
             seq.status = SequenceStatus.RUNNING
             seq.num_scheduled_tokens = self._chunk(seq, budget)
@@ -142,9 +142,9 @@ class Scheduler:
             if is_prefill and seq.params.prompt_logprobs is not None:  # [0]: the first token has none
                 seq.prompt_logprobs = (seq.prompt_logprobs or [None]) + result.prompt_logprobs.get(seq, [])
             if is_prefill and seq.num_uncomputed_tokens == 0:  # later requests may share its prompt now
-                bm.cache(seq.block_table, seq.token_ids, seq.num_computed_tokens)
+                bm.cache(seq.block_table, seq.token_ids, seq.num_computed_tokens, seq.adapter)
             if seq.snapshot_at and seq.num_computed_tokens == seq.snapshot_at:  # where requests meet
-                bm.snapshot(seq.block_table, seq.token_ids, seq.snapshot_at)
+                bm.snapshot(seq.block_table, seq.token_ids, seq.snapshot_at, seq.adapter)
             if seq.fork_at and seq.num_computed_tokens >= seq.fork_at:
                 self.fork(seq)
         for seq, tok, lp, out_lp in zip(result.seqs, result.tokens, result.option_logprobs, result.output_logprobs):
@@ -184,7 +184,7 @@ class Scheduler:
         return None if seq.params.prompt_logprobs is not None else seq.token_ids
 
     def _free(self, seq: Sequence) -> None:
-        self.block_manager.deallocate(seq.block_table, seq.token_ids, seq.num_computed_tokens)
+        self.block_manager.deallocate(seq.block_table, seq.token_ids, seq.num_computed_tokens, seq.adapter)
 
     def _preempt(self, seq: Sequence) -> None:
         """Free the blocks; the sequence is recomputed from its tokens when readmitted."""

@@ -104,6 +104,7 @@ class Sequence:
     prompt_token_ids: list[int]
     params: SamplingParams
     request_id: str = ""
+    adapter: int = 0  # the LoRA adapter's slot in the model (0: the base model)
     seq_id: int = field(default_factory=lambda: next(_ids))
     output_token_ids: list[int] = field(default_factory=list)
     status: SequenceStatus = SequenceStatus.WAITING

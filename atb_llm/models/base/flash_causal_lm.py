@@ -10,6 +10,8 @@ from tqdm import tqdm
 from atb_llm.config import ModelConfig
 from atb_llm.layers.attention.backend import AttentionBackend
 from atb_llm.layers.linear import LinearBase, default_weight_loader
+from atb_llm.layers.lora import LoraBatch, LoraState
+from atb_llm.models.base.lora import Adapter, attach_adapters
 from atb_llm.models.base.weights import WeightFiles
 from atb_llm.quantization.config import QuantConfig
 
@@ -25,6 +27,18 @@ class FlashForCausalLM(nn.Module):
         # the quantization's own names (C8's K/V scales) first: "k_proj" is part of "k_proj.kv_cache_scale"
         self.name_mapping = {**quant.checkpoint_names, **self.packed_modules_mapping}
         self.ignored = self.ignored_weights + quant.ignored_weights
+        self.lora_state: LoraState | None = None  # set by load_adapters
+
+    def load_adapters(self, adapters: list[Adapter]) -> None:
+        """Serve these LoRA adapters (slot i + 1 = adapters[i]) beside the base model (slot 0)."""
+        self.lora_state = attach_adapters(self, adapters) if adapters else None
+
+    def set_lora(self, batch: LoraBatch | None) -> None:
+        """Every forward: which rows run with which adapter (the adapted linears read it)."""
+        if self.lora_state is not None:
+            self.lora_state.batch = batch
+        elif batch is not None:
+            raise ValueError("a step asks for LoRA adapters but the model has none loaded")
 
     @classmethod
     def build(

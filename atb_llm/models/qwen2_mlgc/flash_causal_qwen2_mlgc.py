@@ -130,5 +130,6 @@ class FlashQwen2MlgcForCausalLM(FlashForCausalLM):
         meta = AttentionMetadata.build(
             b.is_prefill, b.block_tables, b.slots, b.input_lengths, b.max_seq_len, kv.block_size, kv.dtype, b.q_lens
         )
+        self.set_lora(b.lora)
         hidden = self.model(b.input_ids, b.position_ids, kv, meta)
         return self.lm_head(hidden, b.lm_head_indices)

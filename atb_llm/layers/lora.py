@@ -1,0 +1,62 @@
+"""LoRA adapters on the linears: many adapters on one base model, mixed in one batch.
+
+An adapted linear holds every adapter's A and B stacked, `a` [slots, R, in] and `b` [slots, out, R]
+(slot 0 is the base model: zeros), in the model dtype whatever format the base weights are in, with
+the adapter's scale (alpha / r, or alpha / sqrt(r) with rsLoRA) folded into B. Smaller ranks are
+padded with zeros, which changes nothing. A fused linear (q/k/v, gate/up) gives each of its shards
+its own R / shards columns: its B is block-diagonal, so one product serves every shard.
+
+A step's rows are grouped by adapter (`LoraBatch`: the rows of each adapter present, the segments
+punica's kernels take); the linear adds x[rows] A^T B^T of each segment to what its base method
+computed. A step of the base model alone has no LoraBatch and pays nothing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(slots=True)
+class LoraBatch:
+    """segments: (adapter slot >= 1, rows of the flat batch that run with it), one per adapter present."""
+
+    segments: list[tuple[int, torch.Tensor]]
+
+    @classmethod
+    def of_rows(cls, slots: list[int], device) -> LoraBatch | None:
+        """From the adapter slot of every row; None when every row is the base model's."""
+        rows: dict[int, list[int]] = {}
+        for i, s in enumerate(slots):
+            if s:
+                rows.setdefault(s, []).append(i)
+        if not rows:
+            return None
+        return cls([(s, torch.tensor(r, dtype=torch.int64, device=device)) for s, r in sorted(rows.items())])
+
+
+class LoraState:
+    """The step's LoraBatch, shared by a model's adapted linears: set around each forward."""
+
+    def __init__(self):
+        self.batch: LoraBatch | None = None
+
+
+class LoraWeights:
+    """One linear's adapters (see the module docstring for the layout)."""
+
+    def __init__(self, a: torch.Tensor, b: torch.Tensor, state: LoraState):
+        self.a, self.b, self.state = a, b, state
+
+    def add(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        batch = self.state.batch
+        if batch is None:
+            return y
+        for slot, rows in batch.segments:
+            y.index_add_(0, rows, (x.index_select(0, rows) @ self.a[slot].T) @ self.b[slot].T)
+        return y
+
+    @property
+    def nbytes(self) -> int:
+        return self.a.nbytes + self.b.nbytes

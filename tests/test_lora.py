@@ -1,0 +1,160 @@
+"""Multi-LoRA: PEFT adapters served beside the base model, mixed in one batch.
+
+Adapters are made here with peft on the tiny model (random non-zero B, so they change the output);
+the reference is transformers + peft in fp32."""
+
+import json
+import shutil
+
+import pytest
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from transformers import AutoModelForCausalLM
+
+from atb_llm.runtime.engine import EngineConfig, LLMEngine
+from atb_llm.runtime.request_limits import RequestError
+from atb_llm.runtime.sequence import SamplingParams
+
+ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+PROMPTS = [[5, 9, 33, 2, 71, 18, 4, 60, 7], list(range(40, 75)), [200, 3, 3, 150, 90]]
+
+
+def make_adapter(base, out, targets=ALL, r=8, rslora=False, seed=0, alpha=16):
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32)
+    cfg = LoraConfig(r=r, lora_alpha=alpha, target_modules=targets, use_rslora=rslora, init_lora_weights=False)
+    peft_model = get_peft_model(model, cfg)
+    with torch.no_grad():  # larger B than peft's random init, so the adapter moves greedy choices
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)
+    peft_model.save_pretrained(str(out))
+    return out
+
+
+def peft_reference(base, adapter, prompts, max_new):
+    """Greedy tokens and prompt log-probabilities of transformers + peft (adapter None: the base)."""
+    model = AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32)
+    if adapter is not None:
+        model = PeftModel.from_pretrained(model, str(adapter))
+    model.eval()
+    tokens, prompt_lps = [], []
+    with torch.no_grad():
+        for ids in prompts:
+            x = torch.tensor([ids])
+            gen = model.generate(x, max_new_tokens=max_new, do_sample=False, attention_mask=torch.ones_like(x))
+            tokens.append(gen[0, len(ids) :].tolist())
+            lp = model(x).logits[0, :-1].float().log_softmax(-1)
+            prompt_lps.append(lp.gather(1, x[0, 1:, None])[:, 0].tolist())
+    return tokens, prompt_lps
+
+
+def engine_of(base, **kw):
+    cfg = dict(block_size=16, max_input_length=64, max_output_length=16, progress=False, dtype="fp32") | kw
+    return LLMEngine(EngineConfig(str(base), **cfg))
+
+
+def outputs(engine, prompts, adapters, max_new=12, prompt_logprobs=None):
+    sp = SamplingParams(max_tokens=max_new, prompt_logprobs=prompt_logprobs)
+    return engine.generate(prompts, sp, adapters=adapters)
+
+
+@pytest.fixture(scope="module")
+def adapters(tiny, tmp_path_factory):
+    root = tmp_path_factory.mktemp("loras")
+    return {
+        "all8": make_adapter(tiny, root / "all8", seed=1),
+        "attn64_rs": make_adapter(tiny, root / "attn64_rs", ["q_proj", "v_proj", "o_proj"], r=64, rslora=True, seed=2),
+        "mlp16": make_adapter(tiny, root / "mlp16", ["gate_proj", "up_proj", "down_proj", "k_proj"], r=16, seed=3),
+    }
+
+
+def test_each_adapter_equals_transformers_and_peft(tiny, adapters):
+    engine = engine_of(tiny, lora_modules={k: str(v) for k, v in adapters.items()})
+    for name in [None, *adapters]:
+        want_tokens, want_lps = peft_reference(tiny, adapters.get(name), PROMPTS, 12)
+        outs = outputs(engine, PROMPTS, [name] * len(PROMPTS), prompt_logprobs=0)
+        for out, tokens, lps in zip(outs, want_tokens, want_lps):
+            assert out.token_ids == tokens, name
+            got = [p.logprob for p in out.prompt_logprobs[1:]]
+            assert got == pytest.approx(lps, abs=2e-4), name
+    base_tokens = peft_reference(tiny, None, PROMPTS, 12)[0]
+    assert all(peft_reference(tiny, a, PROMPTS, 12)[0] != base_tokens for a in adapters.values())  # they matter
+
+
+def test_a_mixed_batch_gives_each_request_its_own_output(tiny, adapters):
+    """Base and two adapters in one batch (with n > 1 siblings and a prompt shared across adapters
+    under prefix caching): each request gets exactly what it gets alone."""
+    mods = {k: str(v) for k, v in adapters.items()}
+    shared = list(range(100, 140))  # 40 tokens: two whole blocks the prefix cache could share
+    prompts = [shared + [7, 8], shared + [7, 8], shared + [7, 8], PROMPTS[0], PROMPTS[1]]
+    names = [None, "all8", "attn64_rs", "all8", "mlp16"]
+    alone = []
+    for p, a in zip(prompts, names):
+        engine = engine_of(tiny, lora_modules=mods)
+        alone.append(outputs(engine, [p], [a])[0].token_ids)
+    assert len({tuple(t) for t in alone[:3]}) == 3  # the shared prompt answers differently per adapter
+    engine = engine_of(tiny, lora_modules=mods, prefix_caching=True, max_batch_size=8)
+    for hits in (0, 3 * 32):  # the second round finds the first's blocks cached, each under its adapter
+        mixed = outputs(engine, prompts, names)
+        assert [o.token_ids for o in mixed] == alone
+        assert engine.stats().prefix[1] >= hits  # tokens found in the cache, since start
+    # n > 1: siblings of an adapter's request share its prompt's cache, and its adapter
+    sp = SamplingParams(max_tokens=12, temperature=0.8, seed=3)
+    first = engine.add_request(PROMPTS[1], sp, request_id="a", adapter="mlp16")
+    engine.add_request(PROMPTS[1], SamplingParams(max_tokens=12), request_id="b", sibling_of="a", adapter="mlp16")
+    while engine.has_unfinished():
+        engine.step()
+    assert engine.output(first).token_ids and first.adapter == engine.adapters["mlp16"]
+    with pytest.raises(RequestError, match="same prompt and adapter"):
+        engine.add_request(PROMPTS[1], sp, request_id="c")
+        engine.add_request(PROMPTS[1], sp, request_id="d", sibling_of="c", adapter="all8")
+
+
+def test_base_only_batches_pay_nothing(tiny, adapters):
+    engine = engine_of(tiny, lora_modules={"all8": str(adapters["all8"])})
+    plain = engine_of(tiny)
+    assert [o.token_ids for o in outputs(engine, PROMPTS, None)] == [o.token_ids for o in outputs(plain, PROMPTS, None)]
+    batches = []
+    original = engine.model.set_lora
+    engine.model.set_lora = lambda b: (batches.append(b), original(b))
+    outputs(engine, PROMPTS, None)
+    assert batches and all(b is None for b in batches)
+
+
+def test_lora_adapter_json_in_the_weight_folder(tiny, adapters, tmp_path):
+    base = shutil.copytree(tiny, tmp_path / "base")
+    (base / "lora_adapter.json").write_text(json.dumps({"qwen_lora1": str(adapters["all8"])}))
+    engine = engine_of(base, lora_modules={"qwen_lora2": str(adapters["mlp16"])})
+    assert engine.adapters == {"base": 0, "qwen_lora1": 1, "qwen_lora2": 2}
+    with pytest.raises(RequestError, match=r"adapter 'nope' is not loaded; this engine serves \['base', 'qwen_lora1'"):
+        engine.add_request(PROMPTS[0], SamplingParams(max_tokens=4), adapter="nope")
+
+
+def test_bad_adapters_are_clear_errors(tiny, adapters, tmp_path, tiny_models):
+    def copy(name):
+        return shutil.copytree(adapters["all8"], tmp_path / name)
+
+    def config_of(folder, **changes):
+        path = folder / "adapter_config.json"
+        path.write_text(json.dumps(json.loads(path.read_text()) | changes))
+        return folder
+
+    cases = [
+        ({"x": str(tmp_path / "missing")}, r"LoRA adapter 'x': .*missing/adapter_config.json does not exist"),
+        ({"base": str(adapters["all8"])}, r"'base' cannot name an adapter"),
+        ({"d": str(config_of(copy("dora"), use_dora=True))}, r"LoRA adapter 'd': use_dora=True: DoRA"),
+        ({"m": str(config_of(copy("mts"), modules_to_save=["lm_head"]))}, r"modules_to_save=\['lm_head'\]"),
+        ({"p": str(config_of(copy("pt"), peft_type="PREFIX_TUNING"))}, r"only LORA adapters"),
+        ({"r": str(config_of(copy("rank"), r=4))}, r"do not have rank r=4"),
+    ]
+    for mods, message in cases:
+        with pytest.raises(ValueError, match=message):
+            engine_of(tiny, lora_modules=mods)
+    other = tiny_models(hidden=48)  # a base model of other shapes
+    with pytest.raises(ValueError, match=r"LoRA adapter 'w': .* do not fit .* it was made for another base model"):
+        engine_of(other, lora_modules={"w": str(adapters["all8"])})
+    with pytest.raises(ValueError, match=r"11 LoRA adapters asked for; at most 10"):
+        engine_of(tiny, lora_modules={f"a{i}": str(adapters["all8"]) for i in range(11)})
+    with pytest.raises(ValueError, match=r"--lora_modules 'oops' is not NAME=PATH"):
+        EngineConfig(str(tiny), lora_modules=["oops"])
