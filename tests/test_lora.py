@@ -4,6 +4,7 @@ Adapters are made here with peft on the tiny model (random non-zero B, so they c
 the reference is transformers + peft in fp32."""
 
 import json
+import re
 import shutil
 
 import pytest
@@ -158,3 +159,22 @@ def test_bad_adapters_are_clear_errors(tiny, adapters, tmp_path, tiny_models):
         engine_of(tiny, lora_modules={f"a{i}": str(adapters["all8"]) for i in range(11)})
     with pytest.raises(ValueError, match=r"--lora_modules 'oops' is not NAME=PATH"):
         EngineConfig(str(tiny), lora_modules=["oops"])
+
+
+def test_run_pa_input_dict_names_each_requests_adapter(tiny, adapters, capsys):
+    from atb_llm.entrypoints import run_pa
+
+    requests = [{"prompt": "hello world", "adapter": "l1"}, {"prompt": "hello world"}, {"prompt": "the fox"}]
+    argv = ["--model_path", str(tiny), "--lora_modules", f"l1={adapters['all8']}", "--max_output_length", "8",
+            "--block_size", "16", "--max_input_length", "32", "--input_dict", json.dumps(requests)]  # fmt: skip
+    outs = run_pa.main(argv)
+    printed = capsys.readouterr().out
+    assert "Adapter[0]: l1" in printed and "Adapter[1]: base" in printed
+    engine = engine_of(tiny, lora_modules={"l1": str(adapters["all8"])})
+    ids = [engine.encode(r["prompt"]) for r in requests]
+    want = engine.generate(ids, SamplingParams(max_tokens=8), adapters=["l1", None, None])
+    assert [o.token_ids for o in outs] == [o.token_ids for o in want] and outs[0].token_ids != outs[1].token_ids
+    for bad, message in [("[{}]", "item 0 = {} needs a non-empty string 'prompt'"), ("{", "--input_dict is not JSON"),
+                         ('[{"prompt": "x", "adapter": 3}]', "adapter=3 must be an adapter's name")]:  # fmt: skip
+        with pytest.raises(ValueError, match=re.escape(message)):
+            run_pa.main([*argv[:-1], bad])

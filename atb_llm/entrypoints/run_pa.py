@@ -28,6 +28,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="prompts: .txt (one per line) or .jsonl (a string, {'prompt': ...}, {'messages': [...]} "
         "or a list of chat messages per line)",
     )
+    p.add_argument(
+        "--input_dict",
+        default=None,
+        help='JSON list of requests with their LoRA adapters: \'[{"prompt": "...", "adapter": "qwen_lora1"}, '
+        '{"prompt": "..."}]\' (no adapter, or "base": the base model)',
+    )
     p.add_argument("--is_chat_model", action="store_true", help="apply the model's chat template")
     p.add_argument("--ignore_eos", action="store_true", help="always generate max_output_length tokens")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
@@ -38,8 +44,30 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def read_input_dict(text: str) -> tuple[list[str], list[str | None]]:
+    """--input_dict: the prompts and each one's adapter (None: the base model)."""
+    try:
+        items = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f'--input_dict is not JSON ({e}); write \'[{{"prompt": "...", "adapter": "..."}}]\'') from None
+    if not isinstance(items, list) or not items:
+        raise ValueError('--input_dict must be a non-empty JSON list of {"prompt": ..., "adapter": ...}')
+    prompts, adapters = [], []
+    for i, item in enumerate(items):
+        if not isinstance(item, dict) or not isinstance(item.get("prompt"), str) or not item["prompt"]:
+            raise ValueError(f"--input_dict item {i} = {item!r} needs a non-empty string 'prompt'")
+        adapter = item.get("adapter")
+        if adapter is not None and not isinstance(adapter, str):
+            raise ValueError(f"--input_dict item {i}: adapter={adapter!r} must be an adapter's name")
+        prompts.append(item["prompt"])
+        adapters.append(adapter)
+    return prompts, adapters
+
+
 def read_prompts(args: argparse.Namespace) -> list[str | list[dict]]:
     """Prompts as strings, or chat message lists (from a jsonl file)."""
+    if args.input_dict:
+        return read_input_dict(args.input_dict)[0]
     if not args.input_file:
         return list(args.input_texts)
     path = Path(args.input_file)
@@ -103,7 +131,8 @@ def main(argv: list[str] | None = None) -> list:
     engine.warmup()
     token_ids = [encode(engine, p, args.is_chat_model) for p in prompts]
     start = time.perf_counter()
-    outputs = engine.generate(token_ids, params, use_tqdm=len(prompts) > 1)
+    adapters = read_input_dict(args.input_dict)[1] if args.input_dict else None
+    outputs = engine.generate(token_ids, params, use_tqdm=len(prompts) > 1, adapters=adapters)
     elapsed = time.perf_counter() - start
     for i, (prompt, out) in enumerate(zip(prompts, outputs)):
         n = len(out.token_ids)
@@ -111,6 +140,8 @@ def main(argv: list[str] | None = None) -> list:
         tpot = (out.tpot_s or 0) * 1000
         rate = f"{1 / out.tpot_s:.2f} tokens/s" if out.tpot_s else "n/a tokens/s"
         print(f"\nQuestion[{i}]: {prompt if isinstance(prompt, str) else prompt[-1]['content']}")
+        if adapters is not None:
+            print(f"Adapter[{i}]: {adapters[i] or 'base'}")
         print(f"Answer[{i}]: {out.text}")
         print(
             f"Generate[{i}]: {n} tokens, first token {ttft:.1f} ms, mean per output token {tpot:.1f} ms, "
