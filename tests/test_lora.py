@@ -9,28 +9,15 @@ import shutil
 
 import pytest
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model
+from peft import PeftModel
+from tiny import make_adapter
 from transformers import AutoModelForCausalLM
 
 from atb_llm.runtime.engine import EngineConfig, LLMEngine
 from atb_llm.runtime.request_limits import RequestError
 from atb_llm.runtime.sequence import SamplingParams
 
-ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 PROMPTS = [[5, 9, 33, 2, 71, 18, 4, 60, 7], list(range(40, 75)), [200, 3, 3, 150, 90]]
-
-
-def make_adapter(base, out, targets=ALL, r=8, rslora=False, seed=0, alpha=16):
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32)
-    cfg = LoraConfig(r=r, lora_alpha=alpha, target_modules=targets, use_rslora=rslora, init_lora_weights=False)
-    peft_model = get_peft_model(model, cfg)
-    with torch.no_grad():  # larger B than peft's random init, so the adapter moves greedy choices
-        for name, p in peft_model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.5)
-    peft_model.save_pretrained(str(out))
-    return out
 
 
 def peft_reference(base, adapter, prompts, max_new):

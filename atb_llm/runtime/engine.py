@@ -62,7 +62,8 @@ class LLMEngine:
         self.model = router.get_model_cls().build(self.model_config, backend, self.dtype, cfg.device, self.quant)
         self.model.load_weights(weights, progress=cfg.progress)
         self.model.eval()
-        loras = [read_adapter(n, p) for n, p in adapter_paths(cfg.model_path, cfg.lora_modules).items()]
+        self.adapter_paths = adapter_paths(cfg.model_path, cfg.lora_modules)  # name -> PEFT folder
+        loras = [read_adapter(n, p) for n, p in self.adapter_paths.items()]
         self.model.load_adapters(loras)
         self.adapters = {BASE: 0} | {a.name: slot for slot, a in enumerate(loras, start=1)}  # name -> slot
         self.eos_token_ids = set(self.model_config.eos_token_ids) | {self.tokenizer.eos_token_id} - {None}

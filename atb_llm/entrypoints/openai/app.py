@@ -29,6 +29,7 @@ from atb_llm.entrypoints.openai.protocol import (
     CompletionRequest,
     SamplingFields,
 )
+from atb_llm.models.base.lora import BASE
 from atb_llm.runtime.request_limits import short
 
 STATIC = Path(__file__).parent / "static"
@@ -50,23 +51,37 @@ class Served:
     def __post_init__(self):
         self.max_model_len = self.loop.engine.limits.max_sequence_tokens  # the longest prompt + answer
 
-    def check_model(self, name: str | None) -> None:
-        if name is not None and name != self.model_name:
+    @property
+    def model_ids(self) -> list[str]:
+        """The base model's name, then every LoRA adapter's (a request's `model` picks one)."""
+        return [self.model_name] + [a for a in self.loop.engine.adapters if a != BASE]
+
+    def check_model(self, name: str | None) -> str | None:
+        """The LoRA adapter `name` asks for (None: the base model); 404 for a name nobody serves."""
+        if name is None or name == self.model_name:
+            return None
+        if name not in self.model_ids:
             raise APIError(
                 404,
-                f"model {short(name)} does not exist; this server serves {self.model_name!r} (see GET /v1/models)",
+                f"model {short(name)} does not exist; this server serves {self.model_ids} (see GET /v1/models)",
                 "model",
                 "model_not_found",
             )
+        return name
 
-    def model_card(self) -> dict:
-        return dict(
-            id=self.model_name,
+    def model_card(self, model_id: str) -> dict:
+        card = dict(
+            id=model_id,
             object="model",
             created=self.created,
             owned_by="atb_llm",
             max_model_len=self.max_model_len,
+            root=model_id,
+            parent=None,
         )
+        if model_id != self.model_name:  # a LoRA adapter: its base, as vLLM lists them
+            card |= dict(root=str(self.loop.engine.adapter_paths[model_id]), parent=self.model_name)
+        return card
 
 
 def create_app(loop: EngineLoop, model_name: str, api_key: str | None = None, hosts: set[str] | None = None) -> FastAPI:
@@ -75,6 +90,8 @@ def create_app(loop: EngineLoop, model_name: str, api_key: str | None = None, ho
     requests whose Host is one of `hosts` (default: the loopback names) are served."""
     if api_key is not None and not api_key.strip():
         raise ValueError("the API key is empty; give a non-empty --api_key, or leave the flag out (loopback only)")
+    if model_name in loop.engine.adapters:
+        raise ValueError(f"a LoRA adapter is named {model_name!r} like the served model; rename the adapter")
     encoder = PromptEncoder(loop.engine)
     app = FastAPI(title="atb_llm OpenAI-compatible server", docs_url=None, redoc_url=None)
     app.state.served = Served(loop, encoder, TokenTexts(encoder.tokenizer), model_name, api_key)
@@ -100,7 +117,7 @@ async def generate(
     event stream (one prompt, one sample), or the n best answers of each prompt and the tokens
     generated in all (a bare 499 if the client left)."""
     s = served(request)
-    s.check_model(body.model)
+    adapter = s.check_model(body.model)
     n, best_of = body.n, getattr(body, "best_of", None) or body.n
     if body.stream and len(prompts) > 1:
         raise APIError(422, f"stream takes one prompt; got {len(prompts)}", "prompt", "invalid_value")
@@ -120,10 +137,12 @@ async def generate(
         for i, prompt in enumerate(prompts):
             rid = request_id if len(prompts) == 1 else f"{request_id}-{i}"
             param = "messages" if shape.chat else "prompt"
-            streams += await gen.submit(s.loop, s.encoder, rid, prompt, gen.samples(params, n, best_of), param)
+            samples = gen.samples(params, n, best_of)
+            streams += await gen.submit(s.loop, s.encoder, rid, prompt, samples, param, adapter)
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            fmts = [streaming.ChunkFormat(request_id, s.model_name, shape, include_usage, j) for j in range(n)]
+            name = body.model or s.model_name
+            fmts = [streaming.ChunkFormat(request_id, name, shape, include_usage, j) for j in range(n)]
             return StreamingResponse(
                 streaming.event_stream(s.loop, streams, fmts, prompts[0]),
                 media_type="text/event-stream",
@@ -164,7 +183,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
     ]
     usage = shape.usage(len(answers[0].prompt_ids), generated)
     request_id = "-".join(answers[0].request_id.split("-")[:2])  # n > 1: request ids ID-0, ID-1, ...
-    return ChatCompletion(id=request_id, model=served(request).model_name, choices=choices, usage=usage)
+    return ChatCompletion(id=request_id, model=body.model or served(request).model_name, choices=choices, usage=usage)
 
 
 @router.post("/v1/completions")
@@ -188,18 +207,21 @@ async def completions(body: CompletionRequest, request: Request):
     ]  # fmt: skip
     usage = shape.usage(sum(len(best[0].prompt_ids) for best in answers), generated)
     request_id = answers[0][0].request_id.split("-")[:2]  # several prompts or samples: ID-i, ID-i-j
-    return Completion(id="-".join(request_id), model=served(request).model_name, choices=choices, usage=usage)
+    model = body.model or served(request).model_name
+    return Completion(id="-".join(request_id), model=model, choices=choices, usage=usage)
 
 
 @router.get("/v1/models")
 async def models(request: Request) -> dict:
-    return dict(object="list", data=[served(request).model_card()])
+    s = served(request)
+    return dict(object="list", data=[s.model_card(m) for m in s.model_ids])
 
 
 @router.get("/v1/models/{model_id:path}")
 async def model(model_id: str, request: Request) -> dict:
-    served(request).check_model(model_id)
-    return served(request).model_card()
+    s = served(request)
+    s.check_model(model_id)
+    return s.model_card(model_id)
 
 
 @router.get("/health")

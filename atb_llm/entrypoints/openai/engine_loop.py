@@ -38,6 +38,7 @@ class GenerationRequest:
     prompt_ids: list[int]
     params: SamplingParams
     sibling_of: str | None = None  # n > 1: an earlier request with the same prompt, computed once for both
+    adapter: str | None = None  # a LoRA adapter's name; None: the base model
 
 
 @dataclass
@@ -78,6 +79,7 @@ class _Live:
     stream: RequestStream
     loop: asyncio.AbstractEventLoop
     text: TextStream
+    adapter: str = "base"
     logprobs_sent: int = 0
     events_sent: int = 0
 
@@ -183,10 +185,11 @@ class EngineLoop:
         try:
             for request in command.requests:
                 seq = self.engine.add_request(
-                    request.prompt_ids, request.params, request.request_id, request.sibling_of
+                    request.prompt_ids, request.params, request.request_id, request.sibling_of, request.adapter
                 )
                 stream = RequestStream(request.request_id, request.prompt_ids)
-                self._live[request.request_id] = _Live(seq, stream, command.loop, TextStream(request.params.stop))
+                text = TextStream(request.params.stop)
+                self._live[request.request_id] = _Live(seq, stream, command.loop, text, request.adapter or "base")
                 streams.append(stream)
         except Exception as e:  # RequestError for bad input; anything else still answers the client
             for stream in streams:  # all or none
@@ -230,7 +233,8 @@ class EngineLoop:
         if seq.is_finished:
             del self._live[seq.request_id]
             event.finish_reason, event.error = seq.finish_reason, seq.error
-            self.metrics.observe_finished(seq.finish_reason, seq.num_prompt_tokens, n, seq.time_per_output_token())
+            tpot = seq.time_per_output_token()
+            self.metrics.observe_finished(seq.finish_reason, seq.num_prompt_tokens, n, tpot, live.adapter)
         _post(live.loop, live.stream.events.put_nowait, event)
 
     def _abort(self, request_id: str, reason: str, error: str | None = None) -> None:
@@ -239,7 +243,7 @@ class EngineLoop:
             return
         self.engine.abort(request_id)
         seq = live.seq
-        self.metrics.observe_finished(reason, seq.num_prompt_tokens, len(seq.output_token_ids), None)
+        self.metrics.observe_finished(reason, seq.num_prompt_tokens, len(seq.output_token_ids), None, live.adapter)
         event = GenerationEvent("", len(seq.output_token_ids), reason, error=error)
         _post(live.loop, live.stream.events.put_nowait, event)
 

@@ -86,6 +86,7 @@ async def submit(
     prompt: Prompt,
     params: list[SamplingParams],
     param: str,
+    adapter: str | None = None,
 ) -> list[RequestStream]:
     """Tokenize (off the engine thread), then hand the engine thread one request per sample, all in
     one command (the samples after the first as its siblings: the prompt is computed once); the
@@ -95,7 +96,7 @@ async def submit(
         ids = await encoder.encode(prompt, param)
         ids_of = [request_id] if len(params) == 1 else [f"{request_id}-{j}" for j in range(len(params))]
         requests = [
-            GenerationRequest(rid, ids, p, sibling_of=ids_of[0] if j else None)
+            GenerationRequest(rid, ids, p, sibling_of=ids_of[0] if j else None, adapter=adapter)
             for j, (rid, p) in enumerate(zip(ids_of, params))
         ]
         return await loop.submit(*requests)

@@ -43,6 +43,7 @@ class Metrics:
     def __init__(self):
         self._lock = threading.Lock()
         self.finished: Counter[str] = Counter()
+        self.by_adapter: Counter[str] = Counter()  # finished requests per LoRA adapter ("base": none)
         self.errors: Counter[int] = Counter()
         self.prompt_tokens = 0
         self.generation_tokens = 0
@@ -54,9 +55,12 @@ class Metrics:
             with self._lock:
                 self.ttft.observe(ttft_s)
 
-    def observe_finished(self, reason: str, prompt_tokens: int, output_tokens: int, tpot_s: float | None) -> None:
+    def observe_finished(
+        self, reason: str, prompt_tokens: int, output_tokens: int, tpot_s: float | None, adapter: str = "base"
+    ) -> None:
         with self._lock:
             self.finished[reason] += 1
+            self.by_adapter[adapter] += 1
             self.prompt_tokens += prompt_tokens
             self.generation_tokens += output_tokens
             if tpot_s is not None:
@@ -84,6 +88,8 @@ def _counter_lines(m: Metrics, stats: EngineStats) -> list[str]:
     lines = _header("atb_llm_requests_total", "counter", "Finished requests by finish reason.")
     for reason in sorted(set(m.finished) | {"stop", "length", "abort", "error"}):
         lines.append(f'atb_llm_requests_total{{finish_reason="{reason}"}} {m.finished[reason]}')
+    lines += _header("atb_llm_adapter_requests_total", "counter", "Finished requests by LoRA adapter (base: none).")
+    lines += [f'atb_llm_adapter_requests_total{{adapter="{a}"}} {n}' for a, n in sorted(m.by_adapter.items())]
     lines += _header("atb_llm_request_errors_total", "counter", "Requests rejected with an HTTP error.")
     lines += [f'atb_llm_request_errors_total{{status="{s}"}} {n}' for s, n in sorted(m.errors.items())]
     lines += _header("atb_llm_requests_running", "gauge", "Sequences in the running batch.")
