@@ -165,3 +165,16 @@ def test_run_pa_input_dict_names_each_requests_adapter(tiny, adapters, capsys):
                          ('[{"prompt": "x", "adapter": 3}]', "adapter=3 must be an adapter's name")]:  # fmt: skip
         with pytest.raises(ValueError, match=re.escape(message)):
             run_pa.main([*argv[:-1], bad])
+
+
+def test_prompts_longer_than_the_mlp_chunk_keep_their_adapters(tiny, adapters):
+    """A prefill of 300 + 290 rows runs the MLP in chunks of 256: each chunk's rows keep their own
+    adapter (the second prompt's rows straddle the chunk boundaries)."""
+    long = [[(7 * i + 3) % 290 + 3 for i in range(300)], [(5 * i + 1) % 280 + 4 for i in range(290)]]
+    names = ["all8", "mlp16"]
+    engine = engine_of(tiny, lora_modules={k: str(v) for k, v in adapters.items()}, max_input_length=320)
+    outs = outputs(engine, long, names, max_new=4, prompt_logprobs=0)
+    for ids, name, out in zip(long, names, outs):
+        tokens, lps = peft_reference(tiny, adapters[name], [ids], 4)
+        assert out.token_ids == tokens[0]
+        assert [p.logprob for p in out.prompt_logprobs[1:]] == pytest.approx(lps[0], abs=2e-4)

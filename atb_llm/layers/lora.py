@@ -13,6 +13,7 @@ computed. A step of the base model alone has no LoraBatch and pays nothing.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -35,12 +36,32 @@ class LoraBatch:
             return None
         return cls([(s, torch.tensor(r, dtype=torch.int64, device=device)) for s, r in sorted(rows.items())])
 
+    def narrow(self, start: int, length: int) -> LoraBatch | None:
+        """The segments of rows start .. start + length, counted from start."""
+        out = []
+        for slot, rows in self.segments:
+            inside = rows[(rows >= start) & (rows < start + length)] - start
+            if inside.numel():
+                out.append((slot, inside))
+        return LoraBatch(out) if out else None
+
 
 class LoraState:
     """The step's LoraBatch, shared by a model's adapted linears: set around each forward."""
 
     def __init__(self):
         self.batch: LoraBatch | None = None
+
+    @contextmanager
+    def rows(self, start: int, length: int):
+        """Within: the linears see rows start .. start + length of the step alone (a layer that
+        runs its rows in chunks, e.g. a long prefill's MLP)."""
+        whole = self.batch
+        self.batch = None if whole is None else whole.narrow(start, length)
+        try:
+            yield
+        finally:
+            self.batch = whole
 
 
 class LoraWeights:

@@ -61,7 +61,17 @@ class Qwen2MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[0] > self.chunk_tokens:
-            return torch.cat([self.forward(c) for c in x.split(self.chunk_tokens)])
+            lora = self.gate_up_proj.lora or self.down_proj.lora
+            if lora is None:
+                return torch.cat([self._forward(c) for c in x.split(self.chunk_tokens)])
+            out = []
+            for start, c in zip(range(0, x.shape[0], self.chunk_tokens), x.split(self.chunk_tokens)):
+                with lora.state.rows(start, c.shape[0]):  # the chunk's rows of each adapter
+                    out.append(self._forward(c))
+            return torch.cat(out)
+        return self._forward(x)
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
         return self.down_proj(F.silu(gate) * up)
 

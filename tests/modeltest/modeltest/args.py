@@ -63,6 +63,8 @@ class RunArgs:
     cache_memory_gb: float | None = None  # performance_maxbs: the KV cache budget (None: from the device)
     max_batch: int = 256  # performance_maxbs: the largest batch tried
     variants: tuple[str, ...] = ()  # datasets and HumanEval: more WEIGHT_DIR[@MLGC] runs, compared with the first
+    adapter: str | None = None  # datasets and HumanEval: score this LoRA adapter instead of the base model
+    lora_modules: tuple[str, ...] = ()  # NAME=PATH adapters beside the weight folder's lora_adapter.json
 
 
 def _json_list(text: str, what: str, example: str):
@@ -201,6 +203,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="datasets and HumanEval: also run these weights (`default`: the default model) with this KV cache "
         "(default off), and compare every variant with the first (repeatable)",
     )
+    ap.add_argument("--adapter", default=None, help="datasets and HumanEval: score this LoRA adapter (by name)")
+    ap.add_argument(
+        "--lora_modules", nargs="+", default=[], metavar="NAME=PATH", help="LoRA adapters (PEFT folders) to load"
+    )
     return ap
 
 
@@ -220,6 +226,11 @@ def parse_args(argv: list[str] | None = None) -> RunArgs:
         raise ValueError("--variant applies to datasets and HumanEval, not to performance; run one command per variant")
     flags = {k: v for k, v in vars(ns).items() if k != "words"}
     flags["variants"] = tuple(ns.variants)
+    flags["lora_modules"] = tuple(ns.lora_modules)
+    if ns.adapter is not None and fields["test"] in PERF_TESTS:
+        raise ValueError("--adapter applies to datasets and HumanEval, not to performance")
+    if ns.adapter is not None and ns.compare == "lm_eval":
+        raise ValueError("--adapter with --compare lm_eval is not supported; compare an adapter with --compare hf")
     for spec in ns.variants:
         parse_variant(spec)
     return RunArgs(**fields, **flags)

@@ -276,7 +276,8 @@ def evaluate(
     """Generates, executes and writes the files; (summary, per-problem rows)."""
     max_new = args.max_new_tokens
     cfg = EngineConfig(model_path, dtype=args.dtype, device=device, max_batch_size=batch, mlgc=args.mlgc,
-                       max_input_length=2048, max_output_length=max_new, progress=False)  # fmt: skip
+                       max_input_length=2048, max_output_length=max_new, progress=False,
+                       lora_modules=list(args.lora_modules) or None)  # fmt: skip
     engine = LLMEngine(cfg)
     style = resolve_style(args.style, engine.tokenizer)
     prompts = [engine.tokenizer.apply_chat_template(chat_message(p), add_generation_prompt=True, tokenize=True,
@@ -289,7 +290,7 @@ def evaluate(
         for p in problems
     ]
     start = time.perf_counter()
-    outputs = engine.generate(prompts, params, use_tqdm=True)
+    outputs = engine.generate(prompts, params, use_tqdm=True, adapters=[args.adapter] * len(prompts))
     gen_s = time.perf_counter() - start
     rows = []
     for p, out in tqdm(list(zip(problems, outputs)), desc=f"{args.test} execute", unit="program"):
@@ -305,7 +306,7 @@ def write(
 ) -> dict:
     out = report.results_dir(args, "precision", device)
     stem = f"{args.test.removeprefix('full_').lower()}_{style}_batch{batch}_tp1_mlgc-{report.mlgc_tag(args.mlgc)}"
-    stem += f"_first{args.limit}" if args.limit else ""
+    stem += (f"_lora-{args.adapter}" if args.adapter else "") + (f"_first{args.limit}" if args.limit else "")
     report.write_csv(out / f"{stem}_problems.csv", rows)
     by_language = []
     for lang in sorted({r["language"] for r in rows}):
@@ -316,8 +317,8 @@ def write(
     report.write_csv(out / f"{stem}_result.csv", by_language)
     passed = sum(r["passed"] for r in rows)
     summary = dict(dataset=args.test, style=style, problems=len(rows), passed=passed, pass_at_1=passed / len(rows),
-                   batch_size=batch, dtype=args.dtype, mlgc=args.mlgc, generation_seconds=round(gen_s, 1),
-                   skipped_languages=skipped)  # fmt: skip
+                   batch_size=batch, dtype=args.dtype, mlgc=args.mlgc, adapter=args.adapter,
+                   generation_seconds=round(gen_s, 1), skipped_languages=skipped)  # fmt: skip
     errors = {}
     for r in rows:
         if r["error"]:

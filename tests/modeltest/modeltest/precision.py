@@ -86,13 +86,20 @@ def score_task(args: RunArgs, task: Task, model_path: str, device: str, batch_si
         max_output_length=1,
         mlgc=args.mlgc,
         progress=False,
+        lora_modules=list(args.lora_modules) or None,
     )
     engine = LLMEngine(cfg)
-    results = {"atb_llm": scored(task, f"{task.name} atb_llm", partial(score_engine, engine, prompts, options.ids))}
+    run = partial(score_engine, engine, prompts, options.ids, adapter=args.adapter)
+    results = {"atb_llm": scored(task, f"{task.name} atb_llm", run)}
+    adapter_path = engine.adapter_paths[args.adapter] if args.adapter else None
     del engine
     gc.collect()
     if args.compare == "hf":
         model = load_hf(model_path, parse_dtype(args.dtype)).to(device)
+        if adapter_path is not None:  # transformers + peft
+            from peft import PeftModel
+
+            model = PeftModel.from_pretrained(model, str(adapter_path)).eval()
         run = partial(score_hf, model, prompts, options.ids, batch_size)
         results["reference"] = scored(task, f"{task.name} transformers", run)
         del model
@@ -125,6 +132,7 @@ def evaluate(args: RunArgs, task: Task, model_path: str, device: str, batch_size
         batch_size=batch_size,
         dtype=args.dtype,
         mlgc=args.mlgc,
+        adapter=args.adapter,
         model=model_path,
         device=device,
         accuracy=acc[-1]["accuracy"],
@@ -142,7 +150,7 @@ def evaluate(args: RunArgs, task: Task, model_path: str, device: str, batch_size
 
 def file_stem(args: RunArgs, task: Task, batch_size: int, cache: str | None = None) -> str:
     """<dataset>_<shots>shot_batch<N>_tp1_<cache>[_first<limit>]; cache: mlgc-<tag> by default."""
-    cache = cache or f"mlgc-{report.mlgc_tag(args.mlgc)}"
+    cache = (cache or f"mlgc-{report.mlgc_tag(args.mlgc)}") + (f"_lora-{args.adapter}" if args.adapter else "")
     stem = f"{task.name.lower()}_{task.shots}shot_batch{batch_size}_tp1_{cache}"
     return stem + (f"_first{args.limit}" if args.limit else "")
 
@@ -150,7 +158,7 @@ def file_stem(args: RunArgs, task: Task, batch_size: int, cache: str | None = No
 def summary_lines(s: dict) -> list[str]:
     lines = [
         f"[{s['dataset']}] {s['items']} items, {s['shots']}-shot, batch {s['batch_size']}, {s['dtype']}, "
-        f"mlgc {s['mlgc']}: accuracy {s['accuracy']:.4f} ({s['seconds']:.1f} s)"
+        f"mlgc {s['mlgc']}, adapter {s.get('adapter') or 'none'}: accuracy {s['accuracy']:.4f} ({s['seconds']:.1f} s)"
     ]
     if "ref_accuracy" in s:
         clear = "n/a" if s["agreement_no_ties"] is None else f"{s['agreement_no_ties']:.4f}"

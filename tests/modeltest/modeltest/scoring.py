@@ -54,12 +54,17 @@ def top_gap(logprobs: list[float]) -> float:
 
 
 def score_engine(
-    engine: LLMEngine, prompts: list[list[int]], option_ids: tuple[int, ...], on_item: OnItem | None = None
+    engine: LLMEngine,
+    prompts: list[list[int]],
+    option_ids: tuple[int, ...],
+    on_item: OnItem | None = None,
+    adapter: str | None = None,
 ) -> list[list[float]]:
-    """Every prompt becomes a one-token request; the scheduler batches them (continuous batching up
-    to the engine's max_batch_size) until all are done. Returns [item][option] log-probs."""
+    """Every prompt becomes a one-token request (with the LoRA `adapter`, if any); the scheduler
+    batches them (continuous batching up to the engine's max_batch_size) until all are done.
+    Returns [item][option] log-probs."""
     params = SamplingParams(max_tokens=1, logprob_token_ids=option_ids)
-    index = {engine.add_request(ids, params).seq_id: i for i, ids in enumerate(prompts)}
+    index = {engine.add_request(ids, params, adapter=adapter).seq_id: i for i, ids in enumerate(prompts)}
     out: list[list[float]] = [[] for _ in prompts]
     while engine.has_unfinished():
         for seq in engine.step():

@@ -182,3 +182,21 @@ def test_variant_errors_name_the_value(tiny_models, tmp_path):
         parse_args(["pa_fp32", "performance", "[[4,4]]", "1", "qwen2_mlgc", "--variant", "default"])
     same = parse_args(base + ["--variant", str(tiny_models()), "--variant", "default@random"])
     assert [v.name for v in variants(same)][1:] == [f"{tiny_models().name}-2", "default+mlgc-random"]
+
+
+def test_an_adapter_is_scored_beside_the_base_against_transformers_and_peft(tiny_models, mmlu_dir, tmp_path):
+    from tiny import make_adapter
+
+    lora = make_adapter(tiny_models(), tmp_path / "lora", seed=4)
+    argv = ["pa_fp32", "full_MMLU", "0", "2", "qwen2_mlgc", str(tiny_models()), "--data", str(mmlu_dir),
+            "--out", str(tmp_path), "--compare", "hf", "--lora_modules", f"sql={lora}"]  # fmt: skip
+    (base,) = main(argv)
+    (adapted,) = main(argv + ["--adapter", "sql"])
+    assert adapted["adapter"] == "sql" and base["adapter"] is None
+    assert adapted["agreement_all"] == 1.0 and adapted["max_logprob_diff"] < 1e-3  # = transformers + peft
+    folder = tmp_path / "CPU" / "precision_test" / "pa" / "fp32" / "qwen2_mlgc"
+    base_items = read_csv(folder / "mmlu_0shot_batch2_tp1_mlgc-off_items.csv")
+    lora_items = read_csv(folder / "mmlu_0shot_batch2_tp1_mlgc-off_lora-sql_items.csv")
+    assert [r["logprob_A"] for r in base_items] != [r["logprob_A"] for r in lora_items]  # the adapter was applied
+    with pytest.raises(ValueError, match="--adapter with --compare lm_eval is not supported"):
+        parse_args([*argv[:-4], "--compare", "lm_eval", "--adapter", "sql"])
