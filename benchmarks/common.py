@@ -6,6 +6,7 @@ to end = batch * output tokens / total seconds."""
 from __future__ import annotations
 
 import argparse
+import platform
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -117,3 +118,14 @@ def markdown_table(rows: list[dict], columns: list[str]) -> str:
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join(fmt(r.get(c, "")) for c in columns) + " |" for r in rows]
     return "\n".join(lines)
+
+
+def cpu_name() -> str:
+    """The CPU's model name (speed figures are ratios measured on it)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.machine()

@@ -105,22 +105,8 @@ def hf_greedy(path: Path, prompts: list[list[int]], max_new_tokens: int, dtype=t
     return out
 
 
-LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+def make_adapter(base, out, targets=None, r=8, rslora=False, seed=0, alpha=16):
+    """A PEFT LoRA adapter of the model at `base` with random non-zero B (it changes greedy choices)."""
+    from benchmarks.bench_lora import TARGETS, random_adapter
 
-
-def make_adapter(base, out, targets=LORA_TARGETS, r=8, rslora=False, seed=0, alpha=16):
-    """A PEFT LoRA adapter of the model at `base`, saved to `out`: random A and B (B larger than
-    peft's own random init, so the adapter changes greedy choices)."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32)
-    cfg = LoraConfig(r=r, lora_alpha=alpha, target_modules=targets, use_rslora=rslora, init_lora_weights=False)
-    peft_model = get_peft_model(model, cfg)
-    with torch.no_grad():
-        for name, p in peft_model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.5)
-    peft_model.save_pretrained(str(out))
-    return out
+    return random_adapter(base, out, targets or TARGETS, r, rslora, seed, alpha)
