@@ -178,3 +178,17 @@ def test_prompts_longer_than_the_mlp_chunk_keep_their_adapters(tiny, adapters):
         tokens, lps = peft_reference(tiny, adapters[name], [ids], 4)
         assert out.token_ids == tokens[0]
         assert [p.logprob for p in out.prompt_logprobs[1:]] == pytest.approx(lps[0], abs=2e-4)
+
+
+def test_the_default_model_with_an_adapter_equals_transformers_and_peft(default_model, tmp_path):
+    from benchmarks.bench_lora import random_adapter
+
+    lora = random_adapter(default_model, tmp_path / "lora", r=16, seed=5, b_std=0.02)
+    engine = engine_of(default_model, lora_modules={"l": str(lora)}, max_input_length=32)
+    prompts = [engine.encode("def quicksort(arr):\n"), engine.encode("The capital of France is")]
+    outs = outputs(engine, prompts * 2, ["l", "l", None, None], max_new=8, prompt_logprobs=0)
+    want_tokens, want_lps = peft_reference(default_model, lora, prompts, 8)
+    for out, tokens, lps in zip(outs[:2], want_tokens, want_lps):
+        assert out.token_ids == tokens
+        assert [p.logprob for p in out.prompt_logprobs[1:]] == pytest.approx(lps, abs=1e-3)
+    assert [o.token_ids for o in outs[:2]] != [o.token_ids for o in outs[2:]]  # the adapter changes the answers

@@ -90,7 +90,11 @@ def test_checkpoint_dequantizes_to_the_float_weights(float_model, quantized, var
 @pytest.mark.parametrize("dtype", ["bf16", "fp32"])
 @pytest.mark.parametrize("variant", KINDS)
 def test_linear_methods_equal_the_fp32_reference(quantized, variant, dtype, rows):
-    folder = quantized(variant)
+    check_linears(quantized(variant), variant, dtype, rows)
+
+
+def check_linears(folder, variant, dtype, rows):
+    """Each linear of layer 0 against the fp32 product on the checkpoint's weights, by the format's formulas."""
     t, model = tensors(folder), engine(folder, dtype=dtype).model
     layer = model.model.layers[0]
     pre = "model.layers.0"
@@ -108,6 +112,40 @@ def test_linear_methods_equal_the_fp32_reference(quantized, variant, dtype, rows
         exact = variant == "w8a16" and rows > 16  # fp32 all the way
         tol = 1e-5 if dtype == "fp32" and exact else 0.02
         assert (got - want).abs().max() <= tol * want.abs().max(), names[0]
+
+
+def asymmetric(t):
+    """Every W8A16 linear quantized again with a per-channel offset (msModelSlim's w_sym: false):
+    W = (q - offset) * scale, q spanning all of [-128, 127]."""
+    for key in [k for k in t if k.endswith(".weight_offset")]:
+        name = key.removesuffix(".weight_offset")
+        w = reference_weight(t, name, "w8a16", 0)
+        lo, hi = w.amin(1, keepdim=True), w.amax(1, keepdim=True)
+        scale = ((hi - lo) / 255).clamp(min=1e-8)
+        offset = torch.round(-128 - lo / scale)
+        t[f"{name}.weight"] = torch.round(w / scale + offset).clamp(-128, 127).to(torch.int8)
+        t[f"{name}.weight_scale"] = scale.to(t[f"{name}.weight_scale"].dtype)
+        t[f"{name}.weight_offset"] = offset.to(t[f"{name}.weight_offset"].dtype)
+
+
+@pytest.fixture(scope="module")
+def asymmetric_w8a16(quantized, tmp_path_factory):
+    folder = edited_copy(quantized("w8a16"), tmp_path_factory.mktemp("asym") / "w8a16", tensor_edit=asymmetric)
+    offsets = [v for k, v in tensors(folder).items() if k.endswith(".weight_offset")]
+    assert all(o.abs().max() > 0 for o in offsets)  # every linear has offsets: the offset term runs
+    return folder
+
+
+@pytest.mark.parametrize("rows", [7, 40])
+@pytest.mark.parametrize("dtype", ["bf16", "fp32"])
+def test_asymmetric_w8a16_equals_the_fp32_reference(asymmetric_w8a16, dtype, rows):
+    check_linears(asymmetric_w8a16, "w8a16", dtype, rows)
+
+
+def test_asymmetric_w8a16_model_equals_its_dequantized_float_model(float_model, asymmetric_w8a16, tmp_path):
+    dequant = dequantized_copy(float_model, asymmetric_w8a16, "w8a16", tmp_path / "dequant")
+    got, want = prompt_logits(engine(asymmetric_w8a16, dtype="fp32")), prompt_logits(engine(dequant, dtype="fp32"))
+    assert (got - want).abs().max() < 1e-3 * want.abs().max() and got.argmax() == want.argmax()
 
 
 @pytest.mark.parametrize("variant", ["w8a16", "w4a16", "w4a16_per_channel"])
