@@ -147,3 +147,19 @@ def test_server_reports_prefix_cache_hits(tiny_models):
     )
     assert queries == 2 * n and hits == (n - 1) // 16 * 16 > 0
     assert m["atb_llm_prefix_cache_blocks"] >= 4 * ((n - 1) // 16)  # 4 groups
+
+
+@pytest.mark.parametrize("at", [0, 15, 48, 63])
+def test_a_prompt_differing_at_a_blocks_first_or_last_token_reuses_only_the_blocks_before(tiny_models, at):
+    """Blocks of 16: a change at token 48 or 63 (the first and last of block 3) keeps blocks 0-2,
+    at token 0 or 15 (block 0) none; the output equals the cache-off engine's."""
+    path = tiny_models()
+    (first,) = prompts_with_shared_start(1, shared=64, own=(8,))
+    second = list(first)
+    second[at] = second[at] % 300 + 3  # another token there
+    params = SamplingParams(max_tokens=6, ignore_eos=True)
+    eng = engine(path, True)
+    eng.generate([first], params)
+    (got,) = eng.generate([second], params)
+    assert eng.cache_manager.block_manager.prefix.hit_tokens == 16 * (at // 16)
+    assert got.token_ids == engine(path, False).generate([second], params)[0].token_ids
