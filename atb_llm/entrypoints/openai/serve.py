@@ -21,6 +21,10 @@ from atb_llm.runtime.engine import EngineConfig, LLMEngine
 from atb_llm.utils.default_model import resolve_model_path
 
 log = logging.getLogger("atb_llm.server")
+# max_output_length: the largest max_tokens a request may ask. Chunked prefill on, as vLLM's V1 and
+# SGLang serve: a long prompt is prefilled 2048 tokens a step between decode steps, so it never
+# stalls the streams in flight for its whole prefill (run_pa keeps MindIE's one-piece default)
+SERVER_DEFAULTS = dict(max_output_length=512, chunked_prefill=True, max_prefill_tokens=2048)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -39,7 +43,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=[],
         help="without --api_key: Host names served besides the loopback names and --host (DNS rebinding guard)",
     )
-    EngineConfig.add_cli_args(p, max_output_length=512)  # max_output_length: the largest max_tokens a request may ask
+    EngineConfig.add_cli_args(p, **SERVER_DEFAULTS)
     args = p.parse_args(argv)
     if args.api_key is not None and not args.api_key.strip():
         p.error("--api_key is empty: give a key, or leave the flag out to serve loopback clients without one")
