@@ -101,7 +101,7 @@ class Scheduler:
             self.waiting.popleft()
             # the whole prompt's blocks at once; a cached prefix is not computed again
             cached, seq.snapshot_at = self.block_manager.allocate(seq.block_table, seq.num_tokens, tokens, seq.adapter)
-            seq.num_computed_tokens = cached
+            seq.num_computed_tokens = seq.num_cached_tokens = cached
             seq.status = SequenceStatus.RUNNING
             seq.num_scheduled_tokens = self._chunk(seq, budget)
             budget -= seq.num_scheduled_tokens

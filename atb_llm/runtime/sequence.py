@@ -111,6 +111,7 @@ class Sequence:
     finish_reason: str | None = None
     block_table: BlockTable = field(default_factory=BlockTable)  # the blocks it holds, per group
     num_computed_tokens: int = 0  # tokens whose K/V the cache holds
+    num_cached_tokens: int = 0  # prompt tokens the prefix cache had at its (last) admission
     num_scheduled_tokens: int = 0  # tokens this step computes (set by the scheduler; 0 = all the rest)
     snapshot_at: int = 0  # prefix caching: copy the window groups' blocks once this many are computed
     fork_at: int = 0  # n > 1: hand copies of the cache to the siblings once this many are computed

@@ -82,7 +82,9 @@ def test_chunk_shapes():
     assert plain.opening("hi", None, first) == []
     (last,) = [json.loads(c.removeprefix("data: ")) for c in plain.closing("length", Usage.of(3, 2))]
     assert last["object"] == "text_completion" and last["choices"][0]["finish_reason"] == "length"
-    assert last["usage"] == {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}
+    assert last["usage"] == {
+        "prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5, "prompt_tokens_details": {"cached_tokens": 0}
+    }  # fmt: skip
 
 
 def test_completion_stream_echoes_the_prompt_with_running_offsets():

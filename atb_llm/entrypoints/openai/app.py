@@ -181,7 +181,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
         )
         for j, a in enumerate(answers)
     ]
-    usage = shape.usage(len(answers[0].prompt_ids), generated)
+    usage = shape.usage(len(answers[0].prompt_ids), generated, max(a.cached_tokens for a in answers))
     request_id = "-".join(answers[0].request_id.split("-")[:2])  # n > 1: request ids ID-0, ID-1, ...
     return ChatCompletion(id=request_id, model=body.model or served(request).model_name, choices=choices, usage=usage)
 
@@ -205,7 +205,8 @@ async def completions(body: CompletionRequest, request: Request):
         shape.completion_choice(i * body.n + j, p, a) for i, (p, best) in enumerate(zip(prompts, answers))
         for j, a in enumerate(best)
     ]  # fmt: skip
-    usage = shape.usage(sum(len(best[0].prompt_ids) for best in answers), generated)
+    cached = sum(max(a.cached_tokens for a in best) for best in answers)  # per prompt: its samples share one
+    usage = shape.usage(sum(len(best[0].prompt_ids) for best in answers), generated, cached)
     request_id = answers[0][0].request_id.split("-")[:2]  # several prompts or samples: ID-i, ID-i-j
     model = body.model or served(request).model_name
     return Completion(id="-".join(request_id), model=model, choices=choices, usage=usage)

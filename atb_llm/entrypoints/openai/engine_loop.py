@@ -51,6 +51,7 @@ class GenerationEvent:
     error: str | None = None
     logprobs: list[TokenLogprob] = field(default_factory=list)  # of the tokens new since the last event
     prompt_logprobs: list[TokenLogprob | None] | None = None  # on the first event, when asked for
+    cached_tokens: int = 0  # on the first event: prompt tokens found in the prefix cache
 
 
 @dataclass
@@ -61,6 +62,7 @@ class RequestStream:
     prompt_ids: list[int]
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     finished: bool = False
+    cached_tokens: int = 0  # from its first event
 
     async def next(self, timeout: float | None = None) -> GenerationEvent:
         """The next event; raises TimeoutError after `timeout` seconds without one."""
@@ -228,7 +230,7 @@ class EngineLoop:
             visible = min(len(seq.output_logprobs), len(self.engine.detokenizer.visible_tokens(seq)))
             event.logprobs, live.logprobs_sent = seq.output_logprobs[live.logprobs_sent : visible], visible
         if live.events_sent == 0:
-            event.prompt_logprobs = seq.prompt_logprobs
+            event.prompt_logprobs, event.cached_tokens = seq.prompt_logprobs, seq.num_cached_tokens
         live.events_sent += 1
         if seq.is_finished:
             del self._live[seq.request_id]

@@ -147,6 +147,7 @@ class Answer:
     num_output_tokens: int
     logprobs: list[TokenLogprob]
     prompt_logprobs: list[TokenLogprob | None] | None
+    cached_tokens: int = 0  # prompt tokens found in the prefix cache
 
 
 async def collect(loop: EngineLoop, stream: RequestStream, request: Request) -> Answer:
@@ -165,12 +166,14 @@ async def collect(loop: EngineLoop, stream: RequestStream, request: Request) -> 
         if event is None:
             continue
         parts.append(event.text)
+        stream.cached_tokens = max(stream.cached_tokens, event.cached_tokens)
         logprobs += event.logprobs
         prompt_logprobs = prompt_logprobs or event.prompt_logprobs
         if event.finish_reason:
             check_finish(event)
             text, n = "".join(parts), event.num_output_tokens
-            return Answer(stream.request_id, stream.prompt_ids, text, event.finish_reason, n, logprobs, prompt_logprobs)
+            return Answer(stream.request_id, stream.prompt_ids, text, event.finish_reason, n, logprobs, prompt_logprobs,
+                          stream.cached_tokens)  # fmt: skip
 
 
 @dataclass
@@ -207,8 +210,8 @@ class Shape:
         lp = self.completion_logprobs(ids, entries + generated)
         return CompletionChoice(index=index, text=text, logprobs=lp, finish_reason=a.finish_reason)
 
-    def usage(self, prompt_tokens: int, output_tokens: int) -> Usage:
-        return Usage.of(prompt_tokens, 0 if self.score_only else output_tokens)
+    def usage(self, prompt_tokens: int, output_tokens: int, cached_tokens: int = 0) -> Usage:
+        return Usage.of(prompt_tokens, 0 if self.score_only else output_tokens, cached_tokens)
 
 
 def abort_unfinished(loop: EngineLoop, stream: RequestStream) -> None:

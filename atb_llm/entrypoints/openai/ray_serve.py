@@ -33,9 +33,10 @@ from pathlib import Path
 from ray import serve
 from ray.serve.config import RequestRouterConfig
 from starlette.requests import Request
-from starlette.responses import Response, StreamingResponse
+from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from atb_llm.entrypoints.openai.app import create_app
+from atb_llm.entrypoints.openai.errors import error_body
 from atb_llm.entrypoints.openai.limits import LOOPBACK_NAMES
 from atb_llm.entrypoints.openai.serve import SERVER_DEFAULTS, start_engine_loop
 from atb_llm.runtime.engine import EngineConfig
@@ -122,7 +123,9 @@ class Engine:
 
 
 class Ingress:
-    """The HTTP entry: forwards every request to an Engine replica and streams its answer back."""
+    """The HTTP entry: forwards every request to an Engine replica and streams its answer back. A
+    replica lost mid-answer ends the answer with the single server's error event (a stream) or a
+    503 (before the answer started), never a hang."""
 
     def __init__(self, engines):
         self.engines = engines.options(stream=True)
@@ -134,14 +137,27 @@ class Ingress:
             Routed.of(request.url.path, body), request.method, request.url.path, request.url.query.encode(),
             headers, body,
         )  # fmt: skip
-        status, head = await answer.__anext__()
+        try:
+            status, head = await answer.__anext__()
+        except Exception as e:  # the replica died before answering
+            return JSONResponse(error_body(503, lost(e), code="replica_lost"), status_code=503)
+        head = {k: v for k, v in head if k.lower() != "content-length"}
+        stream = head.get("content-type", "").startswith("text/event-stream")
 
         async def rest():
-            async for chunk in answer:
-                yield chunk
+            try:
+                async for chunk in answer:
+                    yield chunk
+            except Exception as e:  # the replica died mid-answer
+                if not stream:
+                    raise
+                yield f"data: {json.dumps(error_body(503, lost(e), code='replica_lost'))}\n\ndata: [DONE]\n\n"
 
-        head = [(k, v) for k, v in head if k.lower() != "content-length"]
-        return StreamingResponse(rest(), status_code=status, headers=dict(head))
+        return StreamingResponse(rest(), status_code=status, headers=head)
+
+
+def lost(e: BaseException) -> str:
+    return f"the replica serving this request was lost ({type(e).__name__}); retry: another replica takes it"
 
 
 def build(
@@ -153,6 +169,7 @@ def build(
     api_key: str | None = None,
     replica_cpus: float = 1.0,
     graceful_shutdown_s: float = 60.0,
+    downscale_delay_s: float = 30.0,
 ):
     """The Ray Serve application: Ingress -> Engine replicas (fixed, or autoscaled between
     min_replicas and max_replicas on ongoing requests per replica)."""
@@ -171,7 +188,7 @@ def build(
             max_replicas=max(lo, max_replicas if max_replicas is not None else lo),
             target_ongoing_requests=max(1, cfg.max_batch_size // 2),
             upscale_delay_s=2,
-            downscale_delay_s=30,
+            downscale_delay_s=downscale_delay_s,
         )
     else:
         options["num_replicas"] = replicas
@@ -208,7 +225,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max_replicas", type=int, default=None, help="autoscale: at most this many")
     p.add_argument("--replica_cpus", type=float, default=1.0, help="CPUs Ray reserves per replica")
     p.add_argument("--address", default=None, help="a Ray cluster's address (default: start a local one)")
-    EngineConfig.add_cli_args(p, **SERVER_DEFAULTS)
+    EngineConfig.add_cli_args(p, **SERVER_DEFAULTS, prefix_caching=True)  # what prefix-aware routing is for
     return p.parse_args(argv)
 
 

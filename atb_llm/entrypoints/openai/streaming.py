@@ -99,6 +99,7 @@ async def event_stream(
             done, _ = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
             for task in sorted(done, key=pending.get):
                 i, event = pending.pop(task), task.result()
+                streams[i].cached_tokens = max(streams[i].cached_tokens, event.cached_tokens)
                 if not opened[i] and event.finish_reason not in ("error", "abort"):
                     opened[i] = True
                     for chunk in fmts[i].opening(prompt, streams[i], event):
@@ -115,7 +116,8 @@ async def event_stream(
                     yield sse("[DONE]")
                     return
                 generated, left = generated + event.num_output_tokens, left - 1
-                usage = fmts[i].shape.usage(streams[i].num_prompt_tokens, generated) if not left else None
+                cached = max(st.cached_tokens for st in streams)
+                usage = fmts[i].shape.usage(streams[i].num_prompt_tokens, generated, cached) if not left else None
                 for chunk in fmts[i].closing(event.finish_reason, usage):
                     yield chunk
         yield sse("[DONE]")
