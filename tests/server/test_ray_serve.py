@@ -2,6 +2,7 @@
 single engine's, both replicas serve, prompts sharing a prefix go to one replica, errors keep the
 single server's bodies, streams stream, and a lost replica is replaced while the other serves."""
 
+import asyncio
 import json
 import time
 from types import SimpleNamespace
@@ -20,7 +21,8 @@ from ray import serve  # noqa: E402
 from atb_llm.entrypoints.openai import ray_serve  # noqa: E402
 
 pytestmark = [pytest.mark.timeout(600), pytest.mark.slow]  # a Ray cluster: a minute to start
-ENGINE = dict(block_size=16, max_input_length=96, max_output_length=16, dtype="fp32", max_batch_size=4)
+ENGINE = dict(block_size=16, max_input_length=96, max_output_length=16, dtype="fp32", max_batch_size=4,
+              prefix_caching=True)  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -65,9 +67,12 @@ def test_answers_equal_the_single_engine_and_both_replicas_serve(cluster, tiny):
 
 
 def test_prompts_sharing_a_prefix_go_to_the_replica_that_has_it(cluster):
-    shared = "hello world the quick brown fox jumps over the lazy dog " * 3
-    served = {complete(cluster, shared + tail)[1] for tail in ("0123", "4567", "def", "return if", "else")}
-    assert len(served) == 1
+    """The second and later requests land where the first was served and find its blocks there."""
+    shared = "hello world the quick brown fox jumps over the lazy dog " * 4
+    answers = [complete(cluster, shared + tail) for tail in ("0123", "4567", "def", "return if", "else")]
+    assert len({replica for _, replica in answers}) == 1
+    cached = [r.json()["usage"]["prompt_tokens_details"]["cached_tokens"] for r, _ in answers]
+    assert cached[0] == 0 and all(c >= 32 for c in cached[1:])  # the shared whole blocks
 
 
 def test_errors_and_streams_are_the_single_servers(cluster):
@@ -84,9 +89,20 @@ def test_errors_and_streams_are_the_single_servers(cluster):
 
 
 def test_a_lost_replica_is_replaced_while_the_other_serves(cluster):
-    _, victim = complete(cluster, "lazy dog 0123")
-    actor = next(a for a in ray.util.list_named_actors(all_namespaces=True) if victim in a["name"])
-    ray.kill(ray.get_actor(actor["name"], namespace=actor["namespace"]))
+    """Killed mid-stream: the stream ends with an error event and [DONE], never a hang; the other
+    replica serves what comes next; Ray brings the count back to two."""
+    prompt = "lazy dog 0123 " * 3
+    _, victim = complete(cluster, prompt)  # the prefix router sends the stream below there too
+    body = dict(model="tiny", prompt=prompt + "x", max_tokens=16, temperature=0, stream=True, ignore_eos=True)
+    with httpx.stream("POST", cluster + "/v1/completions", json=body, timeout=60) as r:
+        assert r.headers["x-atb-replica"] == victim
+        lines = r.iter_lines()
+        assert next(line for line in lines if line.startswith("data: {"))  # it has started
+        actor = next(a for a in ray.util.list_named_actors(all_namespaces=True) if victim in a["name"])
+        ray.kill(ray.get_actor(actor["name"], namespace=actor["namespace"]))
+        rest = [line for line in lines if line.startswith("data: ")]
+    assert rest[-1] == "data: [DONE]"
+    assert any("replica_lost" in line for line in rest) or len(rest) >= 2  # an error event, or it had finished
     start = time.monotonic()
     for i in range(6):  # served throughout, by the survivor while the victim is replaced
         r, _ = complete(cluster, f"quick {i} brown")
@@ -98,6 +114,37 @@ def test_a_lost_replica_is_replaced_while_the_other_serves(cluster):
 def _two_running():
     status = serve.status().applications["atb_llm"].deployments["Engine"]
     return status.replica_states.get("RUNNING", 0) == 2
+
+
+def test_autoscaling_adds_a_replica_under_load_and_removes_it_when_idle(tiny):
+    """A second app on the same cluster, autoscaled 1..2 replicas on ongoing requests (target 1 a
+    replica at max_batch_size 2); its Engine replicas are driven through their handle."""
+    cfg = EngineConfig(str(tiny), progress=False, **(ENGINE | {"max_batch_size": 2}))
+    app = ray_serve.build(cfg, "tiny", min_replicas=1, max_replicas=2, replica_cpus=0.5, downscale_delay_s=3)
+    serve.run(app, name="scaled", route_prefix="/scaled")
+    engines = serve.get_deployment_handle("Engine", app_name="scaled").options(stream=True)
+
+    def running():
+        return serve.status().applications["scaled"].deployments["Engine"].replica_states.get("RUNNING", 0)
+
+    async def ask(i):
+        body = json.dumps(dict(model="tiny", prompt=f"fox {i} " * 8, max_tokens=16, ignore_eos=True)).encode()
+        gen = engines.handle.remote(ray_serve.Routed(prompt=f"{i}"), "POST", "/v1/completions", b"",
+                                    [("content-type", "application/json"), ("host", "127.0.0.1")], body)  # fmt: skip
+        status, _ = await gen.__anext__()
+        return status, json.loads(b"".join([c async for c in gen]))
+
+    async def load():
+        answers = []
+        while running() < 2:  # ongoing requests above the target until the second replica is up
+            answers += await asyncio.gather(*(ask(i) for i in range(6)))
+        return answers
+
+    assert running() == 1
+    answers = asyncio.run(asyncio.wait_for(load(), 180))
+    assert answers and all(status == 200 and body["usage"]["completion_tokens"] == 16 for status, body in answers)
+    wait_until(lambda: running() == 1, 120, "scaling back down when idle")
+    serve.delete("scaled")
 
 
 def test_a_replica_whose_engine_stopped_fails_its_health_check():

@@ -42,7 +42,10 @@ from atb_llm.entrypoints.openai.serve import SERVER_DEFAULTS, start_engine_loop
 from atb_llm.runtime.engine import EngineConfig
 from atb_llm.utils.default_model import resolve_model_path
 
-PREFIX_ROUTER = "ray.llm._internal.serve.routing_policies.prefix_aware.prefix_aware_router:PrefixCacheAffinityRouter"
+ROUTERS = {  # --router: Ray's prefix-aware router, or its default (two random replicas, the less loaded)
+    "prefix": "ray.llm._internal.serve.routing_policies.prefix_aware.prefix_aware_router:PrefixCacheAffinityRouter",
+    "load": "ray.serve._private.request_router:PowerOfTwoChoicesRequestRouter",
+}
 GENERATION_ROUTES = ("/v1/completions", "/v1/chat/completions")
 
 
@@ -170,6 +173,7 @@ def build(
     replica_cpus: float = 1.0,
     graceful_shutdown_s: float = 60.0,
     downscale_delay_s: float = 30.0,
+    router: str = "prefix",
 ):
     """The Ray Serve application: Ingress -> Engine replicas (fixed, or autoscaled between
     min_replicas and max_replicas on ongoing requests per replica)."""
@@ -179,7 +183,7 @@ def build(
         ray_actor_options={"num_cpus": replica_cpus},
         health_check_period_s=2,
         graceful_shutdown_timeout_s=graceful_shutdown_s,  # scale-down waits for in-flight streams
-        request_router_config=RequestRouterConfig(request_router_class=PREFIX_ROUTER),
+        request_router_config=RequestRouterConfig(request_router_class=ROUTERS[router]),
     )
     if min_replicas is not None or max_replicas is not None:
         lo = min_replicas if min_replicas is not None else 1
@@ -210,7 +214,7 @@ def app(args: dict):
 def application(args: argparse.Namespace):
     cfg = EngineConfig.from_cli_args(args, model_path=str(resolve_model_path(args.model_path)))
     return build(cfg, args.served_model_name, args.replicas, args.min_replicas, args.max_replicas, args.api_key,
-                 args.replica_cpus)  # fmt: skip
+                 args.replica_cpus, router=args.router)  # fmt: skip
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -225,6 +229,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max_replicas", type=int, default=None, help="autoscale: at most this many")
     p.add_argument("--replica_cpus", type=float, default=1.0, help="CPUs Ray reserves per replica")
     p.add_argument("--address", default=None, help="a Ray cluster's address (default: start a local one)")
+    p.add_argument("--router", default="prefix", choices=sorted(ROUTERS), help="prefix-aware, or by load alone")
     EngineConfig.add_cli_args(p, **SERVER_DEFAULTS, prefix_caching=True)  # what prefix-aware routing is for
     return p.parse_args(argv)
 
