@@ -47,7 +47,8 @@ def stream_one(url: str, prompt: str, max_tokens: int) -> tuple[float, int, int,
             if first is None and chunk["choices"] and chunk["choices"][0]["text"]:
                 first = time.perf_counter() - start
             usage = chunk.get("usage") or usage
-    return first or 0.0, usage["completion_tokens"], usage["prompt_tokens"], usage["prompt_tokens_details"]["cached_tokens"]
+    cached = usage["prompt_tokens_details"]["cached_tokens"]
+    return first or 0.0, usage["completion_tokens"], usage["prompt_tokens"], cached
 
 
 def run_load(url: str, prompts: list[str], clients: int, max_tokens: int) -> dict:
@@ -112,7 +113,8 @@ def main(argv=None) -> str:
     torch.set_num_threads(2)
     single = ServerThread.start(cfg, free_port())
     try:
-        rows.append({"setup": "single server, 2 threads"} | run_load(single.url, distinct, args.clients, args.max_tokens))
+        stats = run_load(single.url, distinct, args.clients, args.max_tokens)
+        rows.append({"setup": "single server, 2 threads"} | stats)
     finally:
         single.stop()
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
