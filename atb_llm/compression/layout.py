@@ -66,6 +66,17 @@ class GroupLayout:
         """Every group at its level's int8 variant (same geometry, half the bytes)."""
         return GroupLayout(self.num_layers, self.num_kv_heads, tuple(lv.as_int8() for lv in self.levels))
 
+    def shard(self, rank: int, world: int) -> GroupLayout:
+        """The groups of one tensor-parallel rank: of every layer, the KV heads
+        rank * h / world .. (rank + 1) * h / world, each at its level in this layout."""
+        if world == 1:
+            return self
+        if self.num_kv_heads % world:
+            raise ValueError(f"{self.num_kv_heads} KV heads per layer cannot be split {world} ways")
+        h = self.num_kv_heads // world
+        levels = tuple(self.level(layer, rank * h + i) for layer in range(self.num_layers) for i in range(h))
+        return GroupLayout(self.num_layers, h, levels)
+
     @property
     def num_groups(self) -> int:
         return len(self.levels)

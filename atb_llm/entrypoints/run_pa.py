@@ -2,6 +2,7 @@
 
 python -m examples.run_pa --model_path DIR --input_texts "What is deep learning?" --is_chat_model
 (or python -m atb_llm.entrypoints.run_pa ...)
+torchrun --nproc_per_node N -m examples.run_pa --model_path DIR ...   (tensor parallel, N ranks)
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from atb_llm.runtime.engine import EngineConfig, LLMEngine
 from atb_llm.runtime.sequence import SamplingParams
 from atb_llm.utils.cli import run_main
 from atb_llm.utils.default_model import resolve_model_path
+from atb_llm.utils.distributed import init_tensor_parallel, is_main_rank
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -126,14 +128,18 @@ def main(argv: list[str] | None = None) -> list:
         seed=args.seed,
         ignore_eos=args.ignore_eos,
     )
-    cfg = EngineConfig.from_cli_args(args, model_path=str(resolve_model_path(args.model_path)))
+    device = init_tensor_parallel(args.device)  # torchrun: join its world; this rank's device
+    cfg = EngineConfig.from_cli_args(args, model_path=str(resolve_model_path(args.model_path)), device=device)
+    cfg.progress = cfg.progress and is_main_rank()
     engine = LLMEngine(cfg)
     engine.warmup()
     token_ids = [encode(engine, p, args.is_chat_model) for p in prompts]
     start = time.perf_counter()
     adapters = read_input_dict(args.input_dict)[1] if args.input_dict else None
-    outputs = engine.generate(token_ids, params, use_tqdm=len(prompts) > 1, adapters=adapters)
+    outputs = engine.generate(token_ids, params, use_tqdm=len(prompts) > 1 and is_main_rank(), adapters=adapters)
     elapsed = time.perf_counter() - start
+    if not is_main_rank():  # rank 0 prints; the others computed their shares of every step
+        return outputs
     for i, (prompt, out) in enumerate(zip(prompts, outputs)):
         n = len(out.token_ids)
         ttft = (out.ttft_s or 0) * 1000
@@ -152,7 +158,8 @@ def main(argv: list[str] | None = None) -> list:
     total = sum(len(o.token_ids) for o in outputs)
     print(
         f"\n{len(outputs)} request(s), {total} output tokens in {elapsed:.2f} s: {total / elapsed:.2f} tokens/s "
-        f"end to end (max_batch_size={args.max_batch_size}, dtype={engine.dtype}, mlgc={args.mlgc})"
+        f"end to end (max_batch_size={args.max_batch_size}, dtype={engine.dtype}, mlgc={args.mlgc}, "
+        f"world size {engine.tp.world})"
     )
     return outputs
 

@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from atb_llm.layers.linear import ReplicatedLinear
+from atb_llm.layers.parallel import SINGLE, TensorParallel
 
 
 class VocabEmbedding(nn.Module):
@@ -19,8 +20,11 @@ class VocabEmbedding(nn.Module):
 
 
 class LMHead(ReplicatedLinear):
-    def __init__(self, vocab_size: int, hidden_size: int):
-        super().__init__(hidden_size, vocab_size, bias=False)
+    """Column-parallel over the vocabulary when `tp` has several ranks: each computes its rows of
+    the logits and every rank gets them all (an all-gather)."""
+
+    def __init__(self, vocab_size: int, hidden_size: int, tp: TensorParallel = SINGLE):
+        super().__init__(hidden_size, tp.local(vocab_size, "vocab_size"), False, None, tp, "column")
 
     def tie_to(self, embedding: VocabEmbedding) -> None:
         self.weight = embedding.weight
@@ -30,4 +34,4 @@ class LMHead(ReplicatedLinear):
         """hidden: [T, H] -> logits [N, V] in fp32, N = len(lm_head_indices) or T."""
         if lm_head_indices is not None:
             hidden = hidden.index_select(0, lm_head_indices)
-        return super().forward(hidden).float()
+        return self.tp.all_gather(super().forward(hidden).float())

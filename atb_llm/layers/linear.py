@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from atb_llm.layers.lora import LoraWeights
+from atb_llm.layers.parallel import SINGLE, TensorParallel
 
 
 def _check_shape(name: str, param: torch.Tensor, loaded: torch.Tensor) -> None:
@@ -55,9 +56,23 @@ class LinearMethod:
 
 
 class LinearBase(nn.Module):
-    def __init__(self, input_size: int, output_size: int, bias: bool, method: LinearMethod | None = None):
+    """input_size / output_size: this rank's. `parallel`: None (whole on every rank), "column" (each
+    rank its rows of the output: every per-output tensor is cut along dim 0 at load) or "row" (each
+    rank its columns of the input: 2-D tensors are cut along dim 1, per-output ones stay whole, the
+    partial products are all-reduced and a bias is added by rank 0 alone)."""
+
+    def __init__(
+        self,
+        input_size: int,
+        output_size: int,
+        bias: bool,
+        method: LinearMethod | None = None,
+        tp: TensorParallel = SINGLE,
+        parallel: str | None = None,
+    ):
         super().__init__()
         self.input_size, self.output_size = input_size, output_size
+        self.tp, self.parallel = tp, parallel if tp.world > 1 else None
         self.dtype = torch.get_default_dtype()  # the model dtype (models are built under it)
         self.method = method or LinearMethod()
         self.packed = None
@@ -79,11 +94,27 @@ class LinearBase(nn.Module):
         return p
 
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, name: str, shard_id=None) -> None:
-        default_weight_loader(param, loaded, name)
+        default_weight_loader(param, self.shard(param, loaded, param.shape[0], name), name)
+
+    def shard(self, param: nn.Parameter, loaded: torch.Tensor, rows: int, name: str) -> torch.Tensor:
+        """This rank's part of a checkpoint tensor (`rows`: its length along dim 0 here)."""
+        if self.parallel is None or getattr(param, "shared", False):
+            return loaded
+        if self.parallel == "column":
+            return self.tp.take(loaded, 0, rows)
+        if name.endswith("bias") and self.tp.rank:  # row-parallel: added once, after the all-reduce
+            return torch.zeros_like(loaded)
+        if loaded.dim() != 2:
+            return loaded
+        if name.endswith("weight") and getattr(self.method, "from_float", False):  # quantized here, at load:
+            self.whole_row_absmax = loaded.float().abs().amax(1, keepdim=True)  # per-channel scales of whole rows
+        return self.tp.take(loaded, 1, param.shape[1])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.method.apply(self, x)
-        return y if self.lora is None else self.lora.add(x, y)
+        if self.lora is not None:
+            y = self.lora.add(x, y)
+        return self.tp.all_reduce(y) if self.parallel == "row" else y
 
 
 class ReplicatedLinear(LinearBase):
@@ -96,12 +127,20 @@ class MergedLinear(LinearBase):
     `shards` maps each shard id to its output size, in stacking order.
     """
 
-    def __init__(self, input_size: int, shards: dict, bias: bool, method: LinearMethod | None = None):
+    def __init__(
+        self,
+        input_size: int,
+        shards: dict,
+        bias: bool,
+        method: LinearMethod | None = None,
+        tp: TensorParallel = SINGLE,
+        parallel: str | None = None,
+    ):
         self.offsets, start = {}, 0
         for shard_id, size in shards.items():
             self.offsets[shard_id] = (start, size)
             start += size
-        super().__init__(input_size, start, bias, method)
+        super().__init__(input_size, start, bias, method, tp, parallel)
         self._shared_seen: dict[str, tuple] = {}
 
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, name: str, shard_id=None) -> None:
@@ -111,6 +150,7 @@ class MergedLinear(LinearBase):
         start, size = self.offsets[shard_id]
         pack = getattr(param, "pack", 1)
         target = param.data.narrow(0, start // pack, size // pack)
+        loaded = self.shard(param, loaded, size // pack, name)
         _check_shape(name, target, loaded)
         target.copy_(loaded)
 

@@ -24,10 +24,14 @@ from atb_llm.quantization.base import QuantMethod, constant_zero_groups
 DECODE_ROWS = 16
 
 
-def quantize_w8_per_channel(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Round to nearest, symmetric: w [N, K] float -> (int8 [N, K], scale [N, 1], offset [N, 1] zeros)."""
+def quantize_w8_per_channel(
+    w: torch.Tensor, absmax: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Round to nearest, symmetric: w [N, K] float -> (int8 [N, K], scale [N, 1], offset [N, 1] zeros).
+    `absmax` [N, 1]: the rows' largest magnitudes when w holds only part of each row (a row-parallel
+    shard), so every rank quantizes as the whole model does."""
     w = w.float()
-    scale = w.abs().amax(-1, keepdim=True).clamp(min=1e-8) / 127.0
+    scale = (w.abs().amax(-1, keepdim=True) if absmax is None else absmax).clamp(min=1e-8) / 127.0
     return torch.round(w / scale).clamp(-128, 127).to(torch.int8), scale, torch.zeros_like(scale)
 
 
@@ -47,7 +51,7 @@ class W8A16Method(QuantMethod):
 
     def process_weights_after_loading(self, layer: LinearBase) -> None:
         if self.from_float:
-            q, scale, offset = quantize_w8_per_channel(layer.weight.data)
+            q, scale, offset = quantize_w8_per_channel(layer.weight.data, getattr(layer, "whole_row_absmax", None))
             layer.weight.data = q
             layer.weight_scale = torch.nn.Parameter(scale, requires_grad=False)
             layer.weight_offset = torch.nn.Parameter(offset, requires_grad=False)

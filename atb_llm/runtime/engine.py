@@ -16,6 +16,7 @@ from atb_llm.config import parse_dtype
 from atb_llm.layers.attention.backend import AttentionBackend
 from atb_llm.layers.attention.metadata import AttentionMetadata
 from atb_llm.layers.attention.selector import get_backend
+from atb_llm.layers.parallel import TensorParallel
 from atb_llm.models.base.lora import BASE, adapter_paths, read_adapter
 from atb_llm.models.base.router import get_router
 from atb_llm.models.base.weights import WeightFiles
@@ -54,12 +55,19 @@ class LLMEngine:
                 f"max_input_length + max_output_length = {self.max_seq_len} exceeds the model's "
                 f"max_position_embeddings={self.model_config.max_position_embeddings}; lower them"
             )
+        self.tp = TensorParallel.current()  # torchrun: this rank of the world; otherwise a single rank
+        if self.model_config.num_key_value_heads % self.tp.world:
+            raise ValueError(
+                f"the model has num_key_value_heads={self.model_config.num_key_value_heads}, which world size "
+                f"{self.tp.world} does not divide (each rank holds whole KV heads); run at a world size that does"
+            )
         weights = WeightFiles(cfg.model_path) if weights is None else weights
         backend = backend or get_backend(cfg.device, cfg.attention_backend)
         self.quant = router.get_quant_config(cfg.quantize)
         if backend.gpu_gemms:  # one kernel family: the quantized linears' GEMMs too
             self.quant.gpu_gemms = True
-        self.model = router.get_model_cls().build(self.model_config, backend, self.dtype, cfg.device, self.quant)
+        model_cls = router.get_model_cls()
+        self.model = model_cls.build(self.model_config, backend, self.dtype, cfg.device, self.quant, self.tp)
         self.model.load_weights(weights, progress=cfg.progress)
         self.model.eval()
         self.adapter_paths = adapter_paths(cfg.model_path, cfg.lora_modules)  # name -> PEFT folder
@@ -89,11 +97,11 @@ class LLMEngine:
         self.layout = layout
         cache_cfg = CacheConfig(cfg.block_size, cfg.num_blocks, cfg.cache_memory_gb, cfg.prefix_caching)
         dims = (self.model_config.head_dim, self.dtype, cfg.max_batch_size, self.max_seq_len, cfg.device)
-        self.cache_manager = CacheManager(layout, cache_cfg, *dims)
+        self.cache_manager = CacheManager(layout.shard(self.tp.rank, self.tp.world), cache_cfg, *dims)  # its groups
         self.scheduler = Scheduler(
             self.cache_manager.block_manager, cfg.max_batch_size, cfg.max_prefill_tokens, cfg.chunked_prefill
         )
-        self.runner = ModelRunner(self.model, self.cache_manager, frozenset(self.eos_token_ids))
+        self.runner = ModelRunner(self.model, self.cache_manager, frozenset(self.eos_token_ids), tp=self.tp)
         self.limits = RequestLimits(
             cfg.max_input_length,
             cfg.max_output_length,

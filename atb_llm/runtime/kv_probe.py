@@ -29,7 +29,7 @@ def measure_kv_scales(
     def observe(layer: PagedAttention, args: tuple) -> None:  # args: q, k, v, kv_cache, meta, rope
         seen[layer] = observed_kv_scales(args[1], args[2])
 
-    full = GroupLayout.uniform(cfg.num_hidden_layers, cfg.num_key_value_heads)
+    full = GroupLayout.uniform(cfg.num_hidden_layers, cfg.num_key_value_heads // model.tp.world)  # this rank's
     nb = -(-n // block_size)
     kv = KVCache.allocate(full, {"model": full.num_groups * nb}, block_size, cfg.head_dim, dtype, device)
     tables = torch.arange(full.num_groups * nb, device=device).view(full.num_groups, 1, nb)  # [G, 1, nb]

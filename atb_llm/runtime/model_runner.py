@@ -8,6 +8,7 @@ import torch
 
 from atb_llm.cache.cache_manager import CacheManager
 from atb_llm.layers.lora import LoraBatch
+from atb_llm.layers.parallel import SINGLE, TensorParallel
 from atb_llm.models.base.flash_causal_lm import FlashForCausalLM
 from atb_llm.models.base.forward_batch import ForwardBatch
 from atb_llm.runtime.cuda_graph import DecodeGraphs
@@ -43,12 +44,16 @@ class ModelRunner:
         cache_manager: CacheManager,
         eos_token_ids: frozenset[int] = frozenset(),
         graphs: DecodeGraphs | None = None,
+        tp: TensorParallel = SINGLE,
     ):
-        """graphs: decode steps that fit one of its buckets replay its CUDA graphs."""
+        """graphs: decode steps that fit one of its buckets replay its CUDA graphs. tp: every rank
+        runs the same steps on the same logits (gathered), and rank 0's sampled tokens are every
+        rank's, so their schedulers stay in step."""
         self.model = model
         self.cache_manager = cache_manager
         self.sampler = Sampler(eos_token_ids)
         self.graphs = graphs
+        self.tp = tp
 
     def _tensor(self, values: list[int]) -> torch.Tensor:
         return self.cache_manager.to_device(torch.tensor(values, dtype=torch.int64))
@@ -134,6 +139,11 @@ class ModelRunner:
             logits = logits[b.sample_rows]
         sampled = [seqs[i] for i in b.sampled]
         tokens, options, output = self._sample_isolated(logits, sampled) if sampled else ([], [], [])
+        if self.tp.world > 1:  # sampling happens once: rank 0's tokens (and failures) go to every rank
+            tokens = self.tp.broadcast(tokens)
+            for s, t in zip(sampled, tokens):
+                if t is None and not s.error:
+                    s.fail("its sampling failed on rank 0")
         return StepResult(sampled, tokens, options, output, prompt)
 
     def _sample_isolated(self, logits: torch.Tensor, seqs: list[Sequence]) -> tuple[list, list, list]:

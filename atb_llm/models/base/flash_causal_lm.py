@@ -11,6 +11,7 @@ from atb_llm.config import ModelConfig
 from atb_llm.layers.attention.backend import AttentionBackend
 from atb_llm.layers.linear import LinearBase, default_weight_loader
 from atb_llm.layers.lora import LoraBatch, LoraState
+from atb_llm.layers.parallel import SINGLE, TensorParallel
 from atb_llm.models.base.lora import Adapter, attach_adapters
 from atb_llm.models.base.weights import WeightFiles
 from atb_llm.quantization.config import QuantConfig
@@ -21,9 +22,9 @@ class FlashForCausalLM(nn.Module):
     packed_modules_mapping: dict[str, tuple[str, object]] = {}
     ignored_weights: tuple[str, ...] = ("rotary_emb.inv_freq",)  # checkpoint names that carry nothing we need
 
-    def __init__(self, config: ModelConfig, quant: QuantConfig):
+    def __init__(self, config: ModelConfig, quant: QuantConfig, tp: TensorParallel = SINGLE):
         super().__init__()
-        self.config, self.quant = config, quant
+        self.config, self.quant, self.tp = config, quant, tp
         # the quantization's own names (C8's K/V scales) first: "k_proj" is part of "k_proj.kv_cache_scale"
         self.name_mapping = {**quant.checkpoint_names, **self.packed_modules_mapping}
         self.ignored = self.ignored_weights + quant.ignored_weights
@@ -31,6 +32,11 @@ class FlashForCausalLM(nn.Module):
 
     def load_adapters(self, adapters: list[Adapter]) -> None:
         """Serve these LoRA adapters (slot i + 1 = adapters[i]) beside the base model (slot 0)."""
+        if adapters and self.tp.world > 1:
+            raise ValueError(
+                f"LoRA adapters with tensor parallelism (world size {self.tp.world}) are not supported yet; "
+                "serve adapters at world size 1"
+            )
         self.lora_state = attach_adapters(self, adapters) if adapters else None
 
     def set_lora(self, batch: LoraBatch | None) -> None:
@@ -48,14 +54,15 @@ class FlashForCausalLM(nn.Module):
         dtype: torch.dtype,
         device: torch.device | str = "cpu",
         quant: QuantConfig | None = None,
+        tp: TensorParallel = SINGLE,
     ) -> FlashForCausalLM:
         """Parameters are allocated uninitialized in `dtype` on `device` (quantized ones in their
-        storage dtype, as `quant` picks per linear); load them next."""
+        storage dtype, as `quant` picks per linear), this rank's share of them under `tp`; load them next."""
         previous = torch.get_default_dtype()
         torch.set_default_dtype(dtype)
         try:
             with torch.device(device):
-                return cls(config, backend, quant)
+                return cls(config, backend, quant, tp)
         finally:
             torch.set_default_dtype(previous)
 

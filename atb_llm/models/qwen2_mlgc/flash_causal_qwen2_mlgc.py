@@ -19,6 +19,7 @@ from atb_llm.layers.attention.paged_attention import PagedAttention
 from atb_llm.layers.embedding import LMHead, VocabEmbedding
 from atb_llm.layers.linear import MergedLinear, ReplicatedLinear
 from atb_llm.layers.norm import RMSNorm
+from atb_llm.layers.parallel import SINGLE, TensorParallel
 from atb_llm.layers.rotary import RotaryEmbedding
 from atb_llm.models.base.flash_causal_lm import FlashForCausalLM
 from atb_llm.models.base.forward_batch import ForwardBatch
@@ -26,16 +27,21 @@ from atb_llm.quantization.config import QuantConfig
 
 
 class Qwen2Attention(nn.Module):
-    def __init__(self, config: ModelConfig, layer_idx: int, backend: AttentionBackend, quant: QuantConfig):
+    def __init__(
+        self, config: ModelConfig, layer_idx: int, backend: AttentionBackend, quant: QuantConfig, tp: TensorParallel
+    ):
         super().__init__()
-        self.num_heads, self.num_kv_heads = config.num_attention_heads, config.num_key_value_heads
+        # this rank's heads: its share of the query heads and of the KV heads they read
+        self.num_heads = tp.local(config.num_attention_heads, "num_attention_heads")
+        self.num_kv_heads = tp.local(config.num_key_value_heads, "num_key_value_heads")
         self.head_dim = config.head_dim
         self.q_size, self.kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         prefix = f"model.layers.{layer_idx}.self_attn"
         shards = {"q": self.q_size, "k": self.kv_size, "v": self.kv_size}
         qkv_method = quant.method(prefix, ("q_proj", "k_proj", "v_proj"))
-        self.qkv_proj = MergedLinear(config.hidden_size, shards, bias=True, method=qkv_method)
-        self.o_proj = ReplicatedLinear(self.q_size, config.hidden_size, False, quant.method(f"{prefix}.o_proj"))
+        self.qkv_proj = MergedLinear(config.hidden_size, shards, True, qkv_method, tp, "column")
+        o_method = quant.method(f"{prefix}.o_proj")
+        self.o_proj = ReplicatedLinear(self.q_size, config.hidden_size, False, o_method, tp, "row")
         kv_scales = quant.kv_cache_scales  # C8: per-channel K/V smoothing before the int8 cache
         self.attn = PagedAttention(layer_idx, self.head_dim**-0.5, backend, self.num_kv_heads, self.head_dim, kv_scales)
 
@@ -52,12 +58,13 @@ class Qwen2MLP(nn.Module):
     # on CPU, keeps it in cache (2K tokens of the 0.5B model: 30 ms instead of 45 ms per layer).
     chunk_tokens = 256
 
-    def __init__(self, config: ModelConfig, layer_idx: int, quant: QuantConfig):
+    def __init__(self, config: ModelConfig, layer_idx: int, quant: QuantConfig, tp: TensorParallel):
         super().__init__()
-        prefix, inter = f"model.layers.{layer_idx}.mlp", config.intermediate_size
+        prefix, inter = f"model.layers.{layer_idx}.mlp", tp.local(config.intermediate_size, "intermediate_size")
         up_method = quant.method(prefix, ("gate_proj", "up_proj"))
-        self.gate_up_proj = MergedLinear(config.hidden_size, {0: inter, 1: inter}, bias=False, method=up_method)
-        self.down_proj = ReplicatedLinear(inter, config.hidden_size, False, quant.method(f"{prefix}.down_proj"))
+        self.gate_up_proj = MergedLinear(config.hidden_size, {0: inter, 1: inter}, False, up_method, tp, "column")
+        down_method = quant.method(f"{prefix}.down_proj")
+        self.down_proj = ReplicatedLinear(inter, config.hidden_size, False, down_method, tp, "row")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[0] > self.chunk_tokens:
@@ -77,13 +84,15 @@ class Qwen2MLP(nn.Module):
 
 
 class Qwen2DecoderLayer(nn.Module):
-    def __init__(self, config: ModelConfig, layer_idx: int, backend: AttentionBackend, quant: QuantConfig):
+    def __init__(
+        self, config: ModelConfig, layer_idx: int, backend: AttentionBackend, quant: QuantConfig, tp: TensorParallel
+    ):
         super().__init__()
         fused = backend.fused_norm
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, fused)
-        self.self_attn = Qwen2Attention(config, layer_idx, backend, quant)
+        self.self_attn = Qwen2Attention(config, layer_idx, backend, quant, tp)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, fused)
-        self.mlp = Qwen2MLP(config, layer_idx, quant)
+        self.mlp = Qwen2MLP(config, layer_idx, quant, tp)
 
     def forward(self, rope, hidden, residual, kv_cache, meta) -> tuple[torch.Tensor, torch.Tensor]:
         if residual is None:
@@ -96,14 +105,14 @@ class Qwen2DecoderLayer(nn.Module):
 
 
 class Qwen2Model(nn.Module):
-    def __init__(self, config: ModelConfig, backend: AttentionBackend, quant: QuantConfig):
+    def __init__(self, config: ModelConfig, backend: AttentionBackend, quant: QuantConfig, tp: TensorParallel):
         super().__init__()
         self.embed_tokens = VocabEmbedding(config.vocab_size, config.hidden_size)
         self.rotary = RotaryEmbedding(
             config.head_dim, config.max_position_embeddings, config.rope_theta, config.rope_scaling
         )
         self.layers = nn.ModuleList(
-            Qwen2DecoderLayer(config, i, backend, quant) for i in range(config.num_hidden_layers)
+            Qwen2DecoderLayer(config, i, backend, quant, tp) for i in range(config.num_hidden_layers)
         )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, backend.fused_norm)
 
@@ -125,11 +134,18 @@ class FlashQwen2MlgcForCausalLM(FlashForCausalLM):
         "up_proj": ("gate_up_proj", 1),
     }
 
-    def __init__(self, config: ModelConfig, backend: AttentionBackend, quant: QuantConfig | None = None):
-        super().__init__(config, quant or QuantConfig())
-        self.model = Qwen2Model(config, backend, self.quant)
-        self.lm_head = LMHead(config.vocab_size, config.hidden_size)
-        if config.tie_word_embeddings:
+    def __init__(
+        self,
+        config: ModelConfig,
+        backend: AttentionBackend,
+        quant: QuantConfig | None = None,
+        tp: TensorParallel = SINGLE,
+    ):
+        super().__init__(config, quant or QuantConfig(), tp)
+        self.model = Qwen2Model(config, backend, self.quant, tp)
+        tied = config.tie_word_embeddings
+        self.lm_head = LMHead(config.vocab_size, config.hidden_size, SINGLE if tied else tp)
+        if tied:  # the embedding is whole on every rank, so is the LM head that shares it
             self.lm_head.tie_to(self.model.embed_tokens)
 
     @torch.inference_mode()

@@ -1,0 +1,31 @@
+"""Run under torchrun by tests/test_tensor_parallel.py: one engine per rank over the same requests;
+rank 0 writes every request's tokens and prompt log-probabilities as JSON, each rank its resident
+bytes. argv: OUT.json, then a JSON object of EngineConfig fields, the requests and the layout."""
+
+import json
+import sys
+
+import torch
+
+from atb_llm.compression.plan import MlgcPlan
+from atb_llm.runtime.engine import EngineConfig, LLMEngine
+from atb_llm.runtime.sequence import SamplingParams
+from atb_llm.utils.distributed import init_tensor_parallel
+
+out, spec = sys.argv[1], json.loads(sys.argv[2])
+torch.set_grad_enabled(False)
+init_tensor_parallel("cpu")
+layout = MlgcPlan.load(spec["plan"]).to_layout() if spec.get("plan") else None
+engine = LLMEngine(EngineConfig(**spec["engine"]), layout=layout)
+params = [SamplingParams(**p) for p in spec["params"]]
+outs = engine.generate(spec["prompts"], params)
+weights = sum(p.numel() * p.element_size() for p in engine.model.parameters())
+pools = engine.cache_manager.kv_cache.pools.values()
+kv = sum(t.numel() * t.element_size() for p in pools for t in (p.k, p.v, p.k_scale, p.v_scale) if t is not None)
+result = {
+    "tokens": [o.token_ids for o in outs],
+    "prompt_logprobs": [[p.logprob for p in o.prompt_logprobs[1:]] if o.prompt_logprobs else None for o in outs],
+    "bytes": {"weights": weights, "kv": kv},
+}
+with open(f"{out}.rank{engine.tp.rank}", "w") as f:
+    json.dump(result, f)
