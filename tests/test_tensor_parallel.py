@@ -118,3 +118,36 @@ def test_quantized_checkpoints_shard_with_their_scales(float_model, quantized, v
     reference = [[p for p in o] for o in single(spec_of(float_model))[1]]
     err = lambda got: max(abs(a - b) for g, w in zip(got, reference) for a, b in zip(g, w))  # noqa: E731
     assert err(ranks[0]["prompt_logprobs"]) <= 1.5 * err(lps) + 0.02, (err(ranks[0]["prompt_logprobs"]), err(lps))
+
+
+@pytest.mark.slow
+def test_int8_levels_measure_their_kv_scales_per_rank(tiny_models, tmp_path):
+    """kv_quant c8 without a checkpoint's scales: each rank measures its own KV heads' (the probe
+    runs on every rank together) and the answers equal world size 1's."""
+    model = tiny_models(heads=8, kv_heads=4, hidden=64)
+    spec = spec_of(model, kv_quant="c8")
+    ranks, done = torchrun(tmp_path, spec)
+    check(ranks, done, *single(spec))
+
+
+def test_a_lost_rank_ends_the_run_with_an_error_not_a_hang(tiny_models, tmp_path):
+    """Rank 1 exits after three steps: rank 0's next collective fails (gloo: the peer closed) and
+    torchrun ends the run, well within the collective timeout."""
+    import time
+
+    spec = spec_of(tiny_models(heads=8, kv_heads=4, hidden=64)) | {"die": {"rank": 1, "step": 3}}
+    start = time.monotonic()
+    ranks, done = torchrun(tmp_path, spec)
+    assert done.returncode != 0 and not ranks
+    assert time.monotonic() - start < 120
+    assert "exitcode  : 3" in done.stderr or "exit code 3" in done.stderr, done.stderr[-2000:]
+
+
+def test_the_default_model_at_world_size_two(default_model, tmp_path):
+    """Qwen2.5-Coder-0.5B (2 KV heads: one per rank, tied embeddings: the LM head whole on each)."""
+    spec = spec_of(default_model, max_input_length=48, max_output_length=8)
+    spec["prompts"] = [[14582, 374, 264, 3974, 3110, 13, 1096, 220, 16, 17], list(range(1000, 1030))]
+    spec["params"] = [dict(max_tokens=8, prompt_logprobs=0, ignore_eos=True)] * 2
+    ranks, done = torchrun(tmp_path, spec)
+    tokens, lps, weights, kv, whole = single(spec)
+    check(ranks, done, tokens, lps, weights, kv, whole)

@@ -3,6 +3,7 @@ rank 0 writes every request's tokens and prompt log-probabilities as JSON, each 
 bytes. argv: OUT.json, then a JSON object of EngineConfig fields, the requests and the layout."""
 
 import json
+import os
 import sys
 
 import torch
@@ -18,7 +19,15 @@ init_tensor_parallel("cpu")
 layout = MlgcPlan.load(spec["plan"]).to_layout() if spec.get("plan") else None
 engine = LLMEngine(EngineConfig(**spec["engine"]), layout=layout)
 params = [SamplingParams(**p) for p in spec["params"]]
-outs = engine.generate(spec["prompts"], params)
+die = spec.get("die")  # {"rank": r, "step": n}: that rank exits abruptly after n steps (a lost rank)
+seqs = [engine.add_request(p, sp) for p, sp in zip(spec["prompts"], params)]
+steps = 0
+while engine.has_unfinished():
+    engine.step()
+    steps += 1
+    if die and engine.tp.rank == die["rank"] and steps == die["step"]:
+        os._exit(3)
+outs = [engine.output(s) for s in seqs]
 weights = sum(p.numel() * p.element_size() for p in engine.model.parameters())
 pools = engine.cache_manager.kv_cache.pools.values()
 kv = sum(t.numel() * t.element_size() for p in pools for t in (p.k, p.v, p.k_scale, p.v_scale) if t is not None)

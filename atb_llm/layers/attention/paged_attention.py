@@ -12,12 +12,15 @@ and dividing both channels of a pair by one number commutes with the rotation.
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 from torch import nn
 
 from atb_llm.cache.kv_cache import KVCache
 from atb_llm.layers.attention.backend import AttentionBackend
 from atb_llm.layers.attention.metadata import AttentionMetadata
+from atb_llm.layers.parallel import SINGLE, TensorParallel
 from atb_llm.layers.rotary import apply_rotary
 
 
@@ -30,13 +33,14 @@ class PagedAttention(nn.Module):
         kv_heads: int = 0,
         head_dim: int = 0,
         kv_cache_scales: bool = False,
+        tp: TensorParallel = SINGLE,
     ):
         super().__init__()
         self.layer_idx, self.scale, self.backend = layer_idx, scale, backend
         self.kv_scale: nn.Parameter | None = None  # [2 (k, v), kv_heads, head_dim] fp32
         if kv_cache_scales:
             self.kv_scale = nn.Parameter(torch.ones(2, kv_heads, head_dim, dtype=torch.float32), requires_grad=False)
-            self.kv_scale.weight_loader = load_kv_cache_scale
+            self.kv_scale.weight_loader = partial(load_kv_cache_scale, tp=tp)  # this rank's KV heads
 
     def set_kv_scale(self, k: torch.Tensor, v: torch.Tensor) -> None:
         """Smooth with these channel scales, [kv_heads, head_dim] each (keys': equal within each rotary pair)."""
@@ -74,10 +78,13 @@ class PagedAttention(nn.Module):
         return out
 
 
-def load_kv_cache_scale(param: nn.Parameter, loaded: torch.Tensor, name: str, shard_id: str) -> None:
+def load_kv_cache_scale(
+    param: nn.Parameter, loaded: torch.Tensor, name: str, shard_id: str, tp: TensorParallel = SINGLE
+) -> None:
     """`k_proj.kv_cache_scale` / `v_proj.kv_cache_scale` [kv_heads * head_dim] -> row 0 / 1 of param.
     Keys take one scale per rotary pair; see `usable`. The offsets are not needed: the int8 cache
     computes its scales per token."""
+    loaded = tp.take(loaded.flatten(), 0, param[0].numel()) if loaded.numel() == tp.world * param[0].numel() else loaded
     if loaded.numel() != param[0].numel():
         raise ValueError(
             f"{name} has {loaded.numel()} values but the model has {tuple(param.shape[1:])} KV heads x head_dim; "

@@ -43,7 +43,9 @@ class Qwen2Attention(nn.Module):
         o_method = quant.method(f"{prefix}.o_proj")
         self.o_proj = ReplicatedLinear(self.q_size, config.hidden_size, False, o_method, tp, "row")
         kv_scales = quant.kv_cache_scales  # C8: per-channel K/V smoothing before the int8 cache
-        self.attn = PagedAttention(layer_idx, self.head_dim**-0.5, backend, self.num_kv_heads, self.head_dim, kv_scales)
+        self.attn = PagedAttention(
+            layer_idx, self.head_dim**-0.5, backend, self.num_kv_heads, self.head_dim, kv_scales, tp
+        )
 
     def forward(
         self, rope: tuple[torch.Tensor, torch.Tensor], hidden: torch.Tensor, kv_cache: KVCache, meta: AttentionMetadata
