@@ -110,11 +110,9 @@ def _tail(words: list[str]) -> tuple[str | None, int]:
         world = words[0]
     elif words:
         weight = words[0]
-    if not world.isdigit():
-        raise ValueError(f"world size {world!r} must be a number of cards (1)")
-    if int(world) != 1:
-        raise ValueError(f"world size {world} is not supported: this engine runs on one card; use 1")
-    return (None if weight in (None, "", "default") else weight), 1
+    if not world.isdigit() or int(world) < 1:
+        raise ValueError(f"world size {world!r} must be a number of cards, e.g. 1 or 2")
+    return (None if weight in (None, "", "default") else weight), int(world)
 
 
 def parse_words(words: list[str]) -> dict:
@@ -229,6 +227,8 @@ def parse_args(argv: list[str] | None = None) -> RunArgs:
     flags["lora_modules"] = tuple(ns.lora_modules)
     if ns.adapter is not None and fields["test"] in PERF_TESTS:
         raise ValueError("--adapter applies to datasets and HumanEval, not to performance")
+    if fields["world_size"] > 1 and ns.compare:
+        raise ValueError(f"--compare runs at world size 1; drop it to run {fields['world_size']} ranks")
     if ns.adapter is not None and ns.compare == "lm_eval":
         raise ValueError("--adapter with --compare lm_eval is not supported; compare an adapter with --compare hf")
     for spec in ns.variants:

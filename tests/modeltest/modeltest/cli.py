@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
+import os
 import sys
+import tempfile
+
+import torch.distributed as dist
 
 from modeltest.args import CODE_TESTS, PERF_TESTS, build_parser, parse_args
 
@@ -14,6 +19,18 @@ def main(argv: list[str] | None = None) -> list[dict]:
         args = parse_args(argv)
     except ValueError as e:
         build_parser().error(str(e))
+    if args.world_size > 1:  # the chip count: really that many ranks, under torchrun
+        if not dist.is_torchelastic_launched():
+            cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(args.world_size)]
+            os.execv(sys.executable, cmd + ["-m", "modeltest", *argv])
+        from atb_llm.utils.distributed import init_tensor_parallel
+
+        init_tensor_parallel(args.device if args.device != "auto" else "cpu")
+        if dist.get_world_size() != args.world_size:
+            sys.exit(f"error: world size {args.world_size} asked, torchrun started {dist.get_world_size()} ranks")
+        if dist.get_rank():  # rank 0 prints and writes; the others compute their shares
+            args = dataclasses.replace(args, out=tempfile.mkdtemp(prefix="modeltest-rank"))
+            sys.stdout = open(os.devnull, "w")  # noqa: SIM115
     if args.test in PERF_TESTS:
         from modeltest.performance import run_performance as run
     elif args.test in CODE_TESTS:

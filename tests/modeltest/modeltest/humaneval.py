@@ -264,7 +264,7 @@ def run_humaneval(args: RunArgs) -> list[dict]:
         table = variants.side_by_side(runs, "pass_at_1", "passed")
         style = summaries[-1]["style"]
         title = f"{args.test}, {len(problems)} problems, {style} prompts, greedy, batch {batch}, {args.dtype}"
-        stem = f"{args.test.removeprefix('full_').lower()}_{style}_batch{batch}_tp1_variants"
+        stem = f"{args.test.removeprefix('full_').lower()}_{style}_batch{batch}_tp{args.world_size}_variants"
         stem += f"_first{args.limit}" if args.limit else ""
         variants.write(report.results_dir(args, "precision", device), stem, title, table)
     return summaries
@@ -305,7 +305,8 @@ def write(
     args: RunArgs, rows: list[dict], style: str, batch: int, gen_s: float, device: str, skipped: list[str]
 ) -> dict:
     out = report.results_dir(args, "precision", device)
-    stem = f"{args.test.removeprefix('full_').lower()}_{style}_batch{batch}_tp1_mlgc-{report.mlgc_tag(args.mlgc)}"
+    stem = f"{args.test.removeprefix('full_').lower()}_{style}_batch{batch}_tp{args.world_size}"
+    stem += f"_mlgc-{report.mlgc_tag(args.mlgc)}"
     stem += (f"_lora-{args.adapter}" if args.adapter else "") + (f"_first{args.limit}" if args.limit else "")
     report.write_csv(out / f"{stem}_problems.csv", rows)
     by_language = []

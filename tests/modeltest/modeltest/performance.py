@@ -141,7 +141,7 @@ def plot_throughput(rows: list[dict], path: Path) -> Path | None:
 def file_stem(args: RunArgs) -> str:
     cases = "_".join(f"{c.input_length}x{c.output_length}" for c in args.cases)
     batches = "-".join(str(b) for b in sorted({b for c in args.cases for b in c.batch_sizes})) or "max"
-    return f"{args.test}_{cases}_batch{batches}_tp1_mlgc-{report.mlgc_tag(args.mlgc)}"
+    return f"{args.test}_{cases}_batch{batches}_tp{args.world_size}_mlgc-{report.mlgc_tag(args.mlgc)}"
 
 
 def write(args: RunArgs, device: str, rows: list[dict]) -> str:

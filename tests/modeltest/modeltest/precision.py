@@ -149,9 +149,9 @@ def evaluate(args: RunArgs, task: Task, model_path: str, device: str, batch_size
 
 
 def file_stem(args: RunArgs, task: Task, batch_size: int, cache: str | None = None) -> str:
-    """<dataset>_<shots>shot_batch<N>_tp1_<cache>[_first<limit>]; cache: mlgc-<tag> by default."""
+    """<dataset>_<shots>shot_batch<N>_tp<world>_<cache>[_first<limit>]; cache: mlgc-<tag> by default."""
     cache = (cache or f"mlgc-{report.mlgc_tag(args.mlgc)}") + (f"_lora-{args.adapter}" if args.adapter else "")
-    stem = f"{task.name.lower()}_{task.shots}shot_batch{batch_size}_tp1_{cache}"
+    stem = f"{task.name.lower()}_{task.shots}shot_batch{batch_size}_tp{args.world_size}_{cache}"
     return stem + (f"_first{args.limit}" if args.limit else "")
 
 

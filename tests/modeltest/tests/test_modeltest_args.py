@@ -85,7 +85,8 @@ def test_trailing_flags():
         ("pa_bf16 full_CEval five 1 qwen2_mlgc", "shots 'five' must be a whole number"),
         ("pa_int8 full_BoolQ 1 qwen2_mlgc", "mode 'pa_int8' is not supported; use pa_bf16, pa_fp16 or pa_fp32"),
         ("fa full_BoolQ 1 qwen2_mlgc", "mode 'fa' is not supported"),
-        (f"pa_bf16 full_BoolQ 1 qwen2_mlgc {W} 8", "world size 8 is not supported: this engine runs on one card"),
+        (f"pa_bf16 full_BoolQ 1 qwen2_mlgc {W} 0", "world size '0' must be a number of cards"),
+        (f"pa_bf16 full_BoolQ 1 qwen2_mlgc {W} 2 --compare hf", "--compare runs at world size 1; drop it"),
         (f"pa_bf16 full_BoolQ 1 qwen2_mlgc {W} 1 2048", "unexpected argument(s) ['2048']"),
         ("pa_bf16 full_BoolQ 1 qwen2_mlgc --limit 0", "--limit 0 must be at least 1"),
         ("pa_bf16 performance [[8,8]] 1 qwen2_mlgc --limit 4", "--limit applies to datasets"),
@@ -112,8 +113,7 @@ def test_performance_takes_mindie_trailing_max_position_embedding():
         ValueError, match=r"case \[2048,2048\] needs 4096 positions, more than max_position_embedding=4000"
     ):
         parse_args(f"pa_bf16 performance [[2048,2048]] 1 qwen2_mlgc {W} 1 4000".split())
-    with pytest.raises(ValueError, match="world size 8 is not supported: this engine runs on one card"):
-        parse_args(f"pa_bf16 performance [[256,256]] 1 qwen2_mlgc {W} 8 4096".split())
+    assert parse_args(f"pa_bf16 performance [[256,256]] 1 qwen2_mlgc {W} 8 4096".split()).world_size == 8
 
 
 def test_humaneval_takes_batch_then_model():

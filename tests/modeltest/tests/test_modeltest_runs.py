@@ -200,3 +200,29 @@ def test_an_adapter_is_scored_beside_the_base_against_transformers_and_peft(tiny
     assert [r["logprob_A"] for r in base_items] != [r["logprob_A"] for r in lora_items]  # the adapter was applied
     with pytest.raises(ValueError, match="--adapter with --compare lm_eval is not supported"):
         parse_args([*argv[:-4], "--compare", "lm_eval", "--adapter", "sql"])
+
+
+def test_the_chip_count_runs_that_many_ranks(tiny_models, mmlu_dir, tmp_path):
+    """World size 2: modeltest starts itself under torchrun; rank 0 writes the same accuracy and
+    log-probabilities as world size 1, in files named tp2."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    model = tiny_models(heads=8, kv_heads=4, hidden=64)
+    argv = ["pa_fp32", "full_MMLU", "0", "2", "qwen2_mlgc", str(model)]
+    flags = ["--data", str(mmlu_dir), "--out", str(tmp_path), "--limit", "4"]
+    (one,) = main([*argv, "1", *flags])
+    here = Path(__file__).resolve().parents[1]
+    env = os.environ | {"OMP_NUM_THREADS": "1", "PYTHONPATH": f"{here}:{os.environ.get('PYTHONPATH', '')}"}
+    done = subprocess.run([sys.executable, "-m", "modeltest", *argv, "2", *flags], env=env, capture_output=True,
+                          text=True, timeout=600)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    folder = tmp_path / "CPU" / "precision_test" / "pa" / "fp32" / "qwen2_mlgc"
+    two = json.loads((folder / "mmlu_0shot_batch2_tp2_mlgc-off_first4_summary.json").read_text())
+    assert two["accuracy"] == one["accuracy"]
+    a = read_csv(folder / "mmlu_0shot_batch2_tp1_mlgc-off_first4_items.csv")
+    b = read_csv(folder / "mmlu_0shot_batch2_tp2_mlgc-off_first4_items.csv")
+    assert [r["predicted"] for r in a] == [r["predicted"] for r in b]
+    assert max(abs(float(x[f"logprob_{c}"]) - float(y[f"logprob_{c}"])) for x, y in zip(a, b) for c in "ABCD") < 1e-4
