@@ -328,3 +328,15 @@ def test_calibrate_spends_a_kv_budget_over_every_level(tiny, tmp_path, capsys):
     scores = [max(e / max(echo), i / max(induction)) for e, i in zip(echo, induction)]
     assert sum(plan.levels, []).index("window") == min(range(4), key=lambda g: scores[g])
     assert "levels: {'full_int8': 3, 'window': 1}" in capsys.readouterr().out
+
+
+def test_calibrate_spends_a_quarter_of_the_bytes_over_every_level_by_default(tiny, tmp_path):
+    model = shutil.copytree(tiny, tmp_path / "m")
+    argv = ["-m", str(model), "--reference_tokens", "512", "--sink", "4", "--recent", "20", "--block_size", "16",
+            "--samples", "2", "--period", "24"]  # fmt: skip
+    plan = MlgcPlan.load(calibrate_cli.main(argv))
+    assert plan.calibration["budget"] == 0.25 and plan.counts() == {"full_int8": 3, "window": 1}  # as --kv_budget 0.25
+    floats = MlgcPlan.load(calibrate_cli.main([*argv, "--float_levels"]))
+    assert set(floats.counts()) <= {"full", "window"} and floats.calibration["kv_bytes"] <= 0.25 * 4 * 32 * 2048
+    with pytest.raises(ValueError, match="give --full_ratio .* or --kv_budget .*, not both"):
+        calibrate_cli.main([*argv, "--full_ratio", "0.5", "--kv_budget", "0.3"])

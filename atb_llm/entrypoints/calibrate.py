@@ -1,18 +1,18 @@
-"""Make an MLGC plan for a model: which groups keep their whole history.
+"""Make an MLGC plan for a model: which level each group keeps its history at.
 
-    bash examples/models/qwen2_5_mlgc/calibrate.sh -m WEIGHT_DIR [--full_ratio 0.25] [--sink 64]
-        [--recent 1024] [--int8] [--block_size 128] [-o PLAN]
-    bash examples/models/qwen2_5_mlgc/calibrate.sh -m WEIGHT_DIR --kv_budget 0.25 --int8
-    bash examples/models/qwen2_5_mlgc/calibrate.sh -m WEIGHT_DIR --method loss --kv_budget 0.25
+    bash examples/models/qwen2_5_mlgc/calibrate.sh -m WEIGHT_DIR [--kv_budget 0.25] [--float_levels]
+        [--sink 64] [--recent 1024] [--block_size 128] [--reference_tokens 32768] [-o PLAN]
+    bash examples/models/qwen2_5_mlgc/calibrate.sh -m WEIGHT_DIR --full_ratio 0.25 [--int8]
+    bash examples/models/qwen2_5_mlgc/calibrate.sh -m WEIGHT_DIR --method loss [--kv_budget 0.25]
         [--calib_text FILE] [--samples 4] [--context 2048] [--continuation 64]
 
-razor (default) ranks groups by RazorAttention's echo and induction scores and keeps the top
-full_ratio full, or with --kv_budget spends that share of the full cache's KV bytes over the levels
-(with --int8: full, full_int8, window, window_int8), keeping as many groups' whole history as the
-bytes hold and windowing those of least score; loss measures what every level costs every group
-(the loss of a teacher-forced continuation of natural text with that group alone at that level)
-and picks each group's level under a KV byte budget (a share of the full cache's bytes at
---reference_tokens).
+razor (default) scores groups by RazorAttention's echo and induction probes. By default it spends
+--kv_budget (0.25) of the full cache's KV bytes at --reference_tokens over every level (full,
+full_int8, window, window_int8; --float_levels: full and window), keeping as many groups' whole
+history as the bytes hold, int8 where it must, and windowing those of least score; with
+--full_ratio it keeps that share of the groups full and windows the rest, as RazorAttention does.
+loss measures what every level costs every group (the loss of a teacher-forced continuation of
+natural text with that group alone at that level) and spends the budget where it costs least.
 
 Writes WEIGHT_DIR/mlgc_plan.json by default (what `--mlgc auto` loads), prints the plan as a
 layer x group grid and the KV bytes per token it leads to.
@@ -41,10 +41,13 @@ CALIB_TEXT = Path("/usr/share/common-licenses/GPL-3")  # natural English text on
 
 def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--full_ratio", type=float, default=0.25, help="fraction of groups kept full")
+    ap.add_argument(
+        "--full_ratio", type=float, default=None, help="keep this share of the groups full, window the rest"
+    )
     ap.add_argument("--sink", type=int, default=64)
     ap.add_argument("--recent", type=int, default=1024, help="recent window (extended to fill its last block)")
-    ap.add_argument("--int8", action="store_true", help="int8 variants: full_int8 and window_int8")
+    ap.add_argument("--int8", action="store_true", help="--full_ratio: both levels int8 (full_int8, window_int8)")
+    ap.add_argument("--float_levels", action="store_true", help="--kv_budget: only full and window, no int8 levels")
     ap.add_argument(
         "--method",
         default="razor",
@@ -52,7 +55,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="razor: retrieval-head scores (default); loss: measured cost under --kv_budget; streaming / random",
     )
     ap.add_argument(
-        "--kv_budget", type=float, default=None, help="KV bytes, share of the full cache's (loss: default 0.25)"
+        "--kv_budget", type=float, default=None, help="KV bytes to spend, a share of the full cache's (default 0.25)"
     )
     ap.add_argument("--reference_tokens", type=int, default=32768, help="the length --kv_budget counts bytes at")
     ap.add_argument("--calib_text", type=Path, default=CALIB_TEXT, help="loss: natural text the prompts are cut from")
@@ -90,7 +93,7 @@ def loss_calibrate(args: argparse.Namespace, model: Path) -> MlgcPlan:
     lc = LossCalibrationConfig(
         0.25 if args.kv_budget is None else args.kv_budget, args.reference_tokens,
         args.sink, args.recent, args.block_size,
-        ("full", "full_int8", "window", "window_int8") if args.int8 else ("full", "window"),
+        ("full", "window") if args.float_levels else ("full", "full_int8", "window", "window_int8"),
         args.context, args.continuation, extra={"text": args.calib_text.name, "seed": args.seed},
     )  # fmt: skip
     return loss_plan(engine, prompts, lc)
@@ -100,18 +103,21 @@ def main(argv=None) -> Path:
     args = parse_args(argv)
     model = resolve_model_path(args.model_path)
     config = get_router(model).get_config()
+    if args.full_ratio is not None and args.kv_budget is not None:
+        raise ValueError("give --full_ratio (a share of the groups) or --kv_budget (a share of the bytes), not both")
     if args.method == "loss":
         plan = loss_calibrate(args, model)
-    elif args.method == "razor":
+    elif args.method == "razor":  # by default: a quarter of the bytes, spent over every level
+        budget = None if args.full_ratio is not None else 0.25 if args.kv_budget is None else args.kv_budget
+        int8 = args.int8 if budget is None else not args.float_levels
         cfg = CalibrationConfig(
-            args.full_ratio, args.kv_budget, args.reference_tokens, args.sink, args.recent, args.int8,
+            args.full_ratio or 0.25, budget, args.reference_tokens, args.sink, args.recent, int8,
             args.block_size, args.samples, args.period, seed=args.seed,
         )  # fmt: skip
         plan = calibrate(str(model), cfg, dtype=args.dtype, device=args.device)
     else:
-        plan = baseline_plan(
-            args.method, config, args.block_size, args.sink, args.recent, args.full_ratio, args.int8, args.seed
-        )
+        ratio = 0.25 if args.full_ratio is None else args.full_ratio
+        plan = baseline_plan(args.method, config, args.block_size, args.sink, args.recent, ratio, args.int8, args.seed)
     out = plan.save(args.output or Path(model) / PLAN_NAME)
     layout = plan.to_layout()
     print(describe(layout))
