@@ -89,7 +89,7 @@ def speed(args, cfg: EngineConfig, work: Path) -> tuple[list[dict], str]:
     table = [{"batch": name, "decode step ms (best of runs)": f"{ms:.1f}", "vs base": f"{ms / ref:.3f}"}
              for name, ms in best.items()]  # fmt: skip
     per_adapter = sum(m.lora.nbytes for m in served.model.modules() if getattr(m, "lora", None) is not None)
-    per_adapter /= args.adapters + 1  # slots: the base's zeros too
+    per_adapter /= args.adapters
     note = (f"{args.adapters} adapters of rank {args.rank} on q/k/v/o/gate/up/down, batch {args.batch} "
             f"({args.batch // args.adapters} requests per adapter), context {args.context}, {args.steps} decode "
             f"steps, best of {args.repeats}; memory per adapter (stacked, {served.dtype}): "

@@ -132,12 +132,12 @@ def attach_adapters(model, adapters: list[Adapter]) -> LoraState:
         shards = list(layer.offsets) if isinstance(layer, MergedLinear) else [None]
         width = max(a.shape[0] for _, _, a, _, _ in entries)  # columns per shard
         device, dtype = next(iter(layer.parameters())).device, layer.dtype  # the model dtype, whatever the format
-        big_a = torch.zeros(len(adapters) + 1, width * len(shards), layer.input_size, dtype=dtype, device=device)
-        big_b = torch.zeros(len(adapters) + 1, layer.output_size, width * len(shards), dtype=dtype, device=device)
+        big_a = torch.zeros(len(adapters), width * len(shards), layer.input_size, dtype=dtype, device=device)
+        big_b = torch.zeros(layer.output_size, len(adapters), width * len(shards), dtype=dtype, device=device)
         for slot, shard, a, b, scale in entries:
             j, r = shards.index(shard), a.shape[0]
             start, size = layer.offsets[shard] if shard is not None else (0, layer.output_size)
-            big_a[slot, j * width : j * width + r] = a.to(dtype)
-            big_b[slot, start : start + size, j * width : j * width + r] = (b.double() * scale).to(dtype)
+            big_a[slot - 1, j * width : j * width + r] = a.to(dtype)
+            big_b[start : start + size, slot - 1, j * width : j * width + r] = (b.double() * scale).to(dtype)
         layer.lora = LoraWeights(big_a, big_b, state)
     return state
