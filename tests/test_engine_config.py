@@ -21,7 +21,11 @@ def test_flags_build_the_config_they_name():
 def test_run_pa_and_server_share_the_flags_with_their_own_defaults():
     a, s = run_pa_args(["--dtype", "fp32"]), server_args(["--dtype", "fp32"])
     assert a.max_output_length == 128 and s.max_output_length == 512
-    shared = {"dtype", "device", "block_size", "num_blocks", "mlgc", "quantize", "kv_quant", "max_prefill_tokens"}
+    # the server prefills long prompts in chunks between decode steps; run_pa keeps MindIE's one piece
+    assert (a.chunked_prefill, a.max_prefill_tokens) == (False, 8192)
+    assert (s.chunked_prefill, s.max_prefill_tokens) == (True, 2048)
+    assert not server_args(["--no-chunked_prefill"]).chunked_prefill
+    shared = {"dtype", "device", "block_size", "num_blocks", "mlgc", "quantize", "kv_quant", "lora_modules"}
     assert {k: getattr(a, k) for k in shared} == {k: getattr(s, k) for k in shared}
 
 
