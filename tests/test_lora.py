@@ -57,6 +57,7 @@ def adapters(tiny, tmp_path_factory):
     }
 
 
+@pytest.mark.slow  # transformers + peft references, or a whole run_pa
 def test_each_adapter_equals_transformers_and_peft(tiny, adapters):
     engine = engine_of(tiny, lora_modules={k: str(v) for k, v in adapters.items()})
     for name in [None, *adapters]:
@@ -148,6 +149,7 @@ def test_bad_adapters_are_clear_errors(tiny, adapters, tmp_path, tiny_models):
         EngineConfig(str(tiny), lora_modules=["oops"])
 
 
+@pytest.mark.slow  # transformers + peft references, or a whole run_pa
 def test_run_pa_input_dict_names_each_requests_adapter(tiny, adapters, capsys):
     from atb_llm.entrypoints import run_pa
 
@@ -167,6 +169,7 @@ def test_run_pa_input_dict_names_each_requests_adapter(tiny, adapters, capsys):
             run_pa.main([*argv[:-1], bad])
 
 
+@pytest.mark.slow  # transformers + peft references, or a whole run_pa
 def test_prompts_longer_than_the_mlp_chunk_keep_their_adapters(tiny, adapters):
     """A prefill of 300 + 290 rows runs the MLP in chunks of 256: each chunk's rows keep their own
     adapter (the second prompt's rows straddle the chunk boundaries)."""

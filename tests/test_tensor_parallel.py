@@ -91,6 +91,7 @@ def test_world_size_two_equals_one_with_every_mlgc_level_chunked_and_prefix_cach
     check(ranks, done, *single(spec))
 
 
+@pytest.mark.slow  # two ranks start
 def test_a_world_size_that_does_not_divide_the_kv_heads_is_refused(tiny_models, tmp_path):
     model = tiny_models(heads=4, kv_heads=1)
     ranks, done = torchrun(tmp_path, spec_of(model))
@@ -130,6 +131,7 @@ def test_int8_levels_measure_their_kv_scales_per_rank(tiny_models, tmp_path):
     check(ranks, done, *single(spec))
 
 
+@pytest.mark.slow  # two ranks start
 def test_a_lost_rank_ends_the_run_with_an_error_not_a_hang(tiny_models, tmp_path):
     """Rank 1 exits after three steps: rank 0's next collective fails (gloo: the peer closed) and
     torchrun ends the run, well within the collective timeout."""
