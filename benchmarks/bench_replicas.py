@@ -94,6 +94,8 @@ def main(argv=None) -> str:
     import ray
     from ray import serve
 
+    from atb_llm.entrypoints.openai import ray_serve
+
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--clients", type=int, default=8)
     ap.add_argument("--requests", type=int, default=32)
@@ -117,7 +119,7 @@ def main(argv=None) -> str:
         rows.append({"setup": "single server, 2 threads"} | stats)
     finally:
         single.stop()
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray_serve.start_ray(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         for replicas in (1, 2):
             url = ray_app(cfg, replicas, "prefix")

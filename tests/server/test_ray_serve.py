@@ -27,7 +27,7 @@ ENGINE = dict(block_size=16, max_input_length=96, max_output_length=16, dtype="f
 
 @pytest.fixture(scope="module")
 def cluster(tiny):
-    ray.init(num_cpus=3, include_dashboard=False, log_to_driver=False)
+    ray_serve.start_ray(num_cpus=3, include_dashboard=False, log_to_driver=False)
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     cfg = EngineConfig(str(tiny), progress=False, **ENGINE)

@@ -51,22 +51,29 @@ GENERATION_ROUTES = ("/v1/completions", "/v1/chat/completions")
 
 @dataclass
 class Routed:
-    """What the prefix-aware router reads of a request: its prompt (or chat messages); other
-    routes carry their path, so every call has a text to route by."""
+    """What the prefix-aware router reads of a request: its prompt; other routes carry their path,
+    so every call has a text to route by. (The router looks for a `messages` attribute first:
+    chat requests come as RoutedChat.)"""
 
-    prompt: object = None
-    messages: object = None
+    prompt: object
 
     @classmethod
-    def of(cls, path: str, body: bytes) -> Routed:
+    def of(cls, path: str, body: bytes) -> Routed | RoutedChat:
         if path in GENERATION_ROUTES:
             try:
                 data = json.loads(body or b"null")
             except ValueError:
                 data = None
-            if isinstance(data, dict) and (data.get("prompt") or data.get("messages")):
-                return cls(prompt=data.get("prompt"), messages=data.get("messages"))
-        return cls(prompt=path)
+            if isinstance(data, dict) and data.get("messages"):
+                return RoutedChat(data["messages"])
+            if isinstance(data, dict) and data.get("prompt"):
+                return cls(data["prompt"])
+        return cls(path)
+
+
+@dataclass
+class RoutedChat:
+    messages: object
 
 
 class Engine:
@@ -77,7 +84,9 @@ class Engine:
         self.app = create_app(self.loop, name, api_key)
         self.replica = serve.get_replica_context().replica_id.unique_id
 
-    async def handle(self, routed: Routed, method: str, path: str, query: bytes, headers: list, body: bytes):
+    async def handle(
+        self, routed: Routed | RoutedChat, method: str, path: str, query: bytes, headers: list, body: bytes
+    ):
         """Calls the app in-process; yields (status, headers), then the body's chunks as they come."""
         del routed  # read by the router only
         scope = {
@@ -234,13 +243,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def main(argv: list[str] | None = None) -> None:
+def start_ray(**init) -> None:
+    """ray.init, giving Serve's HTTP proxy a minute to come up (Ray's own 5 s is short for a CPU
+    machine that is also loading models: the proxy is killed and the start fails)."""
+    import os
+
     import ray
 
+    os.environ.setdefault("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", "60")  # Ray's setting, read by its processes
+    ray.init(**init)
+
+
+def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if args.host not in LOOPBACK_NAMES and not args.api_key:
         raise SystemExit(f"--host {args.host} serves other machines: give --api_key KEY (sent as a Bearer token)")
-    ray.init(address=args.address)
+    start_ray(address=args.address)
     serve.start(http_options={"host": args.host, "port": args.port})
     serve.run(application(args), name="atb_llm", route_prefix="/")
     print(f"[ray serve] OpenAI API at http://{args.host}:{args.port}/v1 (Ctrl-C stops)", flush=True)
