@@ -9,31 +9,15 @@ groups read their ring of blocks instead of the whole history, so decode reads f
 from __future__ import annotations
 
 import argparse
-import time
 from pathlib import Path
 
 import torch
 
 from atb_llm.compression.plan import MlgcPlan
 from atb_llm.runtime.engine import EngineConfig, LLMEngine
-from atb_llm.runtime.sequence import SamplingParams
-from benchmarks.common import engine_config, markdown_table, random_prompts
+from benchmarks.common import decode_step_ms, engine_config, markdown_table, random_prompts
 
 HERE = Path(__file__).parent
-
-
-def decode_ms(engine: LLMEngine, batch: int, context: int, steps: int) -> float:
-    prompts = random_prompts(batch, context, engine.model_config.vocab_size)
-    seqs = [engine.add_request(p, SamplingParams(max_tokens=steps + 3, ignore_eos=True)) for p in prompts]
-    while any(len(s.output_token_ids) < 3 for s in seqs):  # prefill + two warm-up steps
-        engine.step()
-    start = time.perf_counter()
-    for _ in range(steps):
-        engine.step()
-    elapsed = (time.perf_counter() - start) / steps
-    while engine.has_unfinished():
-        engine.step()
-    return elapsed * 1000
 
 
 def main(argv=None) -> str:
@@ -70,7 +54,9 @@ def main(argv=None) -> str:
                     "cache": name,
                     "batch": batch,
                     "context": args.context,
-                    "decode ms/token": decode_ms(engine, batch, args.context, args.steps),
+                    "decode ms/token": decode_step_ms(
+                        engine, random_prompts(batch, args.context, engine.model_config.vocab_size), args.steps
+                    ),
                 }
             )
         del engine

@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import random
-import time
 from pathlib import Path
 
 import torch
@@ -27,7 +26,7 @@ from tqdm import tqdm
 
 from atb_llm.runtime.engine import EngineConfig, LLMEngine
 from atb_llm.runtime.sequence import SamplingParams
-from benchmarks.common import cpu_name, engine_config, load_hf, markdown_table, random_prompts
+from benchmarks.common import cpu_name, decode_step_ms, engine_config, load_hf, markdown_table, random_prompts
 
 HERE = Path(__file__).parent
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -51,21 +50,6 @@ def random_adapter(base, out, targets=TARGETS, r=8, rslora=False, seed=0, alpha=
     return Path(out)
 
 
-def step_ms(engine: LLMEngine, prompts: list[list[int]], adapters: list[str | None], steps: int) -> float:
-    """Mean decode step of the batch (after prefill and two warm-up steps)."""
-    params = SamplingParams(max_tokens=steps + 3, ignore_eos=True)
-    seqs = [engine.add_request(p, params, adapter=a) for p, a in zip(prompts, adapters)]
-    while any(len(s.output_token_ids) < 3 for s in seqs):
-        engine.step()
-    start = time.perf_counter()
-    for _ in range(steps):
-        engine.step()
-    elapsed = (time.perf_counter() - start) / steps
-    while engine.has_unfinished():
-        engine.step()
-    return elapsed * 1000
-
-
 def speed(args, cfg: EngineConfig, work: Path) -> tuple[list[dict], str]:
     paths = {
         f"a{i}": str(random_adapter(cfg.model_path, work / f"a{i}", r=args.rank, seed=i, b_std=0.02))
@@ -79,9 +63,9 @@ def speed(args, cfg: EngineConfig, work: Path) -> tuple[list[dict], str]:
     for _ in range(args.repeats):  # interleaved, so drift of the machine hits every case alike
         rows.append(
             {
-                "base, engine without adapters": step_ms(plain, prompts, [None] * args.batch, args.steps),
-                "base, engine with adapters": step_ms(served, prompts, [None] * args.batch, args.steps),
-                f"{args.adapters} adapters mixed": step_ms(served, prompts, mixed, args.steps),
+                "base, engine without adapters": decode_step_ms(plain, prompts, args.steps),
+                "base, engine with adapters": decode_step_ms(served, prompts, args.steps),
+                f"{args.adapters} adapters mixed": decode_step_ms(served, prompts, args.steps, mixed),
             }
         )
     best = {k: min(r[k] for r in rows) for k in rows[0]}

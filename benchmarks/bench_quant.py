@@ -14,42 +14,15 @@ import gc
 from pathlib import Path
 
 import torch
-from torch import nn
 
 from atb_llm.config import parse_dtype
 from atb_llm.runtime.engine import EngineConfig, LLMEngine
 from atb_llm.utils.default_model import resolve_model_path
-from benchmarks.common import load_hf, markdown_table, measure_engine, measure_hf
+from benchmarks.common import load_hf, markdown_table, measure_engine, measure_hf, resident_bytes
 
 HERE = Path(__file__).parent
 COLUMNS = ["variant", "weights_mib", "weights_vs_float", "decode_ms", "speedup_vs_float", "speedup_vs_hf"]
 COLUMNS += ["first_token_ms_at_prefill", "first_token_vs_float"]
-
-
-def resident_bytes(model: nn.Module) -> int:
-    """Bytes of every tensor the model holds: parameters, and the repacked weights kept beside them
-    (module attributes, or attributes of a helper object such as W8A8's int8 GEMM), each storage once."""
-    seen, total = set(), 0
-
-    def tensors(obj):
-        for value in vars(obj).values():
-            if isinstance(value, torch.Tensor):
-                yield value
-            elif isinstance(value, dict):
-                yield from (v for v in value.values() if isinstance(v, torch.Tensor))
-            elif hasattr(value, "__dict__") and not isinstance(value, (nn.Module, type)):
-                yield from (v for v in vars(value).values() if isinstance(v, torch.Tensor))
-
-    for module in model.modules():
-        for t in tensors(module):
-            if t.is_mkldnn:  # oneDNN's opaque packed weights: no storage to share
-                total += t.numel() * t.element_size()
-                continue
-            key = t.untyped_storage().data_ptr()
-            if key not in seen:
-                seen.add(key)
-                total += t.untyped_storage().nbytes()
-    return total
 
 
 def measure(name: str, path: str, args, quantize: str | None = None) -> dict:

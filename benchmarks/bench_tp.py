@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.common import CONFIGS, cpu_name, markdown_table, random_prompts
+from benchmarks.common import CONFIGS, cpu_name, markdown_table, random_prompts, resident_bytes
 
 HERE = Path(__file__).parent
 HBM = {"Ascend 910B": 1.6e12, "H100 SXM": 3.35e12}  # bytes/s, data-sheet figures
@@ -102,9 +102,7 @@ def worker(args) -> None:
         result[batch] = {"first": first, "step": step, "allreduce": spent[0] / args.steps / step}
         while engine.has_unfinished():
             engine.step()
-    pools = engine.cache_manager.kv_cache.pools.values()
-    kv = sum(t.numel() * t.element_size() for p in pools for t in (p.k, p.v, p.k_scale, p.v_scale) if t is not None)
-    weights = sum(p.numel() * p.element_size() for p in engine.model.parameters())
+    kv, weights = engine.cache_manager.total_bytes, resident_bytes(engine.model)
     Path(f"{args.out_json}.rank{engine.tp.rank}").write_text(json.dumps({"runs": result, "weights": weights, "kv": kv}))
 
 

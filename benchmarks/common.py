@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from atb_llm.runtime.engine import EngineConfig, LLMEngine
 from atb_llm.runtime.sequence import SamplingParams
@@ -129,3 +130,45 @@ def cpu_name() -> str:
     except OSError:
         pass
     return platform.machine()
+
+
+def resident_bytes(model: nn.Module) -> int:
+    """Bytes of every tensor the model holds: parameters, and the repacked weights kept beside them
+    (module attributes, or attributes of a helper object such as W8A8's int8 GEMM), each storage once."""
+    seen, total = set(), 0
+
+    def tensors(obj):
+        for value in vars(obj).values():
+            if isinstance(value, torch.Tensor):
+                yield value
+            elif isinstance(value, dict):
+                yield from (v for v in value.values() if isinstance(v, torch.Tensor))
+            elif hasattr(value, "__dict__") and not isinstance(value, (nn.Module, type)):
+                yield from (v for v in vars(value).values() if isinstance(v, torch.Tensor))
+
+    for module in model.modules():
+        for t in tensors(module):
+            if t.is_mkldnn:  # oneDNN's opaque packed weights: no storage to share
+                total += t.numel() * t.element_size()
+                continue
+            key = t.untyped_storage().data_ptr()
+            if key not in seen:
+                seen.add(key)
+                total += t.untyped_storage().nbytes()
+    return total
+
+
+def decode_step_ms(engine: LLMEngine, prompts: list[list[int]], steps: int, adapters: list | None = None) -> float:
+    """The mean decode step of a batch of `prompts` (each with its LoRA adapter, if any), after its
+    prefill and two warm-up steps; the batch then runs to its end."""
+    params = SamplingParams(max_tokens=steps + 3, ignore_eos=True)
+    seqs = [engine.add_request(p, params, adapter=a) for p, a in zip(prompts, adapters or [None] * len(prompts))]
+    while any(len(s.output_token_ids) < 3 for s in seqs):
+        engine.step()
+    start = time.perf_counter()
+    for _ in range(steps):
+        engine.step()
+    elapsed = (time.perf_counter() - start) / steps
+    while engine.has_unfinished():
+        engine.step()
+    return elapsed * 1000

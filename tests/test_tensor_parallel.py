@@ -34,8 +34,7 @@ def single(spec: dict) -> tuple[list, list, int, int, int]:
     engine = LLMEngine(EngineConfig(**spec["engine"]), layout=layout)
     outs = engine.generate(spec["prompts"], [SamplingParams(**p) for p in spec["params"]])
     weights = sum(p.numel() * p.element_size() for p in engine.model.parameters())
-    pools = engine.cache_manager.kv_cache.pools.values()
-    kv = sum(t.numel() * t.element_size() for p in pools for t in (p.k, p.v, p.k_scale, p.v_scale) if t is not None)
+    kv = engine.cache_manager.total_bytes
     lps = [[p.logprob for p in o.prompt_logprobs[1:]] for o in outs]
     whole = sum(p.numel() * p.element_size() for n, p in engine.model.named_parameters() if "embed" in n or "norm" in n)
     return [o.token_ids for o in outs], lps, weights, kv, whole

@@ -29,8 +29,7 @@ while engine.has_unfinished():
         os._exit(3)
 outs = [engine.output(s) for s in seqs]
 weights = sum(p.numel() * p.element_size() for p in engine.model.parameters())
-pools = engine.cache_manager.kv_cache.pools.values()
-kv = sum(t.numel() * t.element_size() for p in pools for t in (p.k, p.v, p.k_scale, p.v_scale) if t is not None)
+kv = engine.cache_manager.total_bytes
 result = {
     "tokens": [o.token_ids for o in outs],
     "prompt_logprobs": [[p.logprob for p in o.prompt_logprobs[1:]] if o.prompt_logprobs else None for o in outs],

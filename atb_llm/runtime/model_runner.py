@@ -61,7 +61,7 @@ class ModelRunner:
     def prepare(self, seqs: list[Sequence], is_prefill: bool) -> StepBatch:
         """The forward contract for this step, and the logits rows to sample and score."""
         self.cache_manager.flush_copies()
-        input_ids, positions, seq_idx, q_lens, lengths, adapters = [], [], [], [], [], []
+        input_ids, positions, seq_idx, q_lens, lengths = [], [], [], [], []
         rows, ends, sampled, prompt_rows, start = [], [], [], [], 0
         for i, s in enumerate(seqs):
             c, n = s.step_span(is_prefill)
@@ -69,7 +69,6 @@ class ModelRunner:
             input_ids += s.token_ids[c:end]
             positions += range(c, end)
             seq_idx += [i] * n
-            adapters += [s.adapter] * n
             q_lens.append(n)
             lengths.append(end)
             if is_prefill and s.params.prompt_logprobs is not None:
@@ -99,7 +98,7 @@ class ModelRunner:
             max_seq_len=max(lengths),
             lm_head_indices=self._tensor(rows) if is_prefill else None,
             q_lens=self._tensor(q_lens) if is_prefill else None,
-            lora=LoraBatch.of_rows(adapters, positions_t.device),
+            lora=self._lora(seqs, q_lens, positions_t.device),
         )
         return StepBatch(
             forward,
@@ -107,6 +106,13 @@ class ModelRunner:
             sample_rows=self._tensor(ends) if prompt_rows else None,
             prompt_rows=prompt_rows,
         )
+
+    @staticmethod
+    def _lora(seqs: list[Sequence], q_lens: list[int], device) -> LoraBatch | None:
+        """Each row's LoRA adapter; None (nothing built) when the step is the base model's alone."""
+        if not any(s.adapter for s in seqs):
+            return None
+        return LoraBatch.of_rows([s.adapter for s, n in zip(seqs, q_lens) for _ in range(n)], device)
 
     def _forward(self, b: ForwardBatch) -> torch.Tensor:
         if not b.is_prefill and b.lora is None and self.graphs is not None and self.graphs.fits(b.block_tables):
