@@ -152,3 +152,84 @@ def test_the_default_model_at_world_size_two(default_model, tmp_path):
     ranks, done = torchrun(tmp_path, spec)
     tokens, lps, weights, kv, whole = single(spec)
     check(ranks, done, tokens, lps, weights, kv, whole)
+
+
+@pytest.mark.slow  # a server of two ranks starts
+def test_the_server_at_tensor_parallel_size_two_answers_as_one_rank(tiny_models):
+    """`--tensor_parallel_size 2` starts its own ranks: rank 0 serves, rank 1 replays its requests.
+    Concurrent greedy requests (one streamed, one aborted by its client mid-stream, n = 2 siblings)
+    equal world size 1's answers, and SIGTERM (to torchrun, which passes it on) ends every rank."""
+    import signal
+    import threading
+
+    import httpx
+
+    sys.path.insert(0, str(Path(__file__).parent / "server"))
+    from server_util import free_port, wait_until
+
+    model = tiny_models(heads=8, kv_heads=4, hidden=64)
+    port, url = free_port(), None
+    cmd = [sys.executable, "-m", "atb_llm.entrypoints.openai", "-m", str(model), "--port", str(port),
+           "--tensor_parallel_size", "2", "--block_size", "16", "--max_input_length", "64",
+           "--max_output_length", "400", "--dtype", "fp32", "--max_batch_size", "4"]  # fmt: skip
+    env = os.environ | {"OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
+
+    def up():
+        assert proc.poll() is None, proc.stdout.read()
+        try:
+            return httpx.get(url + "/health").status_code == 200
+        except httpx.TransportError:
+            return False
+
+    engine = LLMEngine(EngineConfig(str(model), **ENGINE))
+    want = [o.text for o in engine.generate(PROMPTS, SamplingParams(max_tokens=12, ignore_eos=True))]
+    answers: dict[int, list] = {}
+
+    def ask(i: int) -> None:
+        body = {"prompt": PROMPTS[i], "max_tokens": 12, "ignore_eos": True, "n": 2, "temperature": 0}
+        answers[i] = [c["text"] for c in httpx.post(url + "/v1/completions", json=body, timeout=120).json()["choices"]]
+
+    try:
+        wait_until(up, 180, "the two-rank server to serve /health")
+        threads = [threading.Thread(target=ask, args=(i,)) for i in range(len(PROMPTS))]
+        for t in threads:
+            t.start()
+        body = {"prompt": PROMPTS[0], "max_tokens": 400, "ignore_eos": True, "stream": True}
+        with httpx.stream("POST", url + "/v1/completions", json=body, timeout=120) as r:  # left after 3 events
+            for n, _ in enumerate(r.iter_lines()):
+                if n == 5:
+                    break
+        for t in threads:
+            t.join(120)
+        assert [answers[i] for i in range(len(PROMPTS))] == [[w, w] for w in want]
+        ask(1)  # after the abort, the ranks still agree
+        assert answers[1] == [want[1]] * 2
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=120)  # torchrun passes SIGTERM to every rank, then exits 1 itself
+        assert "Finished server process" in out, out[-3000:]  # rank 0 ended its requests and stopped
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+
+
+@pytest.mark.slow  # two ranks start
+def test_calibration_at_world_size_two_writes_the_plan_of_one(tiny_models, tmp_path):
+    """Each rank probes its own query heads; the gathered scores and the plan equal one process's."""
+    from atb_llm.entrypoints import calibrate
+
+    model = tiny_models(heads=8, kv_heads=4, hidden=64)
+    flags = ["-m", str(model), "--period", "24", "--samples", "2", "--block_size", "16", "--sink", "4",
+             "--recent", "11", "--reference_tokens", "64", "--dtype", "fp32", "--kv_budget", "0.5"]  # fmt: skip
+    one = MlgcPlan.load(calibrate.main(flags + ["-o", str(tmp_path / "one.json")]))
+    cmd = [sys.executable, "-m", "atb_llm.entrypoints.calibrate", *flags, "--world_size", "2"]
+    cmd += ["-o", str(tmp_path / "two.json")]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=os.environ | {"OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    two = MlgcPlan.load(tmp_path / "two.json")
+    assert two.to_layout().levels == one.to_layout().levels
+    for kind in ("echo", "induction"):
+        assert sum(two.scores[kind], []) == pytest.approx(sum(one.scores[kind], []), abs=1e-6)
+    assert done.stdout.count("plan written to") == 1  # rank 0 alone prints and writes

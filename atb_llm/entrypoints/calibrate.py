@@ -3,6 +3,7 @@
     bash examples/models/qwen2_5_mlgc/calibrate.sh -m WEIGHT_DIR [--kv_budget 0.25] [--float_levels]
         [--sink 64] [--recent 1024] [--block_size 128] [--reference_tokens 32768] [-o PLAN]
     bash examples/models/qwen2_5_mlgc/calibrate.sh -m WEIGHT_DIR --full_ratio 0.25 [--int8]
+    bash examples/models/qwen2_5_mlgc/calibrate.sh -m WEIGHT_DIR --world_size 2   (razor, tensor parallel)
     bash examples/models/qwen2_5_mlgc/calibrate.sh -m WEIGHT_DIR --method loss [--kv_budget 0.25]
         [--calib_text FILE] [--samples 4] [--context 2048] [--continuation 64]
 
@@ -14,6 +15,9 @@ history as the bytes hold, int8 where it must, and windowing those of least scor
 loss measures what every level costs every group (the loss of a teacher-forced continuation of
 natural text with that group alone at that level) and spends the budget where it costs least.
 
+--world_size N probes on N tensor-parallel ranks (started under torchrun; each rank its own heads)
+and writes the same plan as one process does; a plan runs at any world size that divides the KV heads.
+
 Writes WEIGHT_DIR/mlgc_plan.json by default (what `--mlgc auto` loads), prints the plan as a
 layer x group grid and the KV bytes per token it leads to.
 """
@@ -21,6 +25,7 @@ layer x group grid and the KV bytes per token it leads to.
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 import torch
@@ -35,6 +40,7 @@ from atb_llm.runtime.engine_config import EngineConfig
 from atb_llm.runtime.level_costs import LossCalibrationConfig, loss_plan
 from atb_llm.utils.cli import run_main
 from atb_llm.utils.default_model import resolve_model_path
+from atb_llm.utils.distributed import init_tensor_parallel, is_main_rank, launch_ranks
 
 CALIB_TEXT = Path("/usr/share/common-licenses/GPL-3")  # natural English text on every Debian machine
 
@@ -64,6 +70,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--samples", type=int, default=4, help="razor: random probe sequences; loss: text prompts")
     ap.add_argument("--period", type=int, default=256, help="probe length before it repeats")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--world_size", type=int, default=1, help="razor: probe on N tensor-parallel ranks (torchrun)")
     ap.add_argument("-o", "--output", default=None, help=f"plan path (default: WEIGHT_DIR/{PLAN_NAME})")
     EngineConfig.add_cli_args(ap)  # the model, its dtype and device, the block size the plan aligns to
     return ap.parse_args(argv)
@@ -99,12 +106,19 @@ def loss_calibrate(args: argparse.Namespace, model: Path) -> MlgcPlan:
     return loss_plan(engine, prompts, lc)
 
 
-def main(argv=None) -> Path:
+def main(argv=None) -> Path | None:
+    """The plan's path (None on the ranks other than 0, which write nothing)."""
+    argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
     model = resolve_model_path(args.model_path)
     config = get_router(model).get_config()
     if args.full_ratio is not None and args.kv_budget is not None:
         raise ValueError("give --full_ratio (a share of the groups) or --kv_budget (a share of the bytes), not both")
+    if args.world_size > 1 and args.method != "razor":
+        raise ValueError(f"--world_size {args.world_size} probes with --method razor only; run --method "
+                         f"{args.method} at --world_size 1 (its plan runs at any world size)")  # fmt: skip
+    launch_ranks(args.world_size, "atb_llm.entrypoints.calibrate", argv)
+    args.device = init_tensor_parallel(args.device)
     if args.method == "loss":
         plan = loss_calibrate(args, model)
     elif args.method == "razor":  # by default: a quarter of the bytes, spent over every level
@@ -118,6 +132,8 @@ def main(argv=None) -> Path:
     else:
         ratio = 0.25 if args.full_ratio is None else args.full_ratio
         plan = baseline_plan(args.method, config, args.block_size, args.sink, args.recent, ratio, args.int8, args.seed)
+    if not is_main_rank():
+        return None
     out = plan.save(args.output or Path(model) / PLAN_NAME)
     layout = plan.to_layout()
     print(describe(layout))

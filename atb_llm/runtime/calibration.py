@@ -30,6 +30,7 @@ from atb_llm.compression.plan import (
     select_full,
 )
 from atb_llm.layers.attention.torch_backend import TorchBackend
+from atb_llm.layers.parallel import TensorParallel
 from atb_llm.models.base.router import get_router
 from atb_llm.runtime.engine import EngineConfig, LLMEngine
 from atb_llm.runtime.sequence import SamplingParams
@@ -135,9 +136,13 @@ def budget_levels(
 def calibrate(
     model_path: str, cfg: CalibrationConfig, dtype: str | None = None, progress: bool = True, device: str = "cpu"
 ) -> MlgcPlan:
-    """Probe the model at `model_path` (on `device`) and return its plan."""
-    config = get_router(model_path).get_config()
-    probe = ProbeBackend(config.num_hidden_layers, config.num_attention_heads, cfg.period)
+    """Probe the model at `model_path` (on `device`) and return its plan. At tensor-parallel world
+    size N each rank probes its own query heads and the scores of every group are gathered, so every
+    rank returns the plan of world size 1."""
+    config, tp = get_router(model_path).get_config(), TensorParallel.current()
+    probe = ProbeBackend(
+        config.num_hidden_layers, tp.local(config.num_attention_heads, "num_attention_heads"), cfg.period
+    )
     seq_len = cfg.period * cfg.repeats
     engine_cfg = EngineConfig(
         model_path,
@@ -151,7 +156,9 @@ def calibrate(
     )
     engine = LLMEngine(engine_cfg, backend=probe)
     engine.generate(probe_tokens(cfg, config.vocab_size), SamplingParams(max_tokens=1), use_tqdm=progress)
-    echo, induction = probe.group_scores(config.num_key_value_heads)
+    echo, induction = (
+        tp.all_gather(x) for x in probe.group_scores(engine.tp.local(config.num_key_value_heads, "num_key_value_heads"))
+    )
     e, i = echo.flatten().tolist(), induction.flatten().tolist()
     scores = {"echo": echo.tolist(), "induction": induction.tolist()}
     probes = {"seed": cfg.seed, "samples": cfg.samples, "period": cfg.period, "repeats": cfg.repeats}

@@ -6,6 +6,7 @@ or hangs ends the others with an error instead of a hang."""
 from __future__ import annotations
 
 import os
+import sys
 from datetime import timedelta
 
 import torch
@@ -31,6 +32,23 @@ def init_tensor_parallel(device: str = "cpu", timeout: timedelta = COLLECTIVE_TI
     if not dist.is_initialized():
         dist.init_process_group(backend, timeout=timeout)
     return device
+
+
+def launch_ranks(world_size: int, module: str, argv: list[str]) -> None:
+    """Make this process one of `world_size` ranks of `python -m module argv`. Outside torchrun it is
+    replaced by `torchrun --standalone --nproc_per_node world_size` (a free rendezvous port on this
+    machine; several machines launch torchrun themselves, with its rendezvous flags); under torchrun
+    it returns when torchrun started that many ranks and exits with the two numbers otherwise."""
+    if world_size < 1:
+        raise SystemExit(f"error: a world size of {world_size} ranks was asked; give 1 or more")
+    if world_size == 1 and not dist.is_torchelastic_launched():
+        return
+    if not dist.is_torchelastic_launched():
+        run = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(world_size)]
+        os.execv(sys.executable, [*run, "-m", module, *argv])
+    started = int(os.environ.get("WORLD_SIZE", "1"))  # torchrun's contract with its workers
+    if started != world_size:
+        raise SystemExit(f"error: world size {world_size} asked, torchrun started {started} ranks")
 
 
 def is_main_rank() -> bool:

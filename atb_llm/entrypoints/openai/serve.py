@@ -1,6 +1,10 @@
 """Start the server: load the engine, warm it up, start its thread, serve HTTP with uvicorn.
 
 python -m atb_llm.entrypoints.openai --model_path WEIGHT_DIR [--port 8000] [--host 127.0.0.1] [--max_batch_size 8]
+    [--tensor_parallel_size N]
+
+With --tensor_parallel_size N the command starts its own N ranks under torchrun: rank 0 serves HTTP
+and drives the engine, the others replay its requests step by step (atb_llm/runtime/lockstep.py).
 """
 
 from __future__ import annotations
@@ -8,6 +12,7 @@ from __future__ import annotations
 import argparse
 import logging
 import socket
+import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -18,7 +23,9 @@ import uvicorn
 from atb_llm.entrypoints.openai.app import create_app
 from atb_llm.entrypoints.openai.engine_loop import EngineLoop
 from atb_llm.runtime.engine import EngineConfig, LLMEngine
+from atb_llm.runtime.lockstep import Lockstep, follow
 from atb_llm.utils.default_model import resolve_model_path
+from atb_llm.utils.distributed import init_tensor_parallel, is_main_rank, launch_ranks
 
 log = logging.getLogger("atb_llm.server")
 # max_output_length: the largest max_tokens a request may ask. Chunked prefill on, as vLLM's V1 and
@@ -43,8 +50,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=[],
         help="without --api_key: Host names served besides the loopback names and --host (DNS rebinding guard)",
     )
+    p.add_argument(
+        "--tensor_parallel_size",
+        "--tensor-parallel-size",
+        type=int,
+        default=1,
+        help="shard the model over N ranks, started by the server itself under torchrun (one per device)",
+    )
     EngineConfig.add_cli_args(p, **SERVER_DEFAULTS)
     args = p.parse_args(argv)
+    if args.tensor_parallel_size < 1:
+        p.error(f"--tensor_parallel_size {args.tensor_parallel_size}: give 1 or more ranks")
     if args.api_key is not None and not args.api_key.strip():
         p.error("--api_key is empty: give a key, or leave the flag out to serve loopback clients without one")
     return args
@@ -54,9 +70,10 @@ def engine_config(args: argparse.Namespace, progress: bool = True) -> EngineConf
     return EngineConfig.from_cli_args(args, model_path=str(resolve_model_path(args.model_path)), progress=progress)
 
 
-def start_engine_loop(cfg: EngineConfig) -> EngineLoop:
-    engine = LLMEngine(cfg)
-    engine.warmup()
+def start_engine_loop(cfg: EngineConfig, engine: LLMEngine | Lockstep | None = None) -> EngineLoop:
+    if engine is None:
+        engine = LLMEngine(cfg)
+        engine.warmup()
     loop = EngineLoop(engine)
     loop.start()
     return loop
@@ -131,10 +148,19 @@ class ServerThread:
 
 
 def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
+    launch_ranks(args.tensor_parallel_size, "atb_llm.entrypoints.openai", argv)  # N > 1: under torchrun
+    args.device = init_tensor_parallel(args.device)  # this rank's device
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    cfg = engine_config(args)
-    loop = start_engine_loop(cfg)
+    cfg = engine_config(args, progress=is_main_rank())
+    engine = LLMEngine(cfg)
+    engine.warmup()  # every rank, in step
+    if not is_main_rank():
+        follow(engine)
+        return
+    driver = Lockstep(engine) if args.tensor_parallel_size > 1 else engine
+    loop = start_engine_loop(cfg, driver)
     name = args.served_model_name or Path(cfg.model_path).name
     app = create_app(loop, name, args.api_key, {args.host, *args.allowed_hosts})
     url = f"http://{args.host}:{args.port}"
@@ -145,3 +171,5 @@ def main(argv: list[str] | None = None) -> None:
         Server(config, loop).run()
     finally:
         loop.stop()
+        if isinstance(driver, Lockstep):
+            driver.close()

@@ -20,14 +20,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
     except ValueError as e:
         build_parser().error(str(e))
     if args.world_size > 1:  # the chip count: really that many ranks, under torchrun
-        if not dist.is_torchelastic_launched():
-            cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(args.world_size)]
-            os.execv(sys.executable, cmd + ["-m", "modeltest", *argv])
-        from atb_llm.utils.distributed import init_tensor_parallel
+        from atb_llm.utils.distributed import init_tensor_parallel, launch_ranks
 
+        launch_ranks(args.world_size, "modeltest", argv)
         init_tensor_parallel(args.device if args.device != "auto" else "cpu")
-        if dist.get_world_size() != args.world_size:
-            sys.exit(f"error: world size {args.world_size} asked, torchrun started {dist.get_world_size()} ranks")
         if dist.get_rank():  # rank 0 prints and writes; the others compute their shares
             args = dataclasses.replace(args, out=tempfile.mkdtemp(prefix="modeltest-rank"))
             sys.stdout = open(os.devnull, "w")  # noqa: SIM115
