@@ -256,3 +256,40 @@ def test_per_level_block_counts_return_to_zero(tiny):
     assert engine.cache_manager.block_manager.num_free() == {
         p: engine.cache_manager.num_blocks[p] for p in ("model", "int8")
     }
+
+
+@pytest.mark.parametrize("accepted", [0, 3, 7])
+def test_a_verify_step_holds_then_returns_exactly_the_blocks_of_the_accepted_length(accepted):
+    """Seven proposals after position 12 cross the full group's block boundary (16) and the window's
+    ring; each row copies the window's changed blocks; commit keeps the accepted row's copies and
+    exactly blocks(computed) per group, every other block back in the pool."""
+    layout = GroupLayout(1, 2, (Level(), Window(sink=4, recent=28)))  # window: 33 slots, 3 blocks
+    bm = BlockManager(layout, {"model": 40}, BS)
+    table = BlockTable()
+    bm.allocate(table, 13)  # 12 computed + the last sampled token
+    spec = bm.speculate(table, 12, list(range(7)))
+    assert len(table[0]) == 2 and len(table[1]) == 2  # grown for length 20
+    assert len(spec.rows) == 7 and spec.private == {1: [0, 1]}  # the compensation slot's block, the ring's
+    for d, row in enumerate(spec.rows):
+        assert row[0] == table[0]  # the full group: shared
+        assert set(row[1]).isdisjoint(table[1]) and len(set(row[1])) == 2  # the window: its own copies
+        assert all(set(row[1]).isdisjoint(other[1]) for other in spec.rows[d + 1 :])
+    assert bm.pools["model"].num_used == 4 + 7 * 2
+    kept = spec.rows[accepted - 1][1] if accepted else list(table[1])
+    computed = 12 + 1 + accepted
+    bm.commit(table, spec, accepted, computed)
+    assert len(table[0]) == layout.levels[0].blocks(computed, BS)
+    assert table[1] == kept[: layout.levels[1].blocks(computed, BS)]
+    assert (
+        bm.pools["model"].num_used
+        == len(table[0]) + len(table[1])
+        == bm.used_by_level["full"] + bm.used_by_level["window"]
+    )
+
+
+def test_a_verify_step_without_room_takes_nothing():
+    bm = BlockManager(FULL_AND_WINDOW, {"model": 3}, BS)
+    table = BlockTable()
+    bm.allocate(table, 13)
+    assert bm.speculate(table, 12, [1, 2, 3, 4, 5]) is None  # growth (1) + copies (5 rows x 1) > 1 free
+    assert bm.pools["model"].num_used == 2 and len(table[0]) == 1

@@ -1,9 +1,9 @@
 """Per-group block tables: every group of every sequence owns its own blocks.
 
-Plain Python, no torch. A `full` group grows one block per `block_size` tokens; a `window`
-group stops at its ring of ceil((sink + recent + 1) / block_size) blocks. Blocks of one level
-are allocated for all its groups at once, so admission is decided by the blocks really needed.
-A block may have several holders (a reference count): with prefix caching, full-level groups
+Plain Python (torch only for a level's slot geometry). A `full` group grows one block per
+`block_size` tokens; a `window` group stops at its ring of ceil((sink + recent + 1) / block_size)
+blocks. Blocks of one level are allocated for all its groups at once, so admission is decided by
+the blocks really needed. A block may have several holders (a reference count): with prefix caching, full-level groups
 take the blocks of a cached prefix instead of new ones, and the blocks a sequence computed are
 recorded when its prefill ends and when it is freed; n > 1 siblings share their parent's complete
 blocks (`fork`). Window groups never share: they get copies (of a prefix snapshot, of a parent's
@@ -13,10 +13,24 @@ next step (`flush_copies`).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
+import torch
+
 from atb_llm.cache.block_pool import BlockPool
 from atb_llm.cache.block_table import BlockTable
 from atb_llm.cache.prefix_cache import Entry, PrefixCache
 from atb_llm.compression.layout import GroupLayout
+
+
+@dataclass
+class Speculation:
+    """A verify step's extra rows for one sequence (see BlockManager.speculate): the proposed
+    tokens, and for row d = 1..k the block table it reads and writes (rows[d - 1])."""
+
+    tokens: list[int]
+    rows: list[BlockTable]
+    private: dict[int, list[int]]  # window group -> the logical blocks each row holds a copy of
 
 
 class BlockManager:
@@ -236,6 +250,70 @@ class BlockManager:
             ids = [b for g in gs for b in table[g]] if table.rows else []
             self.used_by_level[lv.name] -= self.pools[pool].free(ids)
         table.clear()
+
+    # ---- speculative decoding ---------------------------------------------------------------
+    def _private_blocks(self, level, num_computed: int, k: int) -> list[int]:
+        """A window level's logical blocks that the writes of positions num_computed + 1 .. + k
+        change (their ring slots and the compensation slot): what each verify row copies."""
+        pos = torch.arange(num_computed + 1, num_computed + k + 1)
+        slots = level.slot_of(pos, pos + 1).tolist() + [level.comp_slot]
+        return sorted({s // self.block_size for s in slots})
+
+    def speculate(self, table: BlockTable, num_computed: int, tokens: list[int]) -> Speculation | None:
+        """Blocks for a verify step of `tokens` proposed after the token at position num_computed
+        (which this step computes as plain decode does, in `table`); None, with nothing taken, when
+        the pools have no room. Row d (the d-th proposal, at length num_computed + d + 1) must see
+        each window group as plain decode would there, but its ring slot is where an earlier row
+        still reads the token it evicts: so each row holds its own copies of the blocks the rows'
+        writes change (the compensation slot's block and the proposals' ring blocks), made from
+        the row before it, layer by layer, before it writes (atb_llm.layers.attention.kv_write),
+        and shares every other block. Full groups need no copy: each row writes its own slot and
+        reads up to its own length. `commit` keeps the accepted row's copies and frees the rest."""
+        k, end = len(tokens), num_computed + len(tokens) + 1
+        growth = self._growth(table, end)
+        private = [(lv, gs, pool, self._private_blocks(lv, num_computed, k)) for lv, gs, pool in self._levels
+                   if lv.comp_slot is not None]  # fmt: skip
+        taken = dict.fromkeys(self.pools, 0)
+        for _, gs, pool, blocks in private:
+            taken[pool] += len(gs) * len(blocks) * k
+        if not self._fits(growth, taken):
+            return None
+        self._grow(table, growth)
+        rows = [BlockTable([list(r) for r in table.rows]) for _ in range(k)]
+        held: dict[int, list[int]] = {}
+        for lv, gs, pool, blocks in private:
+            n = len(gs) * len(blocks) * k
+            if self.prefix is not None and self.pools[pool].num_clean < n:
+                self.prefix.evict(pool, n)
+            ids = iter(self.pools[pool].allocate(n))
+            self._count(lv.name, n)
+            for g in gs:
+                held[g] = blocks
+                for row in rows:
+                    for b in blocks:
+                        row.rows[g][b] = next(ids)
+        return Speculation(list(tokens), rows, held)
+
+    def commit(self, table: BlockTable, spec: Speculation, accepted: int, num_computed: int) -> None:
+        """After a verify step whose first `accepted` proposals were kept (0..k): `table` becomes what
+        plain decode would hold after computing the accepted tokens: the accepted row's copies of
+        the window groups' changed blocks, every block up to `num_computed` tokens and nothing
+        after; every other block this step took is freed."""
+        for g, blocks in spec.private.items():
+            for d, row in enumerate(spec.rows, start=1):
+                ids = [row[g][b] for b in blocks]
+                if d == accepted:
+                    self._release(g, [table[g][b] for b in blocks])
+                    for b, i in zip(blocks, ids):
+                        table.rows[g][b] = i
+                else:
+                    self._release(g, ids)
+        for lv, gs, _ in self._levels:
+            keep = lv.blocks(num_computed, self.block_size)
+            for g in gs:
+                self._release(g, table.rows[g][keep:])
+                del table.rows[g][keep:]
+        table._tensor = None
 
     def num_free(self) -> dict[str, int]:
         return {name: p.num_free for name, p in self.pools.items()}

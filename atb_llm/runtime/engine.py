@@ -28,6 +28,7 @@ from atb_llm.runtime.outputs import Detokenizer, RequestOutput
 from atb_llm.runtime.request_limits import RequestError, RequestLimits
 from atb_llm.runtime.scheduler import Scheduler
 from atb_llm.runtime.sequence import SamplingParams, Sequence
+from atb_llm.runtime.speculative import NgramProposer
 from atb_llm.runtime.stats import EngineStats
 
 __all__ = ["EngineConfig", "LLMEngine", "RequestOutput"]
@@ -98,8 +99,13 @@ class LLMEngine:
         cache_cfg = CacheConfig(cfg.block_size, cfg.num_blocks, cfg.cache_memory_gb, cfg.prefix_caching)
         dims = (self.model_config.head_dim, self.dtype, cfg.max_batch_size, self.max_seq_len, cfg.device)
         self.cache_manager = CacheManager(layout.shard(self.tp.rank, self.tp.world), cache_cfg, *dims)  # its groups
+        self.proposer = NgramProposer(cfg.num_speculative_tokens, cfg.ngram_max) if cfg.speculative else None
         self.scheduler = Scheduler(
-            self.cache_manager.block_manager, cfg.max_batch_size, cfg.max_prefill_tokens, cfg.chunked_prefill
+            self.cache_manager.block_manager,
+            cfg.max_batch_size,
+            cfg.max_prefill_tokens,
+            cfg.chunked_prefill,
+            self._propose if self.proposer else None,
         )
         self.runner = ModelRunner(self.model, self.cache_manager, frozenset(self.eos_token_ids), tp=self.tp)
         self.limits = RequestLimits(
@@ -208,6 +214,13 @@ class LLMEngine:
         if seq is not None:
             self.scheduler.finish(seq, "abort")
 
+    def _propose(self, seq: Sequence) -> list[int]:
+        """Tokens to verify after `seq`'s last one: none for forced tokens, and never more than its
+        max_tokens leaves room for (the step's own token comes on top)."""
+        if seq.params.force_tokens:
+            return []
+        return self.proposer.propose(seq.token_ids, seq.params.max_tokens - len(seq.output_token_ids) - 1)
+
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
 
@@ -239,7 +252,10 @@ class LLMEngine:
         levels = {(pool_of_level[name], name): row for name, row in cache.usage_by_level().items()}
         prefix = cache.block_manager.prefix
         hits = None if prefix is None else (prefix.query_tokens, prefix.hit_tokens, prefix.num_cached_blocks)
-        return EngineStats(len(sched.running), len(sched.waiting), sched.num_preemptions, cache.usage(), levels, hits)
+        spec = (sched.num_proposed, sched.num_accepted, sched.num_verified) if self.proposer else None
+        return EngineStats(
+            len(sched.running), len(sched.waiting), sched.num_preemptions, cache.usage(), levels, hits, spec
+        )
 
     def generate(
         self,

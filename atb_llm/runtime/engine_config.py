@@ -26,7 +26,10 @@ class EngineConfig:
     enforce_eager: on CUDA with the triton backend, run decode eagerly instead of replaying CUDA
     graphs captured per batch-size bucket (see atb_llm.runtime.cuda_graph). lora_modules: LoRA
     adapters served beside the base model, {name: PEFT folder} (or ["NAME=PATH", ...] as the flag
-    takes them), added to those the weight folder's lora_adapter.json lists (atb_llm.models.base.lora)."""
+    takes them), added to those the weight folder's lora_adapter.json lists (atb_llm.models.base.lora).
+    speculative: ngram verifies up to num_speculative_tokens tokens a step, proposed by prompt lookup
+    (the longest suffix of up to ngram_max tokens that occurred before, and what followed it); the
+    output is what decoding without it gives (atb_llm.runtime.speculative)."""
 
     model_path: str
     dtype: str | None = None
@@ -47,6 +50,9 @@ class EngineConfig:
     attention_backend: str | None = None
     enforce_eager: bool = False
     lora_modules: dict[str, str] | None = None
+    speculative: str | None = None
+    num_speculative_tokens: int = 4
+    ngram_max: int = 3
 
     def __post_init__(self):
         for name in ("max_batch_size", "max_input_length", "max_output_length", "max_prefill_tokens"):
@@ -58,6 +64,13 @@ class EngineConfig:
             raise ValueError(f"quantize={self.quantize!r} is not supported; use one of {', '.join(QUANTIZE_CHOICES)}")
         if self.kv_quant not in (None, "c8"):
             raise ValueError(f"kv_quant={self.kv_quant!r} is not supported; use c8 (or none)")
+        if self.speculative not in (None, "ngram"):
+            raise ValueError(
+                f"speculative={self.speculative!r} is not supported; use ngram (prompt lookup) or leave it out"
+            )
+        for name in ("num_speculative_tokens", "ngram_max"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)} must be at least 1")
         if isinstance(self.lora_modules, (list, tuple)):
             pairs = {}
             for item in self.lora_modules:
@@ -120,6 +133,16 @@ class EngineConfig:
             metavar="NAME=PATH",
             help="LoRA adapters (PEFT folders) to serve beside the base model",
         )
+        g.add_argument(
+            "--speculative",
+            default=d["speculative"],
+            choices=["ngram"],
+            help="speculative decoding: ngram = prompt lookup (same output, fewer forward passes)",
+        )
+        g.add_argument(
+            "--num_speculative_tokens", type=int, default=d["num_speculative_tokens"], help="tokens verified a step"
+        )
+        g.add_argument("--ngram_max", type=int, default=d["ngram_max"], help="longest suffix prompt lookup matches")
         return parser
 
     @classmethod

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 import torch
 
 from atb_llm.cache.cache_manager import CacheManager
+from atb_llm.layers.attention.metadata import SpecRows
 from atb_llm.layers.lora import LoraBatch
 from atb_llm.layers.parallel import SINGLE, TensorParallel
 from atb_llm.models.base.flash_causal_lm import FlashForCausalLM
@@ -14,6 +15,7 @@ from atb_llm.models.base.forward_batch import ForwardBatch
 from atb_llm.runtime.cuda_graph import DecodeGraphs
 from atb_llm.runtime.sampler import Sampler, token_logprobs
 from atb_llm.runtime.sequence import Sequence, TokenLogprob
+from atb_llm.runtime.speculative import Verified, verify
 
 
 @dataclass(slots=True)
@@ -24,6 +26,7 @@ class StepBatch:
     sampled: list[int] = field(default_factory=list)  # sequences that get a token: their chunk ends the prompt
     sample_rows: torch.Tensor | None = None  # [len(sampled)] logits rows to sample from, when they are not all
     prompt_rows: list[tuple[int, int, int, int]] = field(default_factory=list)  # (seq, first row, from, to) scored
+    verify_rows: list[tuple[int, int]] | None = None  # a verify step: each sequence's (first row, rows)
 
 
 @dataclass
@@ -35,6 +38,7 @@ class StepResult:
     option_logprobs: list[dict[int, float] | None]  # params.logprob_token_ids
     output_logprobs: list[TokenLogprob | None]  # params.logprobs
     prompt_logprobs: dict[Sequence, list[TokenLogprob]]  # params.prompt_logprobs: this chunk's positions
+    more: list[list[tuple[int, dict[int, float] | None, TokenLogprob | None]]] | None = None  # verify: tokens after
 
 
 class ModelRunner:
@@ -61,6 +65,8 @@ class ModelRunner:
     def prepare(self, seqs: list[Sequence], is_prefill: bool) -> StepBatch:
         """The forward contract for this step, and the logits rows to sample and score."""
         self.cache_manager.flush_copies()
+        if not is_prefill and any(s.speculation is not None for s in seqs):
+            return self._prepare_verify(seqs)
         input_ids, positions, seq_idx, q_lens, lengths = [], [], [], [], []
         rows, ends, sampled, prompt_rows, start = [], [], [], [], 0
         for i, s in enumerate(seqs):
@@ -107,6 +113,45 @@ class ModelRunner:
             prompt_rows=prompt_rows,
         )
 
+    def _prepare_verify(self, seqs: list[Sequence]) -> StepBatch:
+        """A decode step with speculation: each sequence's last token and its proposed tokens, each a
+        row at its own length with its own block tables (cache.block_manager.Speculation)."""
+        input_ids, positions, lengths, tables, verify_rows = [], [], [], [], []
+        depths: list[list[int]] = []
+        for s in seqs:
+            proposal = s.speculation.tokens if s.speculation is not None else []
+            c, first = s.num_tokens - 1, len(input_ids)
+            for d, token in enumerate([s.token_ids[-1], *proposal]):
+                input_ids.append(token)
+                positions.append(c + d)
+                lengths.append(c + d + 1)
+                tables.append(s.block_table if d == 0 else s.speculation.rows[d - 1])
+                if d == len(depths):
+                    depths.append([])
+                depths[d].append(first + d)
+            verify_rows.append((first, 1 + len(proposal)))
+        cm = self.cache_manager
+        input_lengths, positions_t = self._tensor(lengths), self._tensor(positions)
+        block_tables = cm.block_tables(tables)
+        slots = cm.slots(block_tables, self._tensor(list(range(len(lengths)))), positions_t, input_lengths)
+        spec = SpecRows(
+            [self._tensor(rows) for rows in depths],
+            [None] + [self._tensor([r - 1 for r in rows]) for rows in depths[1:]],
+        )
+        forward = ForwardBatch(
+            input_ids=self._tensor(input_ids),
+            position_ids=positions_t,
+            is_prefill=False,
+            kv_cache=cm.kv_cache,
+            block_tables=block_tables,
+            slots=slots,
+            input_lengths=input_lengths,
+            max_seq_len=max(lengths),
+            lora=self._lora(seqs, [n for _, n in verify_rows], positions_t.device),
+            spec=spec,
+        )
+        return StepBatch(forward, sampled=list(range(len(seqs))), verify_rows=verify_rows)
+
     @staticmethod
     def _lora(seqs: list[Sequence], q_lens: list[int], device) -> LoraBatch | None:
         """Each row's LoRA adapter; None (nothing built) when the step is the base model's alone."""
@@ -115,7 +160,9 @@ class ModelRunner:
         return LoraBatch.of_rows([s.adapter for s, n in zip(seqs, q_lens) for _ in range(n)], device)
 
     def _forward(self, b: ForwardBatch) -> torch.Tensor:
-        if not b.is_prefill and b.lora is None and self.graphs is not None and self.graphs.fits(b.block_tables):
+        if b.is_prefill or b.lora is not None or b.spec is not None:
+            return self.model(b)
+        if self.graphs is not None and self.graphs.fits(b.block_tables):
             return self.graphs.run(b)
         return self.model(b)
 
@@ -132,6 +179,8 @@ class ModelRunner:
         gets `error` set and no token, while the others get exactly what they would have alone."""
         b = self.prepare(seqs, is_prefill)
         logits = self._forward(b.forward)
+        if b.verify_rows is not None:
+            return self._verify(logits, seqs, b.verify_rows)
         prompt = {}
         for i, first, lo, hi in b.prompt_rows:  # row at position p scores prompt token p + 1
             s = seqs[i]
@@ -151,6 +200,29 @@ class ModelRunner:
                 if t is None and not s.error:
                     s.fail("its sampling failed on rank 0")
         return StepResult(sampled, tokens, options, output, prompt)
+
+    def _verify(self, logits: torch.Tensor, seqs: list[Sequence], rows: list[tuple[int, int]]) -> StepResult:
+        """Each sequence's accepted tokens from its verify rows (atb_llm.runtime.speculative); a
+        sequence whose own part fails gets `error` and no token, the others are not affected."""
+        out = []
+        for s, (first, n) in zip(seqs, rows):
+            proposal = s.speculation.tokens if s.speculation is not None else []
+            try:
+                out.append(verify(self.sampler, logits[first : first + n], s, proposal))
+            except Exception as e:
+                s.fail(e)
+                out.append(Verified([], [], []))
+        if self.tp.world > 1:  # rank 0's tokens on every rank
+            tokens = self.tp.broadcast([v.tokens for v in out])
+            out = [v if v.tokens == t else Verified(t, [None] * len(t), [None] * len(t)) for v, t in zip(out, tokens)]
+            for s, v in zip(seqs, out):
+                if not v.tokens and not s.error:
+                    s.fail("its sampling failed on rank 0")
+        first = [v.tokens[0] if v.tokens else None for v in out]
+        options = [v.options[0] if v.tokens else None for v in out]
+        outputs = [v.outputs[0] if v.tokens else None for v in out]
+        more = [list(zip(v.tokens[1:], v.options[1:], v.outputs[1:])) for v in out]
+        return StepResult(list(seqs), first, options, outputs, {}, more)
 
     def _sample_isolated(self, logits: torch.Tensor, seqs: list[Sequence]) -> tuple[list, list, list]:
         seeded = {

@@ -24,6 +24,20 @@ def _filter(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
     return logits
 
 
+def _probs(logits: torch.Tensor, seq: Sequence) -> torch.Tensor:
+    """[V] temperature, top-k and top-p applied, softmaxed; makes a seeded request's generator once."""
+    p = seq.params
+    if p.seed is not None and seq.generator is None:
+        seq.generator = torch.Generator(device=logits.device).manual_seed(p.seed)
+    return _filter(logits / p.temperature, p.top_k, p.top_p).softmax(-1)
+
+
+def _race(probs: torch.Tensor, generator) -> torch.Tensor:
+    """The exponential race: argmax of p / E, E ~ Exp(1) per token, picks token i with probability p_i."""
+    race = torch.empty_like(probs).exponential_(generator=generator).clamp_(min=torch.finfo(probs.dtype).tiny)
+    return (probs / race).argmax()
+
+
 def penalize(logits: torch.Tensor, seq: Sequence, eos_token_ids: frozenset[int]) -> torch.Tensor:
     """One sequence's logits [V] with its penalties and min_tokens applied (a new tensor)."""
     p, logits = seq.params, logits.clone()
@@ -77,13 +91,23 @@ class Sampler:
     def _draw(logits: torch.Tensor, seq: Sequence) -> torch.Tensor:
         """One sampled token id of one sequence, as a 0-d tensor on the logits' device; -1 where the
         filtered distribution is not finite."""
-        p = seq.params
-        if p.seed is not None and seq.generator is None:
-            seq.generator = torch.Generator(device=logits.device).manual_seed(p.seed)
-        probs = _filter(logits / p.temperature, p.top_k, p.top_p).softmax(-1)
-        race = torch.empty_like(probs).exponential_(generator=seq.generator).clamp_(min=torch.finfo(probs.dtype).tiny)
-        token = (probs / race).argmax()
+        probs = _probs(logits, seq)
+        token = _race(probs, seq.generator)
         return torch.where(torch.isfinite(probs).all(), token, -1)
+
+    def distribution(self, logits: torch.Tensor, seq: Sequence) -> torch.Tensor:
+        """[V] the probabilities one sequence samples its next token from (penalties, min_tokens,
+        temperature, top-k, top-p), for a proposal's acceptance test (atb_llm.runtime.speculative)."""
+        return _probs(penalize(logits, seq, self.eos_token_ids) if seq.params.penalized else logits, seq)
+
+    @staticmethod
+    def draw(probs: torch.Tensor, seq: Sequence) -> int | None:
+        """A token drawn from `probs` [V] as `__call__` draws (the request's generator when seeded);
+        None, with seq.error set, when they are not finite."""
+        if not bool(torch.isfinite(probs).all()):
+            seq.error = "sampling failed: the probabilities are not finite (nan or inf logits)"
+            return None
+        return int(_race(probs, seq.generator))
 
     @staticmethod
     def logprobs(logits: torch.Tensor, seqs: list[Sequence], tokens: list[int | None]) -> list[dict[int, float] | None]:

@@ -22,8 +22,16 @@ from atb_llm.runtime.sequence import Sequence, SequenceStatus
 
 class Scheduler:
     def __init__(
-        self, block_manager: BlockManager, max_batch_size: int, max_prefill_tokens: int, chunked: bool = False
+        self,
+        block_manager: BlockManager,
+        max_batch_size: int,
+        max_prefill_tokens: int,
+        chunked: bool = False,
+        propose: Callable[[Sequence], list[int]] | None = None,
     ):
+        """propose: speculative decoding's proposer, the tokens to verify after a decoding
+        sequence's last one ([] for none); a decode step then verifies them where the pools have
+        room for the verify rows, and plain-decodes the sequence otherwise."""
         self.block_manager = block_manager
         self.max_batch_size = max_batch_size
         self.max_prefill_tokens = max_prefill_tokens
@@ -33,6 +41,8 @@ class Scheduler:
         self.num_preemptions = 0  # since start, all sequences
         self.siblings: dict[Sequence, list[Sequence]] = {}  # n > 1: waiting for their first sibling's prompt
         self._last_was_prefill = False
+        self.propose = propose
+        self.num_proposed = self.num_accepted = self.num_verified = 0  # speculation: tokens, tokens, sequence-steps
 
     def add(self, seq: Sequence, sibling_of: Sequence | None = None) -> None:
         """Queue a request. `sibling_of`: an earlier request with the same prompt (one of n
@@ -128,6 +138,10 @@ class Scheduler:
                 self.block_manager.may_append(seq.block_table, seq.num_tokens)
                 seq.num_scheduled_tokens = 1
                 scheduled.append(seq)
+        for seq in scheduled if self.propose is not None else ():  # after every plain decode has its blocks
+            tokens = self.propose(seq)
+            if tokens:
+                seq.speculation = self.block_manager.speculate(seq.block_table, seq.num_tokens - 1, tokens)
         return scheduled
 
     def postprocess(self, seqs: list[Sequence], is_prefill: bool, result, finish_reason: Callable) -> list[Sequence]:
@@ -147,10 +161,17 @@ class Scheduler:
                 bm.snapshot(seq.block_table, seq.token_ids, seq.snapshot_at, seq.adapter)
             if seq.fork_at and seq.num_computed_tokens >= seq.fork_at:
                 self.fork(seq)
-        for seq, tok, lp, out_lp in zip(result.seqs, result.tokens, result.option_logprobs, result.output_logprobs):
-            reason = "error"
-            if tok is not None:  # None: this sequence's sampling failed (seq.error says why)
+        more = result.more or [[]] * len(result.seqs)
+        for seq, first, first_lp, first_out, rest in zip(
+            result.seqs, result.tokens, result.option_logprobs, result.output_logprobs, more
+        ):
+            reason, appended = "error", 0
+            for tok, lp, out_lp in [(first, first_lp, first_out), *rest]:  # a verify step's accepted tokens follow
+                if tok is None:  # this sequence's sampling failed (seq.error says why)
+                    reason = "error"
+                    break
                 seq.output_token_ids.append(tok)
+                appended += 1
                 if lp is not None:
                     seq.logprobs.append(lp)
                 if out_lp is not None:
@@ -160,6 +181,17 @@ class Scheduler:
                     reason = finish_reason(seq)
                 except Exception as e:  # its stop strings or text: its own failure
                     seq.fail(e)
+                    reason = "error"
+                if reason:
+                    break
+            if seq.speculation is not None:  # keep the accepted rows' cache, free the rest
+                accepted = max(appended - 1, 0)
+                seq.num_computed_tokens += accepted
+                bm.commit(seq.block_table, seq.speculation, accepted, seq.num_computed_tokens)
+                self.num_proposed += len(seq.speculation.tokens)
+                self.num_accepted += accepted
+                self.num_verified += 1
+                seq.speculation = None
             if reason:
                 seq.finish_time = now
                 self.finish(seq, reason)

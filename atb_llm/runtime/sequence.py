@@ -124,6 +124,7 @@ class Sequence:
     finish_time: float | None = None
     generator: object = None  # torch.Generator for seeded sampling, made by the sampler
     error: str | None = None  # why the sequence finished with reason "error"
+    speculation: object = None  # a verify step's proposal and rows (cache.block_manager.Speculation), this step only
 
     def __post_init__(self):
         self.request_id = self.request_id or f"req-{self.seq_id}"

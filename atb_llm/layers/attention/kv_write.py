@@ -18,6 +18,9 @@ def store(kv_cache: KVCache, layer: int, k: torch.Tensor, v: torch.Tensor, meta:
     """k, v: [T, Hkv, D] new keys (after RoPE) and values. Each group of `layer` writes the tokens
     its level keeps (meta.slots >= 0); window groups first fold what leaves the window into their
     compensation slot."""
+    if meta.spec is not None:
+        store_verify(kv_cache, layer, k, v, meta)
+        return
     for run in kv_cache.layout.runs(layer):
         pool = kv_cache.pools[run.pool]
         kr, vr = (k, v) if run.all_heads(k.shape[1]) else (k[:, list(run.heads)], v[:, list(run.heads)])
@@ -34,12 +37,44 @@ def store(kv_cache: KVCache, layer: int, k: torch.Tensor, v: torch.Tensor, meta:
             pool.write(slots.flatten(), kr.flatten(0, 1), vr.flatten(0, 1))
 
 
-def fold_decode(kv_cache: KVCache, run: Run, slots: torch.Tensor, meta: AttentionMetadata) -> None:
+def store_verify(kv_cache: KVCache, layer: int, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata) -> None:
+    """A verify step's write (k, v: [R, Hkv, D], one row per sequence and depth). Full groups write
+    every row at once (each its own slot). Window groups go depth by depth: a row copies its
+    parent's blocks where its table holds its own copy, then folds and writes as decode does, so
+    that it holds exactly what plain decode holds at its length."""
+    for run in kv_cache.layout.runs(layer):
+        pool = kv_cache.pools[run.pool]
+        kr, vr = (k, v) if run.all_heads(k.shape[1]) else (k[:, list(run.heads)], v[:, list(run.heads)])
+        slots = meta.slots[run.groups].T  # [R, h]
+        if run.level.comp_slot is None:
+            keep = slots >= 0
+            pool.write(slots[keep], kr[keep], vr[keep])
+            continue
+        tables = meta.block_tables[run.groups]  # [h, R, nb]
+        for rows, parents in zip(meta.spec.depths, meta.spec.parents):
+            if parents is not None:
+                src, dst = tables[:, parents], tables[:, rows]
+                differ = src != dst
+                if differ.any():
+                    pool.copy_blocks(src[differ].tolist(), dst[differ].tolist())
+            fold_decode(kv_cache, run, slots, meta, rows)
+            keep = slots[rows] >= 0
+            pool.write(slots[rows][keep], kr[rows][keep], vr[rows][keep])
+
+
+def fold_decode(
+    kv_cache: KVCache, run: Run, slots: torch.Tensor, meta: AttentionMetadata, among: torch.Tensor | None = None
+) -> None:
     """Decode of a window run, before its tokens are written (slots: [B, h] where they go): the slot
     a new token overwrites holds the token leaving the window; fold it into the compensation slot,
-    which stays the mean K and V of the evicted middle."""
+    which stays the mean K and V of the evicted middle. `among`: only these rows (a verify step's
+    depth)."""
     level, pool = run.level, kv_cache.pools[run.pool]
     evicted = level.evicted(meta.input_lengths)  # [B] after this step
+    if among is not None:
+        kept = torch.zeros_like(evicted)
+        kept[among] = 1
+        evicted = evicted * kept
     rows = (evicted > 0).nonzero().flatten()
     if rows.numel() == 0:
         return

@@ -10,6 +10,18 @@ import torch
 from atb_llm.compression.levels import Level
 
 
+@dataclass(frozen=True)
+class SpecRows:
+    """A verify step (speculative decoding) in decode form: each sequence brings rows at depths
+    0..k, row d being the d-th proposed token at its own length. depths[d]: [R_d] the rows at depth
+    d; parents[d]: [R_d] the row at depth d - 1 of the same sequence (parents[0] is unused). Window
+    groups write depth by depth, each row first copying its parent's blocks where its own table
+    differs (see atb_llm.cache.block_manager.BlockManager.speculate)."""
+
+    depths: list[torch.Tensor]
+    parents: list[torch.Tensor | None]
+
+
 @dataclass(slots=True)
 class AttentionMetadata:
     is_prefill: bool
@@ -21,6 +33,7 @@ class AttentionMetadata:
     dtype: torch.dtype  # the model dtype: attention masks are built in it
     cu_seqlens: torch.Tensor | None = None  # [B + 1] prefill: start of each sequence in the packed batch
     context_lens: list[int] | None = None  # prefill: tokens each sequence has in the cache before this chunk
+    spec: SpecRows | None = None  # decode: a verify step's rows (speculative decoding)
     _views: dict = field(default_factory=dict)
 
     @classmethod
@@ -34,6 +47,7 @@ class AttentionMetadata:
         block_size: int,
         dtype: torch.dtype,
         q_lens: torch.Tensor | None = None,
+        spec: SpecRows | None = None,
     ) -> AttentionMetadata:
         """q_lens: [B] prefill tokens of each sequence in this step (chunked prefill); None = all
         of input_lengths, the whole prompt."""
@@ -46,7 +60,7 @@ class AttentionMetadata:
             context = (lengths - q).tolist()
             if min(context) < 0:
                 raise ValueError(f"q_lens {q.tolist()} exceed input_lengths {lengths.tolist()}")
-        return cls(is_prefill, block_tables, slots, input_lengths, max_seq_len, block_size, dtype, cu, context)
+        return cls(is_prefill, block_tables, slots, input_lengths, max_seq_len, block_size, dtype, cu, context, spec)
 
     @property
     def has_context(self) -> bool:

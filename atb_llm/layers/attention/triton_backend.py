@@ -78,7 +78,7 @@ class TritonBackend(AttentionBackend):
     def decode_store(self, q, k, v, rope, kv_cache: KVCache, layer: int, meta: AttentionMetadata) -> torch.Tensor:
         """RoPE fused with the cache write: one launch per run rotates the run's keys, writes them and
         the values, and rotates the query heads of its groups."""
-        if rope is None:
+        if rope is None or meta.spec is not None:  # a verify step writes depth by depth: the reference store
             return super().decode_store(q, k, v, rope, kv_cache, layer, meta)
         q_rot = torch.empty(q.shape, dtype=q.dtype, device=q.device)
         cos, sin = (c.reshape(q.shape[0], -1) for c in rope)  # [B, 1, D] -> [B, D]
@@ -87,6 +87,9 @@ class TritonBackend(AttentionBackend):
 
     def store(self, kv_cache: KVCache, layer: int, k, v, meta: AttentionMetadata, rope=None) -> None:
         """rope (decode_store's): (q, q_out, cos, sin), k given before RoPE; see `store_kv`."""
+        if meta.spec is not None:
+            kv_write.store(kv_cache, layer, k, v, meta)
+            return
         k, v = _rows_contiguous(k), _rows_contiguous(v)
         base = layer * kv_cache.layout.num_kv_heads
         for run in kv_cache.layout.runs(layer):

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from atb_llm.cache.kv_cache import KVCache
+from atb_llm.layers.attention.metadata import SpecRows
 from atb_llm.layers.lora import LoraBatch
 
 
@@ -27,3 +28,4 @@ class ForwardBatch:
     lm_head_indices: torch.Tensor | None = None  # [N] rows to compute logits for; None = all T
     q_lens: torch.Tensor | None = None  # [B] prefill: tokens of each sequence in this step (a chunk); None = all
     lora: LoraBatch | None = None  # the rows of each LoRA adapter in this step; None = the base model alone
+    spec: SpecRows | None = None  # decode: a verify step, B rows of sequences at depths (speculative decoding)

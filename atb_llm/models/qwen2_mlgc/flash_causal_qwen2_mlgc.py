@@ -156,7 +156,15 @@ class FlashQwen2MlgcForCausalLM(FlashForCausalLM):
         (MindIE's SplitFuse): sequence i brings tokens input_lengths[i] - q_lens[i] .. input_lengths[i]."""
         kv = b.kv_cache
         meta = AttentionMetadata.build(
-            b.is_prefill, b.block_tables, b.slots, b.input_lengths, b.max_seq_len, kv.block_size, kv.dtype, b.q_lens
+            b.is_prefill,
+            b.block_tables,
+            b.slots,
+            b.input_lengths,
+            b.max_seq_len,
+            kv.block_size,
+            kv.dtype,
+            b.q_lens,
+            b.spec,
         )
         self.set_lora(b.lora)
         hidden = self.model(b.input_ids, b.position_ids, kv, meta)
