@@ -70,15 +70,14 @@ def words(rng: random.Random, n: int) -> str:
         rng.randrange(100)) for _ in range(n))  # fmt: skip
 
 
-def ray_app(cfg: EngineConfig, replicas: int, router: str):
+def ray_app(cfg: EngineConfig, replicas: int, router: str, url: str) -> str:
+    """Deploy the app on the running Serve instance (whose proxy listens at `url`, fixed at its
+    start: Serve ignores a later port) and wait for it."""
     from ray import serve
 
     from atb_llm.entrypoints.openai import ray_serve
 
-    port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(ray_serve.build(cfg, "m", replicas=replicas, replica_cpus=1, router=router), name="b", route_prefix="/")
-    url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
         try:
@@ -120,15 +119,18 @@ def main(argv=None) -> str:
     finally:
         single.stop()
     ray_serve.start_ray(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    proxy = f"http://127.0.0.1:{port}"
     try:
         for replicas in (1, 2):
-            url = ray_app(cfg, replicas, "prefix")
+            url = ray_app(cfg, replicas, "prefix", proxy)
             stats = run_load(url, distinct, args.clients, args.max_tokens)
             rows.append({"setup": f"Ray Serve, {replicas} replica(s) x 1 thread"} | stats)
             serve.delete("b")
         routing = []
         for router in ("prefix", "load"):
-            url = ray_app(cfg, 2, router)
+            url = ray_app(cfg, 2, router, proxy)
             routing.append({"router": router} | run_load(url, shared, args.clients, args.max_tokens))
             serve.delete("b")
     finally:
