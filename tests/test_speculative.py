@@ -73,7 +73,7 @@ def scripted(engine: LLMEngine, reference: dict[str, list[int]], k: int | None =
             tokens[calls[0] % len(tokens)] += 1
         return tokens
 
-    engine.scheduler.propose = propose
+    engine.scheduler.propose = lambda seqs: [propose(s) for s in seqs]
     return calls
 
 
@@ -223,3 +223,38 @@ def test_seeded_sampling_repeats_itself(model):
         engine = LLMEngine(EngineConfig(str(model), speculative="ngram", **ENGINE))
         outs.append(run(engine, params))
     assert outs[0] == outs[1] and len({tuple(o) for o in outs[0]}) == 3
+
+
+@pytest.mark.parametrize("case", ["full", "every_level"])
+def test_a_draft_model_proposes_and_the_output_is_the_targets(model, tiny_models, case):
+    """A draft of other weights (the same tokenizer) in a batch of three with a sibling: the output
+    is plain decoding's; the target as its own (uncompressed) draft has nearly every proposal
+    accepted on a full cache (under the plan, whose windows of 15 tokens change the answers, not)."""
+    layout = every_level(model) if case == "every_level" else None
+    params = [SamplingParams(max_tokens=40, ignore_eos=True)] * 3
+    want = run(LLMEngine(EngineConfig(str(model), **ENGINE), layout=layout), params, siblings=True)
+    other = tiny_models(heads=8, kv_heads=4, hidden=64, seed=1)
+    for draft, floor in ((other, 0.0), (model, 0.95 if layout is None else 0.0)):
+        cfg = EngineConfig(str(model), speculative="draft", draft_model=str(draft), **ENGINE)
+        spec = LLMEngine(cfg, layout=layout)
+        assert run(spec, params, siblings=True) == want
+        assert spec.stats().acceptance_rate >= floor
+        bm = spec.proposer.draft.cache_manager.block_manager
+        assert not spec.proposer.mirrors and all(n == 0 for n in bm.used_by_level.values())
+
+
+def test_a_draft_model_needs_the_targets_tokenizer(model, tmp_path):
+    import json
+    import shutil
+
+    other = tmp_path / "draft"
+    shutil.copytree(model, other)
+    tok = json.loads((other / "tokenizer.json").read_text())
+    vocab = tok["model"]["vocab"]
+    first = next(iter(vocab))
+    vocab["zz" + first] = vocab.pop(first)  # one token spelled otherwise
+    (other / "tokenizer.json").write_text(json.dumps(tok))
+    with pytest.raises(ValueError, match="another tokenizer"):
+        LLMEngine(EngineConfig(str(model), speculative="draft", draft_model=str(other), **ENGINE))
+    with pytest.raises(ValueError, match="needs --draft_model"):
+        EngineConfig(str(model), speculative="draft")

@@ -233,3 +233,16 @@ def test_calibration_at_world_size_two_writes_the_plan_of_one(tiny_models, tmp_p
     for kind in ("echo", "induction"):
         assert sum(two.scores[kind], []) == pytest.approx(sum(one.scores[kind], []), abs=1e-6)
     assert done.stdout.count("plan written to") == 1  # rank 0 alone prints and writes
+
+
+def test_a_rank_without_its_own_device_is_refused_before_loading(monkeypatch):
+    """torchrun started more ranks on a machine than it has cards: the rank stops with both numbers."""
+    import torch.distributed as dist
+
+    from atb_llm.utils import distributed
+
+    monkeypatch.setattr(dist, "is_torchelastic_launched", lambda: True)
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setattr(distributed.torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(SystemExit, match="local rank 1 needs cuda device 1, but this machine has 1"):
+        distributed.init_tensor_parallel("cuda")

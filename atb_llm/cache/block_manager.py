@@ -308,8 +308,12 @@ class BlockManager:
                         table.rows[g][b] = i
                 else:
                     self._release(g, ids)
+        self.truncate(table, num_computed)
+
+    def truncate(self, table: BlockTable, num_tokens: int) -> None:
+        """Keep the blocks that `num_tokens` tokens need in every group and free the rest (the tail)."""
         for lv, gs, _ in self._levels:
-            keep = lv.blocks(num_computed, self.block_size)
+            keep = lv.blocks(num_tokens, self.block_size)
             for g in gs:
                 self._release(g, table.rows[g][keep:])
                 del table.rows[g][keep:]

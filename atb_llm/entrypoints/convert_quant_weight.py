@@ -37,7 +37,23 @@ TYPES = {
     "w8a8": ({"w_bit": 8, "a_bit": 8, "act_method": 1}, True, 16),
     "w8a8_dynamic": ({"w_bit": 8, "a_bit": 8, "is_dynamic": True}, True, 8),
     "w8a8c8": ({"w_bit": 8, "a_bit": 8, "act_method": 1, "use_kvcache_quant": True}, True, 16),
+    # sparse quantization, msModelSlim's practice lab_practice/qwen2_5/qwen2.5-sparse.yaml: 4-bit
+    # values with outliers kept, stored as W8A8 (the zoo's -type qwencode_w8a8s / qwen_w8a8s)
+    "w8a8s": (
+        {
+            "w_bit": 4,
+            "a_bit": 8,
+            "is_lowbit": False,
+            "co_sparse": True,
+            "use_sigma": True,
+            "fraction": 0.02,
+            "sigma_factor": 3.0,
+        },
+        True,
+        16,
+    ),  # fmt: skip
 }
+ALIASES = {"qwen_w8a8s": "w8a8s", "qwencode_w8a8s": "w8a8s"}  # the model zoo's spelling
 
 
 def ensure_msmodelslim(install: bool) -> None:
@@ -126,13 +142,19 @@ def main(argv: list[str] | None = None) -> Path:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("-src", "--src", required=True, help="Hugging Face Qwen2.5 folder (bf16/fp16)")
     ap.add_argument("-dst", "--dst", required=True, help="output folder (replaced)")
-    ap.add_argument("-type", "--type", required=True, choices=sorted(TYPES))
+    ap.add_argument("-type", "--type", required=True, choices=sorted(TYPES) + sorted(ALIASES) + ["w8a8sc"])
     ap.add_argument("--calib", "--calib_file", default=None, help="calibration .jsonl (default: BoolQ passages)")
     ap.add_argument("--calib-samples", "--calib_samples", type=int, default=None, help="calibration texts used")
     ap.add_argument("--device", default="cpu", choices=["cpu", "npu"])
     ap.add_argument("--group-size", "--group_size", type=int, default=128, help="W4A16 group (0: per channel)")
     ap.add_argument("--no-install", action="store_true", help="fail instead of installing msmodelslim")
     args = ap.parse_args(argv)
+    if args.type == "w8a8sc":
+        raise SystemExit(
+            "-type w8a8sc is the output of Ascend's weight compressor (msModelSlim's compress tool, on an NPU), "
+            "made from a w8a8s checkpoint; the engine runs the w8a8s checkpoint itself: use -type w8a8s"
+        )
+    args.type = ALIASES.get(args.type, args.type)
     ensure_msmodelslim(not args.no_install)
     out = convert(
         Path(args.src), Path(args.dst), args.type, args.calib, args.calib_samples, args.device, args.group_size

@@ -161,6 +161,15 @@ def main(argv: list[str] | None = None) -> list:
         f"end to end (max_batch_size={args.max_batch_size}, dtype={engine.dtype}, mlgc={args.mlgc}, "
         f"world size {engine.tp.world})"
     )
+    stats = engine.stats()
+    if stats.speculation is not None:
+        proposed, accepted, verified = stats.speculation
+        rate = f"{stats.acceptance_rate:.1%}" if proposed else "n/a"
+        mean = f"{stats.mean_accepted:.2f}" if verified else "n/a"
+        print(
+            f"speculative ({args.speculative}, up to {args.num_speculative_tokens} a step): {accepted} of {proposed} "
+            f"proposed tokens accepted ({rate}), {mean} tokens per verify step on average"
+        )
     return outputs
 
 

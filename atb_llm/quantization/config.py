@@ -1,7 +1,7 @@
 """What a checkpoint folder says about its quantization, and which `LinearMethod` each linear gets.
 
 msModelSlim writes `quant_model_description.json` beside the weights: a flat map tensor name ->
-`FLOAT | W8A16 | W8A8 | W8A8_DYNAMIC | W4A16 | C8`, plus `model_quant_type`, `group_size` and, for a
+`FLOAT | W8A16 | W8A8 | W8A8_DYNAMIC | W8A8S | W4A16 | C8`, plus `model_quant_type`, `group_size` and, for a
 quantized KV cache, `kv_quant_type`. config.json is copied unchanged; MindIE's README has the user
 add `"quantize": "w8a8"`, and when it is absent `model_quant_type` decides (as MindIE's router does).
 `--quantize w8a16|w4a16` instead quantizes a float folder at load (round to nearest, no calibration).
@@ -41,6 +41,11 @@ class QuantDescription:
         raw = read_json(path, "re-export the checkpoint with msModelSlim")
         types = {k: v for k, v in raw.items() if isinstance(v, str) and "." in k}
         mqt = str(raw.get("model_quant_type", "")).upper()
+        if mqt == "W8A8SC" or "W8A8SC" in types.values():
+            raise ValueError(
+                f"{path}: W8A8SC is the output of Ascend's weight compressor, which only the NPU's kernels read; "
+                "load the W8A8S checkpoint it was compressed from (convert_quant_weight.sh -type w8a8s)"
+            )
         for name, kind in types.items():
             if kind not in LINEAR_TYPES + KV_TYPES:
                 known = ", ".join(LINEAR_TYPES + KV_TYPES)

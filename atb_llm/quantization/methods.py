@@ -12,6 +12,7 @@ METHODS: dict[str, type[QuantMethod]] = {
     "W4A16": W4A16Method,
     "W8A8": W8A8Method,
     "W8A8_DYNAMIC": W8A8DynamicMethod,
+    "W8A8S": W8A8Method,  # sparse quantization: W8A8's tensors, values that fit 4 bits but outliers
 }
 
 

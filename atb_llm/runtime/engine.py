@@ -28,7 +28,7 @@ from atb_llm.runtime.outputs import Detokenizer, RequestOutput
 from atb_llm.runtime.request_limits import RequestError, RequestLimits
 from atb_llm.runtime.scheduler import Scheduler
 from atb_llm.runtime.sequence import SamplingParams, Sequence
-from atb_llm.runtime.speculative import NgramProposer
+from atb_llm.runtime.speculative import DraftProposer, NgramProposer
 from atb_llm.runtime.stats import EngineStats
 
 __all__ = ["EngineConfig", "LLMEngine", "RequestOutput"]
@@ -99,7 +99,7 @@ class LLMEngine:
         cache_cfg = CacheConfig(cfg.block_size, cfg.num_blocks, cfg.cache_memory_gb, cfg.prefix_caching)
         dims = (self.model_config.head_dim, self.dtype, cfg.max_batch_size, self.max_seq_len, cfg.device)
         self.cache_manager = CacheManager(layout.shard(self.tp.rank, self.tp.world), cache_cfg, *dims)  # its groups
-        self.proposer = NgramProposer(cfg.num_speculative_tokens, cfg.ngram_max) if cfg.speculative else None
+        self.proposer = self._proposer() if cfg.speculative else None
         self.scheduler = Scheduler(
             self.cache_manager.block_manager,
             cfg.max_batch_size,
@@ -120,6 +120,31 @@ class LLMEngine:
         if use_graphs(cfg.device, self.backend.cuda_graphs, cfg.enforce_eager):  # after the model's last change
             blocks, kv = buffer_blocks(self.max_seq_len, cfg.block_size), self.cache_manager.kv_cache
             self.runner.graphs = DecodeGraphs(self.model, kv, cfg.max_batch_size, blocks, self.max_seq_len, cfg.device)
+
+    def _proposer(self) -> NgramProposer | DraftProposer:
+        cfg = self.cfg
+        if cfg.speculative == "ngram":
+            return NgramProposer(cfg.num_speculative_tokens, cfg.ngram_max)
+        if getattr(self, "proposer", None) is not None:  # a new layout: the draft model stays loaded
+            return self.proposer
+        draft_cfg = EngineConfig(
+            cfg.draft_model,
+            dtype=cfg.dtype,
+            device=cfg.device,
+            max_batch_size=cfg.max_batch_size,
+            max_input_length=cfg.max_input_length,
+            max_output_length=cfg.max_output_length + cfg.num_speculative_tokens,
+            block_size=cfg.block_size,
+            mlgc=cfg.draft_mlgc,
+            progress=cfg.progress,
+        )
+        draft = LLMEngine(draft_cfg)
+        if draft.tokenizer.get_vocab() != self.tokenizer.get_vocab():
+            raise ValueError(
+                f"the draft model {cfg.draft_model} has another tokenizer than {cfg.model_path}; a draft model must "
+                "share the target's tokenizer (a smaller Qwen2.5 for a Qwen2.5)"
+            )
+        return DraftProposer(draft, cfg.num_speculative_tokens)
 
     def ensure_kv_scales(self) -> None:
         """The K/V channel scales int8 levels smooth with: a C8 checkpoint's, or measured once here
@@ -213,13 +238,14 @@ class LLMEngine:
         seq = self._seqs.pop(request_id, None)
         if seq is not None:
             self.scheduler.finish(seq, "abort")
+            if self.proposer is not None:
+                self.proposer.release(request_id)
 
-    def _propose(self, seq: Sequence) -> list[int]:
-        """Tokens to verify after `seq`'s last one: none for forced tokens, and never more than its
-        max_tokens leaves room for (the step's own token comes on top)."""
-        if seq.params.force_tokens:
-            return []
-        return self.proposer.propose(seq.token_ids, seq.params.max_tokens - len(seq.output_token_ids) - 1)
+    def _propose(self, seqs: list[Sequence]) -> list[list[int]]:
+        """Tokens to verify after each sequence's last one: none for forced tokens, and never more
+        than its max_tokens leaves room for (the step's own token comes on top)."""
+        room = [0 if s.params.force_tokens else s.params.max_tokens - len(s.output_token_ids) - 1 for s in seqs]
+        return self.proposer.propose_batch(seqs, room)
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
@@ -238,6 +264,8 @@ class LLMEngine:
         for seq in out:
             if seq.is_finished:
                 self._seqs.pop(seq.request_id, None)
+                if self.proposer is not None:
+                    self.proposer.release(seq.request_id)
         return out
 
     def text_of(self, seq: Sequence) -> str:

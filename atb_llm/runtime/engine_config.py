@@ -28,8 +28,10 @@ class EngineConfig:
     adapters served beside the base model, {name: PEFT folder} (or ["NAME=PATH", ...] as the flag
     takes them), added to those the weight folder's lora_adapter.json lists (atb_llm.models.base.lora).
     speculative: ngram verifies up to num_speculative_tokens tokens a step, proposed by prompt lookup
-    (the longest suffix of up to ngram_max tokens that occurred before, and what followed it); the
-    output is what decoding without it gives (atb_llm.runtime.speculative)."""
+    (the longest suffix of up to ngram_max tokens that occurred before, and what followed it); draft
+    proposes them by greedy decoding of draft_model (a smaller model of the same tokenizer, on its
+    own paged cache, compressed by draft_mlgc); the output is what decoding without it gives
+    (atb_llm.runtime.speculative)."""
 
     model_path: str
     dtype: str | None = None
@@ -53,6 +55,8 @@ class EngineConfig:
     speculative: str | None = None
     num_speculative_tokens: int = 4
     ngram_max: int = 3
+    draft_model: str | None = None
+    draft_mlgc: str = "off"
 
     def __post_init__(self):
         for name in ("max_batch_size", "max_input_length", "max_output_length", "max_prefill_tokens"):
@@ -64,9 +68,15 @@ class EngineConfig:
             raise ValueError(f"quantize={self.quantize!r} is not supported; use one of {', '.join(QUANTIZE_CHOICES)}")
         if self.kv_quant not in (None, "c8"):
             raise ValueError(f"kv_quant={self.kv_quant!r} is not supported; use c8 (or none)")
-        if self.speculative not in (None, "ngram"):
+        if self.speculative not in (None, "ngram", "draft"):
             raise ValueError(
-                f"speculative={self.speculative!r} is not supported; use ngram (prompt lookup) or leave it out"
+                f"speculative={self.speculative!r} is not supported; use ngram (prompt lookup) or draft (with "
+                "--draft_model), or leave it out"
+            )
+        if (self.speculative == "draft") != (self.draft_model is not None):
+            raise ValueError(
+                f"speculative={self.speculative!r} with draft_model={self.draft_model!r}: a draft model goes with "
+                "--speculative draft, and --speculative draft needs --draft_model WEIGHT_DIR"
             )
         for name in ("num_speculative_tokens", "ngram_max"):
             if getattr(self, name) < 1:
@@ -136,9 +146,11 @@ class EngineConfig:
         g.add_argument(
             "--speculative",
             default=d["speculative"],
-            choices=["ngram"],
-            help="speculative decoding: ngram = prompt lookup (same output, fewer forward passes)",
+            choices=["ngram", "draft"],
+            help="speculative decoding (same output, fewer passes): ngram = prompt lookup, draft = a draft model",
         )
+        g.add_argument("--draft_model", default=d["draft_model"], help="--speculative draft: the draft model's folder")
+        g.add_argument("--draft_mlgc", default=d["draft_mlgc"], help="the draft model's KV compression (as --mlgc)")
         g.add_argument(
             "--num_speculative_tokens", type=int, default=d["num_speculative_tokens"], help="tokens verified a step"
         )

@@ -27,11 +27,11 @@ class Scheduler:
         max_batch_size: int,
         max_prefill_tokens: int,
         chunked: bool = False,
-        propose: Callable[[Sequence], list[int]] | None = None,
+        propose: Callable[[list[Sequence]], list[list[int]]] | None = None,
     ):
-        """propose: speculative decoding's proposer, the tokens to verify after a decoding
-        sequence's last one ([] for none); a decode step then verifies them where the pools have
-        room for the verify rows, and plain-decodes the sequence otherwise."""
+        """propose: speculative decoding's proposer, for a decode step's sequences the tokens to
+        verify after each one's last ([] for none); the step then verifies them where the pools
+        have room for the verify rows, and plain-decodes the sequence otherwise."""
         self.block_manager = block_manager
         self.max_batch_size = max_batch_size
         self.max_prefill_tokens = max_prefill_tokens
@@ -138,10 +138,10 @@ class Scheduler:
                 self.block_manager.may_append(seq.block_table, seq.num_tokens)
                 seq.num_scheduled_tokens = 1
                 scheduled.append(seq)
-        for seq in scheduled if self.propose is not None else ():  # after every plain decode has its blocks
-            tokens = self.propose(seq)
-            if tokens:
-                seq.speculation = self.block_manager.speculate(seq.block_table, seq.num_tokens - 1, tokens)
+        if self.propose is not None and scheduled:  # after every plain decode has its blocks
+            for seq, tokens in zip(scheduled, self.propose(scheduled)):
+                if tokens:
+                    seq.speculation = self.block_manager.speculate(seq.block_table, seq.num_tokens - 1, tokens)
         return scheduled
 
     def postprocess(self, seqs: list[Sequence], is_prefill: bool, result, finish_reason: Callable) -> list[Sequence]:

@@ -12,18 +12,24 @@ every level (see BlockManager.speculate for the window groups). Then, per sequen
   distributed exactly as the target's, with temperature, top-k, top-p, penalties and min_tokens
   applied to each row as plain decode applies them at that point (`RowView`).
 
-The proposer here is n-gram prompt lookup: the longest suffix (n_max .. 1 tokens) of the tokens so
-far that occurred before, and the k tokens that followed its latest earlier occurrence.
+Proposers: n-gram prompt lookup (the longest suffix, n_max .. n_min tokens, of the tokens so far
+that occurred before, and the k tokens that followed its latest earlier occurrence) and a draft
+model (`DraftProposer`: greedy decoding of a smaller model of the same tokenizer). Both propose
+tokens, not distributions, so the same acceptance rule serves both.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from atb_llm.runtime.sampler import Sampler, token_logprobs
-from atb_llm.runtime.sequence import Sequence, TokenLogprob
+from atb_llm.runtime.sequence import SamplingParams, Sequence, TokenLogprob
+
+if TYPE_CHECKING:
+    from atb_llm.runtime.engine import LLMEngine
 
 
 @dataclass(frozen=True)
@@ -53,6 +59,94 @@ class NgramProposer:
                 if tokens[start] == first and tokens[start : start + n] == suffix:
                     return tokens[start + n : start + n + k]
         return []
+
+    def propose_batch(self, seqs: list[Sequence], room: list[int]) -> list[list[int]]:
+        return [self.propose(s.token_ids, r) for s, r in zip(seqs, room)]
+
+    def release(self, request_id: str) -> None:
+        """Nothing to free: prompt lookup keeps no state."""
+
+
+class DraftProposer:
+    """Proposals by greedy decoding of a draft model, for a step's sequences at once. The draft is
+    an engine of its own (its own paged cache, full or compressed by its own plan) that no scheduler
+    steps: each target sequence has a mirror sequence there, whose cache keeps the longest prefix
+    of its tokens the draft computed before; a step catches every mirror up to its target's tokens
+    in one prefill (each from where its prefix ends) and gives the first proposal, then k - 1
+    decode steps give the rest. A rejection only shortens the prefix the next step keeps (the tail
+    of a full group is overwritten; a compressed draft keeps what rejected tokens folded, which
+    only changes what it proposes, never what is accepted)."""
+
+    GREEDY = SamplingParams(max_tokens=1 << 30, ignore_eos=True)
+
+    def __init__(self, draft: LLMEngine, k: int):
+        self.draft, self.k = draft, k
+        self.mirrors: dict[str, Sequence] = {}  # target request id -> its mirror in the draft
+
+    def release(self, request_id: str) -> None:
+        """The target sequence finished: free its mirror's blocks."""
+        mirror = self.mirrors.pop(request_id, None)
+        if mirror is not None:
+            self.draft.cache_manager.block_manager.deallocate(mirror.block_table)
+
+    def propose_batch(self, seqs: list[Sequence], room: list[int]) -> list[list[int]]:
+        for request_id in set(self.mirrors) - {s.request_id for s in seqs}:  # preempted: recomputed later
+            self.release(request_id)
+        active = []
+        for i, (seq, r) in enumerate(zip(seqs, room)):
+            k = min(self.k, r)
+            mirror = self._sync(seq, k) if k > 0 else None
+            if mirror is not None:
+                active.append((i, mirror, k))
+        out: list[list[int]] = [[] for _ in seqs]
+        if not active:
+            return out
+        runner, mirrors = self.draft.runner, [m for _, m, _ in active]
+        for m in mirrors:
+            m.num_scheduled_tokens = m.num_tokens - m.num_computed_tokens
+        self._take(mirrors, runner.run(mirrors, True))
+        for step in range(1, max(k for _, _, k in active)):
+            going = [m for _, m, k in active if k > step and not m.error]
+            if going:
+                self._take(going, runner.run(going, False))
+        for i, m, _ in active:
+            out[i] = [] if m.error else list(m.output_token_ids)
+        return out
+
+    def _sync(self, seq: Sequence, k: int) -> Sequence | None:
+        """The mirror of `seq`, holding its tokens, the prefix the draft computed of them kept, and
+        blocks for k more; None when the draft's pools have no room (no proposal this step)."""
+        bm, tokens = self.draft.cache_manager.block_manager, seq.token_ids
+        mirror = self.mirrors.get(seq.request_id)
+        if mirror is None:
+            mirror = self.mirrors[seq.request_id] = Sequence(list(tokens), self.GREEDY, seq.request_id)
+            if not bm.can_allocate(mirror.block_table, len(tokens) + k):
+                del self.mirrors[seq.request_id]
+                return None
+            bm.allocate(mirror.block_table, len(tokens) + k)
+            return mirror
+        old, keep = mirror.token_ids, 0
+        while keep < min(mirror.num_computed_tokens, len(tokens) - 1) and old[keep] == tokens[keep]:
+            keep += 1
+        mirror.prompt_token_ids, mirror.output_token_ids = list(tokens), []
+        mirror.num_computed_tokens, mirror.error = keep, None
+        bm.truncate(mirror.block_table, keep)
+        if not bm.can_append(mirror.block_table, len(tokens) + k):
+            bm.deallocate(self.mirrors.pop(seq.request_id).block_table)
+            return None
+        bm.may_append(mirror.block_table, len(tokens) + k)
+        return mirror
+
+    @staticmethod
+    def _take(mirrors: list[Sequence], result) -> None:
+        """A draft step's bookkeeping, as the scheduler's postprocess does it for a sequence."""
+        for m in mirrors:
+            m.num_computed_tokens = m.num_tokens
+        for m, token in zip(result.seqs, result.tokens):
+            if token is None:
+                m.error = m.error or "the draft's sampling failed"
+            else:
+                m.output_token_ids.append(token)
 
 
 class RowView:

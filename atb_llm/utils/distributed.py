@@ -21,6 +21,14 @@ def init_tensor_parallel(device: str = "cpu", timeout: timedelta = COLLECTIVE_TI
     if not dist.is_torchelastic_launched():
         return device
     local = int(os.environ.get("LOCAL_RANK", "0"))  # torchrun's own contract with its workers
+    kind = device.split(":")[0]
+    if kind in ("cuda", "npu"):  # one device a rank: refused before anything loads
+        count = torch.cuda.device_count() if kind == "cuda" else torch.npu.device_count()
+        if local >= count:
+            raise SystemExit(
+                f"error: local rank {local} needs {kind} device {local}, but this machine has {count}; run at most "
+                f"{count} ranks a machine (--nproc_per_node {count})"
+            )
     if device.startswith("cuda"):
         backend, device = "nccl", f"cuda:{local}"
         torch.cuda.set_device(local)

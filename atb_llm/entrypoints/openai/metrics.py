@@ -138,4 +138,21 @@ def _cache_lines(stats: EngineStats) -> list[str]:
         lines.append(f"atb_llm_prefix_cache_hits_total {hits}")
         lines += _header("atb_llm_prefix_cache_blocks", "gauge", "Blocks holding cached prefixes (in use or idle).")
         lines.append(f"atb_llm_prefix_cache_blocks {blocks}")
+    if stats.speculation is not None:
+        proposed, accepted, verified = stats.speculation
+        for name, value, doc in (
+            (
+                "atb_llm_spec_proposed_tokens_total",
+                proposed,
+                "Tokens proposed for verification (speculative decoding).",
+            ),
+            ("atb_llm_spec_accepted_tokens_total", accepted, "Proposed tokens the target accepted."),
+            ("atb_llm_spec_verify_steps_total", verified, "Verify steps, counted once per sequence."),
+        ):
+            lines += _header(name, "counter", doc)
+            lines.append(f"{name} {value}")
+        lines += _header("atb_llm_spec_acceptance_rate", "gauge", "Accepted over proposed tokens since start.")
+        lines.append(f"atb_llm_spec_acceptance_rate {stats.acceptance_rate or 0.0:.6f}")
+        lines += _header("atb_llm_spec_mean_accepted_length", "gauge", "Tokens a verify step gives a sequence, mean.")
+        lines.append(f"atb_llm_spec_mean_accepted_length {stats.mean_accepted or 0.0:.6f}")
     return lines
