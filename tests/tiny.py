@@ -12,6 +12,7 @@ QUANT_KINDS = {  # quantized tiny checkpoints (conftest `quantized`): variant ->
     "w4a16_per_channel": ("w4a16", 0),
     "w8a8": ("w8a8", 128),
     "w8a8_dynamic": ("w8a8_dynamic", 128),
+    "w8a8s": ("w8a8s", 128),
 }
 
 TEXT = "hello world the quick brown fox jumps over the lazy dog 0123456789 def return if else"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from atb_llm.quantization.base import QuantMethod
 from atb_llm.quantization.w4a16 import W4A16Method
-from atb_llm.quantization.w8a8 import W8A8DynamicMethod, W8A8Method
+from atb_llm.quantization.w8a8 import W8A8DynamicMethod, W8A8Method, W8A8SMethod
 from atb_llm.quantization.w8a16 import W8A16Method
 
 METHODS: dict[str, type[QuantMethod]] = {
@@ -12,7 +12,7 @@ METHODS: dict[str, type[QuantMethod]] = {
     "W4A16": W4A16Method,
     "W8A8": W8A8Method,
     "W8A8_DYNAMIC": W8A8DynamicMethod,
-    "W8A8S": W8A8Method,  # sparse quantization: W8A8's tensors, values that fit 4 bits but outliers
+    "W8A8S": W8A8SMethod,
 }
 
 

@@ -5,6 +5,8 @@ W8A8 checkpoint: weight int8 [N, K]; input_scale, input_offset [1] (one pair per
 quant_bias int32 [N] (it already holds the float bias: the stored `bias` is not added again);
 deq_scale [N] (fp32, or int64 holding the fp32 bit pattern for fp16/fp32 models).
     x_q = clamp(round(x / input_scale) + input_offset, -128, 127);  y = (x_q q^T + quant_bias) * deq_scale
+W8A8S checkpoint (sparse quantization): W8A8's tensors without weight_scale / weight_offset; the
+int8 weights hold 4-bit values but outliers, some pruned to 0.
 W8A8_DYNAMIC checkpoint: weight int8 [N, K], weight_scale [N, 1], float bias; per token t,
     s_t = max|x_t| / 127;  y = (round(x / s_t) q^T) * s_t * weight_scale + bias
 
@@ -91,11 +93,14 @@ def _check_symmetric(layer: LinearBase) -> None:
 
 
 class W8A8Method(QuantMethod):
+    weight_scales = True  # W8A8 checkpoints also carry weight_scale / weight_offset (checked symmetric)
+
     def create_weights(self, layer: LinearBase, bias: bool) -> None:
         n, k = layer.output_size, layer.input_size
         layer.add_param("weight", (n, k), torch.int8)
-        layer.add_param("weight_scale", (n, 1), torch.float32)
-        layer.add_param("weight_offset", (n, 1), torch.float32)
+        if self.weight_scales:
+            layer.add_param("weight_scale", (n, 1), torch.float32)
+            layer.add_param("weight_offset", (n, 1), torch.float32)
         layer.add_param("input_scale", (1,), torch.float32, shared=True)
         layer.add_param("input_offset", (1,), torch.float32, shared=True)
         layer.add_param("quant_bias", (n,), torch.int32)
@@ -107,7 +112,8 @@ class W8A8Method(QuantMethod):
             layer.add_param("bias", (n,))
 
     def process_weights_after_loading(self, layer: LinearBase) -> None:
-        _check_symmetric(layer)
+        if self.weight_scales:
+            _check_symmetric(layer)
         layer.gemm = int8_gemm(self, layer)
         layer.weight.data = layer.weight.data.new_empty(0)  # one copy in memory: the packed one
         layer.deq = layer.deq_scale.data.float()
@@ -119,6 +125,13 @@ class W8A8Method(QuantMethod):
         xq = torch.clamp(torch.round(x2.float() / layer.in_scale) + layer.in_offset, -128, 127)
         y = torch.addcmul(layer.gemm_bias, layer.gemm(xq.to(torch.int16)), layer.deq)
         return y.to(x.dtype).view(*x.shape[:-1], layer.output_size)
+
+
+class W8A8SMethod(W8A8Method):
+    """W8A8S (sparse quantization): W8A8's static per-tensor activations and int8 GEMM; the weights
+    hold 4-bit values but outliers (some pruned to 0), and the checkpoint has no weight_scale."""
+
+    weight_scales = False
 
 
 class W8A8DynamicMethod(QuantMethod):

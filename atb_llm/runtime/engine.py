@@ -144,7 +144,7 @@ class LLMEngine:
                 f"the draft model {cfg.draft_model} has another tokenizer than {cfg.model_path}; a draft model must "
                 "share the target's tokenizer (a smaller Qwen2.5 for a Qwen2.5)"
             )
-        return DraftProposer(draft, cfg.num_speculative_tokens)
+        return DraftProposer(draft, cfg.num_speculative_tokens, self.model_config.vocab_size)
 
     def ensure_kv_scales(self) -> None:
         """The K/V channel scales int8 levels smooth with: a C8 checkpoint's, or measured once here

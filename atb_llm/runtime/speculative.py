@@ -79,8 +79,8 @@ class DraftProposer:
 
     GREEDY = SamplingParams(max_tokens=1 << 30, ignore_eos=True)
 
-    def __init__(self, draft: LLMEngine, k: int):
-        self.draft, self.k = draft, k
+    def __init__(self, draft: LLMEngine, k: int, vocab_size: int):
+        self.draft, self.k, self.vocab_size = draft, k, vocab_size  # the target's: a larger draft table pads
         self.mirrors: dict[str, Sequence] = {}  # target request id -> its mirror in the draft
 
     def release(self, request_id: str) -> None:
@@ -110,7 +110,9 @@ class DraftProposer:
             if going:
                 self._take(going, runner.run(going, False))
         for i, m, _ in active:
-            out[i] = [] if m.error else list(m.output_token_ids)
+            tokens = [] if m.error else m.output_token_ids
+            cut = next((j for j, t in enumerate(tokens) if t >= self.vocab_size), len(tokens))
+            out[i] = list(tokens[:cut])
         return out
 
     def _sync(self, seq: Sequence, k: int) -> Sequence | None:
