@@ -66,7 +66,7 @@ def worker(args) -> None:
     from atb_llm.layers.parallel import TensorParallel
     from atb_llm.runtime.engine import EngineConfig, LLMEngine
     from atb_llm.runtime.sequence import SamplingParams
-    from atb_llm.utils.distributed import init_tensor_parallel
+    from atb_llm.utils.distributed import init_tensor_parallel, leave_tensor_parallel
 
     torch.set_grad_enabled(False)
     init_tensor_parallel("cpu")
@@ -104,6 +104,7 @@ def worker(args) -> None:
             engine.step()
     kv, weights = engine.cache_manager.total_bytes, resident_bytes(engine.model)
     Path(f"{args.out_json}.rank{engine.tp.rank}").write_text(json.dumps({"runs": result, "weights": weights, "kv": kv}))
+    leave_tensor_parallel()
 
 
 def measured(args) -> list[dict]:

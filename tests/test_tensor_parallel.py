@@ -120,6 +120,19 @@ def test_quantized_checkpoints_shard_with_their_scales(float_model, quantized, v
     assert err(ranks[0]["prompt_logprobs"]) <= 1.5 * err(lps) + 0.02, (err(ranks[0]["prompt_logprobs"]), err(lps))
 
 
+@pytest.mark.slow  # two ranks start
+def test_speculative_decoding_at_world_size_two_equals_plain_decoding(tiny_models, tmp_path):
+    """Prompt lookup over a plan of every level: rank 0's accepted tokens reach every rank, whose
+    schedulers, block tables and window copies stay in step; the answers are plain decoding's."""
+    model = tiny_models(heads=8, kv_heads=4, hidden=64)
+    plain = spec_of(model)
+    plain["plan"] = str(mixed_plan(model, tmp_path / "plan.json"))
+    spec = plain | {"engine": plain["engine"] | {"speculative": "ngram"}}
+    ranks, done = torchrun(tmp_path, spec)
+    tokens, lps, weights, kv, whole = single(plain)
+    check(ranks, done, tokens, lps, weights, kv, whole)
+
+
 @pytest.mark.slow
 def test_int8_levels_measure_their_kv_scales_per_rank(tiny_models, tmp_path):
     """kv_quant c8 without a checkpoint's scales: each rank measures its own KV heads' (the probe

@@ -11,7 +11,7 @@ import torch
 from atb_llm.compression.plan import MlgcPlan
 from atb_llm.runtime.engine import EngineConfig, LLMEngine
 from atb_llm.runtime.sequence import SamplingParams
-from atb_llm.utils.distributed import init_tensor_parallel
+from atb_llm.utils.distributed import init_tensor_parallel, leave_tensor_parallel
 
 out, spec = sys.argv[1], json.loads(sys.argv[2])
 torch.set_grad_enabled(False)
@@ -37,3 +37,4 @@ result = {
 }
 with open(f"{out}.rank{engine.tp.rank}", "w") as f:
     json.dump(result, f)
+leave_tensor_parallel()

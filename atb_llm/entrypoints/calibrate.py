@@ -40,7 +40,7 @@ from atb_llm.runtime.engine_config import EngineConfig
 from atb_llm.runtime.level_costs import LossCalibrationConfig, loss_plan
 from atb_llm.utils.cli import run_main
 from atb_llm.utils.default_model import resolve_model_path
-from atb_llm.utils.distributed import init_tensor_parallel, is_main_rank, launch_ranks
+from atb_llm.utils.distributed import init_tensor_parallel, is_main_rank, launch_ranks, leave_tensor_parallel
 
 CALIB_TEXT = Path("/usr/share/common-licenses/GPL-3")  # natural English text on every Debian machine
 
@@ -132,7 +132,9 @@ def main(argv=None) -> Path | None:
     else:
         ratio = 0.25 if args.full_ratio is None else args.full_ratio
         plan = baseline_plan(args.method, config, args.block_size, args.sink, args.recent, ratio, args.int8, args.seed)
-    if not is_main_rank():
+    main_rank = is_main_rank()
+    leave_tensor_parallel()  # the probes are done; rank 0 alone writes
+    if not main_rank:
         return None
     out = plan.save(args.output or Path(model) / PLAN_NAME)
     layout = plan.to_layout()

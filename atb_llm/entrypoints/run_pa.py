@@ -18,7 +18,7 @@ from atb_llm.runtime.engine import EngineConfig, LLMEngine
 from atb_llm.runtime.sequence import SamplingParams
 from atb_llm.utils.cli import run_main
 from atb_llm.utils.default_model import resolve_model_path
-from atb_llm.utils.distributed import init_tensor_parallel, is_main_rank
+from atb_llm.utils.distributed import init_tensor_parallel, is_main_rank, leave_tensor_parallel
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -139,6 +139,7 @@ def main(argv: list[str] | None = None) -> list:
     outputs = engine.generate(token_ids, params, use_tqdm=len(prompts) > 1 and is_main_rank(), adapters=adapters)
     elapsed = time.perf_counter() - start
     if not is_main_rank():  # rank 0 prints; the others computed their shares of every step
+        leave_tensor_parallel()
         return outputs
     for i, (prompt, out) in enumerate(zip(prompts, outputs)):
         n = len(out.token_ids)
@@ -170,6 +171,7 @@ def main(argv: list[str] | None = None) -> list:
             f"speculative ({args.speculative}, up to {args.num_speculative_tokens} a step): {accepted} of {proposed} "
             f"proposed tokens accepted ({rate}), {mean} tokens per verify step on average"
         )
+    leave_tensor_parallel()
     return outputs
 
 

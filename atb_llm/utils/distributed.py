@@ -59,6 +59,15 @@ def launch_ranks(world_size: int, module: str, argv: list[str]) -> None:
         raise SystemExit(f"error: world size {world_size} asked, torchrun started {started} ranks")
 
 
+def leave_tensor_parallel() -> None:
+    """Leave the world cleanly once a rank's work is done: wait for every rank, then destroy the
+    process group, so no rank exits while gloo's threads still serve a peer (a rank that exits
+    with its group alive can abort with "terminate called without an active exception")."""
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def is_main_rank() -> bool:
     """Rank 0 prints and writes files; the others only compute."""
     return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0

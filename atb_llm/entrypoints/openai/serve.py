@@ -25,7 +25,7 @@ from atb_llm.entrypoints.openai.engine_loop import EngineLoop
 from atb_llm.runtime.engine import EngineConfig, LLMEngine
 from atb_llm.runtime.lockstep import Lockstep, follow
 from atb_llm.utils.default_model import resolve_model_path
-from atb_llm.utils.distributed import init_tensor_parallel, is_main_rank, launch_ranks
+from atb_llm.utils.distributed import init_tensor_parallel, is_main_rank, launch_ranks, leave_tensor_parallel
 
 log = logging.getLogger("atb_llm.server")
 # max_output_length: the largest max_tokens a request may ask. Chunked prefill on, as vLLM's V1 and
@@ -158,6 +158,7 @@ def main(argv: list[str] | None = None) -> None:
     engine.warmup()  # every rank, in step
     if not is_main_rank():
         follow(engine)
+        leave_tensor_parallel()
         return
     driver = Lockstep(engine) if args.tensor_parallel_size > 1 else engine
     loop = start_engine_loop(cfg, driver)
@@ -173,3 +174,4 @@ def main(argv: list[str] | None = None) -> None:
         loop.stop()
         if isinstance(driver, Lockstep):
             driver.close()
+            leave_tensor_parallel()

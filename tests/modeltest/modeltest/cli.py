@@ -37,3 +37,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
         return run(args)
     except (FileNotFoundError, ValueError) as e:
         sys.exit(f"error: {e}")
+    finally:
+        if args.world_size > 1:
+            from atb_llm.utils.distributed import leave_tensor_parallel
+
+            leave_tensor_parallel()

@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Branch coverage of atb_llm (the server included) by the tests:
+#   bash tests/coverage.sh                 # the fast loop (-m "not slow"), a few minutes
+#   bash tests/coverage.sh -m ""           # every test (the slow ones too; subprocess ranks are not counted)
+# Prints the per-file table (files fully covered omitted) and writes coverage.md beside this script.
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+PY="$ROOT/.venv/bin/python"
+[ -x "$PY" ] || PY=python3
+cd "$ROOT"
+ARGS=("$@")
+[ ${#ARGS[@]} -gt 0 ] || ARGS=(-m "not slow")
+"$PY" -m coverage erase
+"$PY" -m coverage run -m pytest -q -p no:cacheprovider "${ARGS[@]}"
+"$PY" -m coverage report
+"$PY" -m coverage report --format=markdown > tests/coverage.md
