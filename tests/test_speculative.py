@@ -258,3 +258,16 @@ def test_a_draft_model_needs_the_targets_tokenizer(model, tmp_path):
         LLMEngine(EngineConfig(str(model), speculative="draft", draft_model=str(other), **ENGINE))
     with pytest.raises(ValueError, match="needs --draft_model"):
         EngineConfig(str(model), speculative="draft")
+
+
+def test_a_failing_proposer_costs_speed_not_the_requests(model):
+    params = [SamplingParams(max_tokens=12, ignore_eos=True)] * 3
+    want = run(LLMEngine(EngineConfig(str(model), **ENGINE)), params)
+    spec = LLMEngine(EngineConfig(str(model), speculative="ngram", **ENGINE))
+
+    def broken(seqs):
+        raise RuntimeError("the draft ran out of memory")
+
+    spec.scheduler.propose = broken
+    assert run(spec, params) == want
+    assert spec.stats().speculation == (0, 0, 0)

@@ -12,12 +12,15 @@ take copies of its cache (`fork_at`).
 
 from __future__ import annotations
 
+import logging
 import time
 from collections import deque
 from collections.abc import Callable
 
 from atb_llm.cache.block_manager import BlockManager
 from atb_llm.runtime.sequence import Sequence, SequenceStatus
+
+log = logging.getLogger("atb_llm.scheduler")
 
 
 class Scheduler:
@@ -139,7 +142,12 @@ class Scheduler:
                 seq.num_scheduled_tokens = 1
                 scheduled.append(seq)
         if self.propose is not None and scheduled:  # after every plain decode has its blocks
-            for seq, tokens in zip(scheduled, self.propose(scheduled)):
+            try:
+                proposals = self.propose(scheduled)
+            except Exception:  # a proposer's failure (a draft model's) costs speed, never the requests
+                log.exception("the proposer failed; this step decodes without speculation")
+                proposals = []
+            for seq, tokens in zip(scheduled, proposals):
                 if tokens:
                     seq.speculation = self.block_manager.speculate(seq.block_table, seq.num_tokens - 1, tokens)
         return scheduled
