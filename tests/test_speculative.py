@@ -101,7 +101,6 @@ def test_greedy_output_equals_decoding_without_speculation(model, case):
     assert 0 < accepted < proposed and verified > 20  # spans accepted whole, in part and not at all
     bm = spec.cache_manager.block_manager
     assert all(n == 0 for n in bm.used_by_level.values())  # every block this run took is back
-    assert bm.peak_by_level.keys() == plain.cache_manager.block_manager.peak_by_level.keys()
 
     ngram = LLMEngine(EngineConfig(str(model), speculative="ngram", **ENGINE, **extra), layout=layout)
     assert run(ngram, params, siblings=True) == want  # the real proposer too
