@@ -125,26 +125,7 @@ class LLMEngine:
         cfg = self.cfg
         if cfg.speculative == "ngram":
             return NgramProposer(cfg.num_speculative_tokens, cfg.ngram_max)
-        if getattr(self, "proposer", None) is not None:  # a new layout: the draft model stays loaded
-            return self.proposer
-        draft_cfg = EngineConfig(
-            cfg.draft_model,
-            dtype=cfg.dtype,
-            device=cfg.device,
-            max_batch_size=cfg.max_batch_size,
-            max_input_length=cfg.max_input_length,
-            max_output_length=cfg.max_output_length + cfg.num_speculative_tokens,
-            block_size=cfg.block_size,
-            mlgc=cfg.draft_mlgc,
-            progress=cfg.progress,
-        )
-        draft = LLMEngine(draft_cfg)
-        if draft.tokenizer.get_vocab() != self.tokenizer.get_vocab():
-            raise ValueError(
-                f"the draft model {cfg.draft_model} has another tokenizer than {cfg.model_path}; a draft model must "
-                "share the target's tokenizer (a smaller Qwen2.5 for a Qwen2.5)"
-            )
-        return DraftProposer(draft, cfg.num_speculative_tokens, self.model_config.vocab_size)
+        return getattr(self, "proposer", None) or DraftProposer.load(self)  # a new layout keeps the loaded draft
 
     def ensure_kv_scales(self) -> None:
         """The K/V channel scales int8 levels smooth with: a C8 checkpoint's, or measured once here
@@ -235,11 +216,16 @@ class LLMEngine:
 
     def abort(self, request_id: str) -> None:
         """Cancel a request; its blocks are freed at once."""
-        seq = self._seqs.pop(request_id, None)
+        seq = self._seqs.get(request_id)
         if seq is not None:
             self.scheduler.finish(seq, "abort")
-            if self.proposer is not None:
-                self.proposer.release(request_id)
+            self._forget(request_id)
+
+    def _forget(self, request_id: str) -> None:
+        """A finished or aborted request leaves the engine's table, and the proposer frees its state."""
+        self._seqs.pop(request_id, None)
+        if self.proposer is not None:
+            self.proposer.release(request_id)
 
     def _propose(self, seqs: list[Sequence]) -> list[list[int]]:
         """Tokens to verify after each sequence's last one: none for forced tokens, and never more
@@ -263,9 +249,7 @@ class LLMEngine:
         self.cache_manager.flush_copies()  # snapshots and forks, before any block is written again
         for seq in out:
             if seq.is_finished:
-                self._seqs.pop(seq.request_id, None)
-                if self.proposer is not None:
-                    self.proposer.release(seq.request_id)
+                self._forget(seq.request_id)
         return out
 
     def text_of(self, seq: Sequence) -> str:

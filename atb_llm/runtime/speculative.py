@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from atb_llm.runtime.engine_config import EngineConfig
 from atb_llm.runtime.sampler import Sampler, token_logprobs
 from atb_llm.runtime.sequence import SamplingParams, Sequence, TokenLogprob
 
@@ -82,6 +83,31 @@ class DraftProposer:
     def __init__(self, draft: LLMEngine, k: int, vocab_size: int):
         self.draft, self.k, self.vocab_size = draft, k, vocab_size  # the target's: a larger draft table pads
         self.mirrors: dict[str, Sequence] = {}  # target request id -> its mirror in the draft
+
+    @classmethod
+    def load(cls, target: LLMEngine) -> DraftProposer:
+        """The draft engine of `target`'s config (cfg.draft_model, compressed by cfg.draft_mlgc), sized
+        for its batch and lengths plus the proposals; it must share the target's tokenizer."""
+        cfg = target.cfg
+        draft = type(target)(
+            EngineConfig(
+                cfg.draft_model,
+                dtype=cfg.dtype,
+                device=cfg.device,
+                max_batch_size=cfg.max_batch_size,
+                max_input_length=cfg.max_input_length,
+                max_output_length=cfg.max_output_length + cfg.num_speculative_tokens,
+                block_size=cfg.block_size,
+                mlgc=cfg.draft_mlgc,
+                progress=cfg.progress,
+            )
+        )
+        if draft.tokenizer.get_vocab() != target.tokenizer.get_vocab():
+            raise ValueError(
+                f"the draft model {cfg.draft_model} has another tokenizer than {cfg.model_path}; a draft model must "
+                "share the target's tokenizer (a smaller Qwen2.5 for a Qwen2.5)"
+            )
+        return cls(draft, cfg.num_speculative_tokens, target.model_config.vocab_size)
 
     def release(self, request_id: str) -> None:
         """The target sequence finished: free its mirror's blocks."""
