@@ -10,18 +10,19 @@ config.json on the device and the engine loads the same tensors, so both compute
 function. The engine runs the triton backend: paged MLGC decode attention and, for the quantized
 rows, the Triton weight-only GEMM (W8A16 / W4A16 made at load from the same weights).
 
-Checks: decode attention and the cache write of every MLGC level (int8 included), with RoPE of q
-and k fused into the write, against TorchBackend, and the weight-only GEMM (int8, int4 groups of
-128) and the int8 GEMM against fp32 references. Timings (one Markdown table): decode ms per step at
-batch 1 and 8 after 256 prompt tokens, first-token time at 2048, batch-16 decode at 32K with the
-full cache and with MLGC 0.25 (a random plan of the calibrated plans' budget: a quarter of the
-groups full, the rest windows of sink 64 + recent 1024, grown to whole blocks), W8A16 and W4A16
-batch-1 decode, and on CUDA batch-1 decode without CUDA graphs (`enforce_eager`). Per row: the
-bytes a step must read (weights of the linears and the LM head, plus the K/V slots attention
-reads), the GB/s that makes, and the ratio to transformers (its time over the engine's; for the
-quantized rows, to its bf16 batch-1 decode). Without CUDA, the same code runs on CPU tensors under
-Triton's interpreter at a tiny config and small lengths (fp32), so CI proves the command runs; its
-times say nothing of a GPU.
+Checks: decode attention and the cache write of every MLGC level (int8 included), with RoPE of q and
+k fused into the write, against TorchBackend, and the weight-only GEMM (int8, int4 groups of 128)
+and the int8 GEMM against fp32 references, W8A8S's int4 + sparse GEMM against the int8 one. Timings
+(one Markdown table): decode ms per step at batch 1 and 8 after 256 prompt tokens, first-token time
+at 2048, batch-16 decode at 32K with the full cache and with MLGC 0.25 (a random plan of the
+calibrated plans' budget: a quarter of the groups full, the rest windows of sink 64 + recent 1024,
+grown to whole blocks), W8A16 and W4A16 batch-1 decode, W8A8S's gate/up GEMM on int8 and on int4 +
+sparse storage, and on CUDA batch-1 decode without CUDA graphs (`enforce_eager`). Per row: the bytes
+a step must read (weights of the linears and the LM head, plus the K/V slots attention reads), the
+GB/s that makes, and the ratio to transformers (its time over the engine's; for the quantized rows,
+to its bf16 batch-1 decode). Without CUDA, the same code runs on CPU tensors under Triton's
+interpreter at a tiny config and small lengths (fp32), so CI proves the command runs; its times say
+nothing of a GPU.
 """
 
 from __future__ import annotations
@@ -41,10 +42,21 @@ from atb_llm.config import ModelConfig
 from atb_llm.layers.attention.triton_backend import TritonBackend
 from atb_llm.layers.linear import LinearBase
 from atb_llm.models.qwen2_mlgc.config_qwen2_mlgc import load_qwen2_config
+from atb_llm.quantization.dense_sparse import DenseSparse
+from atb_llm.quantization.w8a8 import IntMM
 from atb_llm.runtime.engine import EngineConfig, LLMEngine
 from atb_llm.utils.default_model import resolve_model_path
 from benchmarks.common import markdown_table, measure_engine, measure_hf
-from benchmarks.gpu_checks import CONFIG_7B, LEVELS, Setup, check_attention, check_gemm, decode_step, make_setup
+from benchmarks.gpu_checks import (
+    CONFIG_7B,
+    LEVELS,
+    Setup,
+    check_attention,
+    check_gemm,
+    decode_step,
+    make_setup,
+    sparse_like,
+)
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "generation_config.json")
 
@@ -152,6 +164,7 @@ def timings(s: Setup, c: ModelConfig, folder: Path, progress) -> list[dict]:
         rows.append(row(f"{quant.upper()} decode, batch 1, {s.short} in (ms/step)", ours.non_first_token_ms, nbytes,
                         hf_bs1, " (bf16)" if s.dtype == torch.bfloat16 else " (float)"))  # fmt: skip
         del eng
+    rows += sparse_gemm_rows(s, progress)
     plan = baseline_plan("random", c, s.block_size, s.sink, s.recent, full_ratio=0.25).to_layout()
     for name, layout in (("full cache", None), ("MLGC 0.25", plan)):  # transformers has no figure here
         progress(f"decode batch {s.long_batch} at {s.long}, {name}")
@@ -161,6 +174,29 @@ def timings(s: Setup, c: ModelConfig, folder: Path, progress) -> list[dict]:
         rows.append(row(f"decode, batch {s.long_batch} at {s.long}, {name} (ms/step)", ours.non_first_token_ms,
                         nbytes, None))  # fmt: skip
         del eng
+    return rows
+
+
+def sparse_gemm_rows(s: Setup, progress) -> list[dict]:
+    """W8A8S's gate/up product at batch 1: the int8 GEMM on int8 storage against the int4 + sparse
+    outliers storage (half the bytes), one linear, the mean of `steps` calls."""
+    progress("W8A8S gate/up GEMM, int8 vs int4 + sparse")
+    k, n = s.config["hidden_size"], 2 * s.config["intermediate_size"]
+    gen = torch.Generator().manual_seed(1)
+    q = sparse_like(n, k, gen).to(s.device)
+    xq = torch.randint(-128, 128, (1, k), generator=gen, dtype=torch.int16).to(s.device)
+    split = DenseSparse.split(q)
+    rows = []
+    for name, gemm, nbytes in (("int8", IntMM(q), q.nbytes), ("int4 + sparse", split, split.nbytes)):
+        gemm(xq)
+        sync = torch.cuda.synchronize if s.device == "cuda" else (lambda: None)
+        sync()
+        t0 = time.perf_counter()
+        for _ in range(s.steps):
+            gemm(xq)
+        sync()
+        ms = (time.perf_counter() - t0) / s.steps * 1e3
+        rows.append(row(f"W8A8S gate/up GEMM {n}x{k}, batch 1, {name} (ms)", ms, nbytes, None))
     return rows
 
 

@@ -1,5 +1,5 @@
 """bench_gpu's setup and kernel checks: every GPU kernel (paged decode per level, the fused cache
-write, the weight-only GEMMs) against the torch reference, on the run's shapes."""
+write, the weight-only GEMMs, the int8 and int4 + sparse GEMMs) against the torch reference, on the run's shapes."""
 
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ from atb_llm.layers.attention.metadata import AttentionMetadata
 from atb_llm.layers.attention.torch_backend import TorchBackend
 from atb_llm.layers.attention.triton_backend import TritonBackend
 from atb_llm.layers.rotary import RotaryEmbedding
+from atb_llm.quantization.dense_sparse import DenseSparse
 from atb_llm.quantization.w4a16 import pack_int4, quantize_w4_groups
 from atb_llm.quantization.w8a8 import IntMM
 from atb_llm.runtime.model_runner import ModelRunner
@@ -138,6 +139,15 @@ def check_attention(s: Setup, c: ModelConfig) -> list[str]:
     return lines
 
 
+def sparse_like(n: int, k: int, gen: torch.Generator) -> torch.Tensor:
+    """int8 weights as msModelSlim's sparse practice writes them: 4-bit values, 20% pruned, 1.5% outliers."""
+    q = torch.randint(-8, 8, (n, k), generator=gen, dtype=torch.int8)
+    q[torch.rand(n, k, generator=gen) < 0.2] = 0
+    spots = torch.rand(n, k, generator=gen) < 0.015
+    q[spots] = torch.randint(-128, 128, (int(spots.sum()),), generator=gen, dtype=torch.int8)
+    return q
+
+
 def check_gemm(s: Setup) -> list[str]:
     """The weight-only GEMM at the model's MLP shape and the int8 GEMM, decode and prefill rows."""
     from atb_llm.quantization.triton_gemm import wq_matmul
@@ -168,6 +178,11 @@ def check_gemm(s: Setup) -> list[str]:
         q8 = torch.randint(-128, 128, (n, k), generator=gen, dtype=torch.int8)
         exact = torch.equal(IntMM(q8.to(s.device))(xq.to(s.device)).cpu(), xq.float() @ q8.float().T)
         lines.append(f"W8A8 int8 GEMM {m}x{k} @ {n}x{k}: {'exact' if exact else 'DIFFERS'}")
+        assert exact, lines[-1]
+        q4 = sparse_like(n, k, gen)
+        got = DenseSparse.split(q4.to(s.device))(xq.to(s.device)).cpu()
+        exact = torch.equal(got, IntMM(q4.to(s.device))(xq.to(s.device)).cpu())
+        lines.append(f"W8A8S int4 + sparse GEMM {m}x{k} @ {n}x{k}: {'exact' if exact else 'DIFFERS'}")
         assert exact, lines[-1]
     return lines
 

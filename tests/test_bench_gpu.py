@@ -29,10 +29,14 @@ def test_cpu_run_checks_the_kernels_and_prints_every_row(default_model, tmp_path
     rows = table(report)
     names = ["decode, batch 1, 16 in", "first token, 64 in", "decode, batch 8, 16 in"]
     names += ["W8A16 decode, batch 1, 16 in", "W4A16 decode, batch 1, 16 in"]
+    names += ["W8A8S gate/up GEMM 512x128, batch 1, int8", "W8A8S gate/up GEMM 512x128, batch 1, int4 + sparse"]
     names += ["decode, batch 4 at 96, full cache", "decode, batch 4 at 96, MLGC 0.25"]
-    assert [n.split(" (")[0] for n in rows][:7] == names
+    assert [n.split(" (")[0] for n in rows][:9] == names
     mb = {n.split(" (")[0]: float(r[3]) for n, r in rows.items()}
     assert mb["W4A16 decode, batch 1, 16 in"] < mb["W8A16 decode, batch 1, 16 in"] < mb["decode, batch 1, 16 in"]
+    assert "W8A8S int4 + sparse GEMM 16x128 @ 256x128: exact" in report
+    sparse = mb["W8A8S gate/up GEMM 512x128, batch 1, int4 + sparse"]
+    assert mb["W8A8S gate/up GEMM 512x128, batch 1, int8"] == 0.07 and 0.03 < sparse < 0.045  # 65536 B; ~0.55x
     # tiny config: 2 layers x 2 KV heads, head_dim 32, fp32; 4 sequences of 96 tokens. Full: every
     # group reads 96 slots of K and V; MLGC 0.25: one group in four, the others windows of sink 4 +
     # compensation 1 + recent 43 (the recent 32 asked for, grown to fill 3 whole blocks of 16)

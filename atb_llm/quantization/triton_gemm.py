@@ -113,3 +113,53 @@ def wq_matmul(
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
     )  # fmt: skip
     return y
+
+
+@triton.jit
+def int4_int8_matmul_kernel(
+    x_ptr,  # [M, K] int8 activations
+    w_ptr,  # [N, K/2] int8 nibbles (channels 2j, 2j + 1 in the low, high nibble of byte j)
+    y_ptr,  # [M, N] int32
+    M,
+    N,
+    K,
+    stride_xm,
+    stride_wn,
+    stride_ym,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_ok, n_ok = rm < M, rn < N
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+    for k0 in range(0, K, BLOCK_K):
+        kb = k0 // 2 + tl.arange(0, BLOCK_K // 2)
+        ok = kb < K // 2
+        b = tl.load(w_ptr + rn[:, None] * stride_wn + kb[None, :], mask=n_ok[:, None] & ok[None, :], other=0)
+        lo = (b << 4).to(tl.int8) >> 4
+        hi = b >> 4
+        xm = m_ok[:, None] & ok[None, :]
+        x_even = tl.load(x_ptr + rm[:, None] * stride_xm + 2 * kb[None, :], mask=xm, other=0)
+        x_odd = tl.load(x_ptr + rm[:, None] * stride_xm + 2 * kb[None, :] + 1, mask=xm, other=0)
+        acc += tl.dot(x_even, tl.trans(lo), out_dtype=tl.int32)
+        acc += tl.dot(x_odd, tl.trans(hi), out_dtype=tl.int32)
+    tl.store(y_ptr + rm[:, None] * stride_ym + rn[None, :], acc, mask=m_ok[:, None] & n_ok[None, :])
+
+
+def int4_int8_matmul(x: torch.Tensor, nibbles: torch.Tensor) -> torch.Tensor:
+    """Exact int32 x d^T for int8 activations x [M, K] and int4 weights d packed as nibbles [N, K/2]:
+    int8 dots with int32 sums, so the weight is read at half a byte per value."""
+    m, k = x.shape
+    n = nibbles.shape[0]
+    if nibbles.shape[1] * 2 != k:
+        raise ValueError(f"int4 weight {tuple(nibbles.shape)} does not hold {k} input channels two per byte")
+    block_m = 16 if m <= 16 else 64
+    y = torch.empty(m, n, dtype=torch.int32, device=x.device)
+    grid = (triton.cdiv(m, block_m), triton.cdiv(n, 64))
+    int4_int8_matmul_kernel[grid](
+        x.contiguous(), nibbles, y, m, n, k, k, nibbles.stride(0), y.stride(0),
+        BLOCK_M=block_m, BLOCK_N=64, BLOCK_K=64,
+    )  # fmt: skip
+    return y

@@ -6,7 +6,8 @@ quant_bias int32 [N] (it already holds the float bias: the stored `bias` is not 
 deq_scale [N] (fp32, or int64 holding the fp32 bit pattern for fp16/fp32 models).
     x_q = clamp(round(x / input_scale) + input_offset, -128, 127);  y = (x_q q^T + quant_bias) * deq_scale
 W8A8S checkpoint (sparse quantization): W8A8's tensors without weight_scale / weight_offset; the
-int8 weights hold 4-bit values but outliers, some pruned to 0.
+int8 weights hold 4-bit values but outliers, some pruned to 0. On the GPU path they are stored as
+int4 plus sparse outliers (`dense_sparse`), with the same products.
 W8A8_DYNAMIC checkpoint: weight int8 [N, K], weight_scale [N, 1], float bias; per token t,
     s_t = max|x_t| / 127;  y = (round(x / s_t) q^T) * s_t * weight_scale + bias
 
@@ -25,6 +26,7 @@ import torch
 
 from atb_llm.layers.linear import LinearBase
 from atb_llm.quantization.base import QuantMethod
+from atb_llm.quantization.dense_sparse import DenseSparse
 
 
 def deq_scale_as_float(t: torch.Tensor) -> torch.Tensor:
@@ -132,6 +134,12 @@ class W8A8SMethod(W8A8Method):
     hold 4-bit values but outliers (some pruned to 0), and the checkpoint has no weight_scale."""
 
     weight_scales = False
+
+    def process_weights_after_loading(self, layer: LinearBase) -> None:
+        split = DenseSparse.split(layer.weight.data) if self.gpu_kernels(layer) else None
+        super().process_weights_after_loading(layer)
+        if split is not None:  # the GPU path reads half the bytes; the CPU keeps the int8 GEMM (see dense_sparse)
+            layer.gemm = split
 
 
 class W8A8DynamicMethod(QuantMethod):
