@@ -4,7 +4,8 @@ resident weight bytes, batch-1 decode time per token, first-token time.
     python -m benchmarks.bench_quant --float DIR --variants w8a16=Q1 w4a16=Q2 ... \
         [--input 256] [--output 32] [--prefill 512] [--dtype bf16|fp32] [--llama_cpp [GGUF]]
 
---llama_cpp adds the CPU peer a user of these formats would pick instead: llama.cpp
+A variant ending in `:lm_head=w4a16` (or w8a16) also quantizes the LM head at load
+(--quantize_lm_head). --llama_cpp adds the CPU peer a user of these formats would pick instead: llama.cpp
 (llama-cpp-python, `pip install -e '.[llama]'`, built from source) on a GGUF file, by default the
 default model's own Q4_K_M, with the same prompt ids, threads and lengths.
 
@@ -14,12 +15,15 @@ Prints a Markdown table and writes results/quant_perf.md and results/quant_perf.
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
+from statistics import median
 
 import torch
+from tqdm import tqdm
 
 from atb_llm.config import parse_dtype
 from atb_llm.runtime.engine import EngineConfig, LLMEngine
@@ -40,31 +44,36 @@ COLUMNS = ["variant", "weights_mib", "weights_vs_float", "decode_ms", "speedup_v
 COLUMNS += ["first_token_ms_at_prefill", "first_token_vs_float"]
 
 
-def measure(name: str, path: str, args, quantize: str | None = None) -> dict:
+@dataclass
+class Subject:
+    """One row: how to time a decode step and a first token, each call one pass."""
+
+    name: str
+    weights_mib: float | None
+    decode: Callable[[], float]
+    first: Callable[[], float] | None
+    decode_ms: list[float] = field(default_factory=list)
+    first_ms: list[float] = field(default_factory=list)
+
+
+def engine_subject(name: str, path: str, args, quantize: str | None = None, lm_head: str | None = None) -> Subject:
     cfg = EngineConfig(
         path, max_batch_size=1, max_input_length=max(args.input, args.prefill), max_output_length=args.output,
-        quantize=quantize, progress=False, dtype=args.dtype,
+        quantize=quantize, quantize_lm_head=lm_head, progress=False, dtype=args.dtype,
     )  # fmt: skip
     engine = LLMEngine(cfg)
     engine.warmup()
-    # the first pass at a shape pays page faults and allocator growth (3-4x the steady step on the
-    # 2-core CPU machine): time the second
-    decode = [measure_engine(engine, 1, args.input, args.output) for _ in range(2)][-1]
-    prefill = measure_engine(engine, 1, args.prefill, 2)
-    row = {
-        "variant": name,
-        "weights_mib": resident_bytes(engine.model) / 2**20,
-        "decode_ms": decode.non_first_token_ms,
-        "first_token_ms_at_prefill": prefill.first_token_ms,
-    }
-    del engine
-    gc.collect()
-    return row
+    return Subject(
+        name,
+        resident_bytes(engine.model) / 2**20,
+        lambda: measure_engine(engine, 1, args.input, args.output).non_first_token_ms,
+        lambda: measure_engine(engine, 1, args.prefill, 2).first_token_ms,
+    )
 
 
-def measure_llama_cpp(gguf: Path, vocab: int, args) -> dict:
+def llama_cpp_subject(gguf: Path, vocab: int, args) -> Subject:
     """llama.cpp at batch 1: the prompt evaluated in one call, then each greedy token fed back (its
-    logits read, as the engine samples); the second pass at each shape is timed, as for the engine."""
+    logits read, as the engine samples), on the engine's prompt ids."""
     try:
         from llama_cpp import Llama
     except ImportError:
@@ -86,11 +95,26 @@ def measure_llama_cpp(gguf: Path, vocab: int, args) -> dict:
             steps.append(time.perf_counter() - t)
         return first * 1e3, sum(steps) / max(len(steps), 1) * 1e3
 
-    decode = [run(random_prompts(1, args.input, vocab)[0], args.output) for _ in range(2)][-1][1]
-    first = [run(random_prompts(1, args.prefill, vocab)[0], 1) for _ in range(2)][-1][0]
     name = f"llama.cpp {gguf.stem.rsplit('-', 1)[-1]}" if "-Q" in gguf.stem else f"llama.cpp {gguf.name}"
-    return {"variant": name, "weights_mib": gguf.stat().st_size / 2**20, "decode_ms": decode,
-            "first_token_ms_at_prefill": first}  # fmt: skip
+    return Subject(
+        name,
+        gguf.stat().st_size / 2**20,
+        lambda: run(random_prompts(1, args.input, vocab)[0], args.output)[1],
+        lambda: run(random_prompts(1, args.prefill, vocab)[0], 1)[0],
+    )
+
+
+def time_in_rounds(subjects: list[Subject], repeats: int) -> None:
+    """One untimed pass each (page faults, allocator growth: 3-4x the steady step on the 2-core
+    machine), then `repeats` rounds over every subject in turn, so that a slow spell of a shared
+    machine falls on all rows alike instead of on whichever was running."""
+    for s in subjects:
+        s.decode()
+    for _ in tqdm(range(repeats), desc="rounds"):
+        for s in subjects:
+            s.decode_ms.append(s.decode())
+            if s.first is not None:
+                s.first_ms.append(s.first())
 
 
 def plot(rows: list[dict], out: Path) -> None:
@@ -114,11 +138,13 @@ def plot(rows: list[dict], out: Path) -> None:
 def main(argv: list[str] | None = None) -> list[dict]:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--float", dest="float_path", default=None, help="the float folder (default: the default model)")
-    ap.add_argument("--variants", nargs="*", default=[], help="NAME=FOLDER (msModelSlim output) or NAME=load:w8a16")
+    ap.add_argument("--variants", nargs="*", default=[],
+                    help="NAME=FOLDER (msModelSlim output) or NAME=load:w8a16 [:lm_head=w8a16|w4a16]")  # fmt: skip
     ap.add_argument("--input", type=int, default=256)
     ap.add_argument("--output", type=int, default=32)
     ap.add_argument("--prefill", type=int, default=512, help="prompt length of the first-token column")
     ap.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"], help="compute dtype, transformers too")
+    ap.add_argument("--repeats", type=int, default=5, help="timed passes per figure; the median is reported")
     ap.add_argument("--no_hf", action="store_true")
     ap.add_argument("--llama_cpp", nargs="?", const="default", default=None, metavar="GGUF",
                     help="add llama.cpp on this GGUF file (no value: the default model's Q4_K_M)")  # fmt: skip
@@ -126,42 +152,48 @@ def main(argv: list[str] | None = None) -> list[dict]:
     args = ap.parse_args(argv)
     torch.manual_seed(0)
     float_path = str(resolve_model_path(args.float_path))
-    rows = [measure(args.dtype, float_path, args)]
+    subjects = [engine_subject(args.dtype, float_path, args)]
     for spec in args.variants:
         name, _, where = spec.partition("=")
+        where, _, lm_head = where.partition(":lm_head=")
         if where.startswith("load:"):
-            rows.append(measure(name, float_path, args, quantize=where.removeprefix("load:")))
+            subjects.append(engine_subject(name, float_path, args, where.removeprefix("load:"), lm_head or None))
         else:
-            rows.append(measure(name, where, args))
+            subjects.append(engine_subject(name, where, args, lm_head=lm_head or None))
     if args.llama_cpp:
         gguf = ensure_default_gguf() if args.llama_cpp == "default" else Path(args.llama_cpp)
         vocab = json.loads((Path(float_path) / "config.json").read_text())["vocab_size"]  # the engine's prompt ids
-        rows.append(measure_llama_cpp(gguf, vocab, args))
-    hf = None
+        subjects.append(llama_cpp_subject(gguf, vocab, args))
     if not args.no_hf:
         model = load_hf(float_path, parse_dtype(args.dtype))
-        hf = [measure_hf(model, 1, args.input, args.output) for _ in range(2)][-1]  # as for the engine
-    base = rows[0]
+        hf = Subject(f"transformers {args.dtype}", None,
+                     lambda: measure_hf(model, 1, args.input, args.output).non_first_token_ms, None)  # fmt: skip
+        subjects.append(hf)
+    time_in_rounds(subjects, args.repeats)
+    rows = [{"variant": s.name, "weights_mib": s.weights_mib, "decode_ms": median(s.decode_ms),
+             "first_token_ms_at_prefill": median(s.first_ms) if s.first_ms else None} for s in subjects]  # fmt: skip
+    base, hf_ms = rows[0], None if args.no_hf else rows[-1]["decode_ms"]
     for r in rows:
-        r["weights_vs_float"] = r["weights_mib"] / base["weights_mib"]
         r["speedup_vs_float"] = base["decode_ms"] / r["decode_ms"]
-        r["first_token_vs_float"] = base["first_token_ms_at_prefill"] / r["first_token_ms_at_prefill"]
-        if hf is not None:
-            r["speedup_vs_hf"] = hf.non_first_token_ms / r["decode_ms"]
-    if hf is not None:
-        rows.append({"variant": f"transformers {args.dtype}", "decode_ms": hf.non_first_token_ms, "speedup_vs_hf": 1.0})
+        if hf_ms is not None:
+            r["speedup_vs_hf"] = hf_ms / r["decode_ms"]
+        if r["weights_mib"] is not None:
+            r["weights_vs_float"] = r["weights_mib"] / base["weights_mib"]
+            r["first_token_vs_float"] = base["first_token_ms_at_prefill"] / r["first_token_ms_at_prefill"]
+    if hf_ms is not None:
+        rows[-1] = {k: v for k, v in rows[-1].items() if v is not None and k != "speedup_vs_float"}
     head = (
         f"CPU: {cpu_name()} ({cpu_flags()}); "
         f"{args.dtype}, bs1, input {args.input}, output {args.output}; first token at {args.prefill} tokens; "
-        f"threads {torch.get_num_threads()}; ratios: decode speed (float or transformers decode ms / this), "
-        "first token (float ms / this)\n\n"
+        f"threads {torch.get_num_threads()}; median of {args.repeats} rounds over every row; ratios: decode "
+        "speed (float or transformers decode ms / this), first token (float ms / this)\n\n"
     )
     table = markdown_table(rows, COLUMNS)
     print("\n" + head + table)
     args.out.mkdir(parents=True, exist_ok=True)
     stem = "quant_perf" if args.dtype == "bf16" else f"quant_perf_{args.dtype}"
     (args.out / f"{stem}.md").write_text(head + table + "\n")
-    plot([r for r in rows if "weights_mib" in r], args.out / f"{stem}.png")
+    plot([r for r in rows if r.get("weights_mib") is not None], args.out / f"{stem}.png")
     return rows
 
 

@@ -15,7 +15,10 @@ from tiny import QUANT_KINDS as KINDS
 from tiny import build_tiny_qwen2
 
 from atb_llm.entrypoints.convert_quant_weight import convert
+from atb_llm.layers.linear import LinearMethod
+from atb_llm.quantization.w4a16 import quantize_w4_groups
 from atb_llm.quantization.w8a8 import deq_scale_as_float
+from atb_llm.quantization.w8a16 import quantize_w8_per_channel
 from atb_llm.runtime.engine import EngineConfig, LLMEngine
 from atb_llm.runtime.sequence import SamplingParams
 
@@ -220,6 +223,37 @@ def test_quantize_at_load_from_a_float_folder(float_model, kind):
     assert (got - want).abs().max() <= tol * want.abs().max()
     gen = eng.generate([PROMPT], SamplingParams(max_tokens=4, ignore_eos=True))[0]
     assert len(gen.token_ids) == 4
+
+
+@pytest.mark.parametrize("kind", ["w8a16", "w4a16"])
+def test_the_lm_head_quantized_at_load_equals_its_rounded_weight(float_model, kind):
+    """--quantize_lm_head: the head's logits are those of its weight rounded to nearest (int8 per
+    vocabulary row; int4 per group of 128), the kernels' bf16 activations aside; the linears stay float."""
+    w = tensors(float_model)["lm_head.weight"].float()
+    n, k = w.shape
+    if kind == "w8a16":
+        q, scale, offset = quantize_w8_per_channel(w)
+        rounded = (q.float() - offset) * scale
+    else:
+        q, scale, offset = quantize_w4_groups(w, 128)
+        rounded = ((q.float().view(n, -1, 128) - offset[..., None]) * scale[..., None]).view(n, k)
+    eng = engine(float_model, dtype="fp32", quantize_lm_head=kind)
+    assert eng.quant.name == "float" and type(eng.model.model.layers[0].mlp.down_proj.method) is LinearMethod
+    hidden = torch.randn(6, k)
+    got, want = eng.model.lm_head(hidden), hidden.bfloat16().float() @ rounded.T
+    err = (got - want).abs().mean() / want.abs().mean()  # the output's bf16 rounding: about 0.2%
+    err_float = (got - hidden @ w.T).abs().mean() / want.abs().mean()  # the weight's rounding: 0.75% int8, 10% int4
+    assert err < 0.004 and err_float > 3 * err
+    gen = eng.generate([PROMPT], SamplingParams(max_tokens=4, ignore_eos=True))[0]
+    assert len(gen.token_ids) == 4
+
+
+def test_a_tied_lm_head_is_not_quantized(tmp_path):
+    tied = build_tiny_qwen2(tmp_path / "tied", tie=True)
+    with pytest.raises(ValueError, match="ties its LM head to the token embedding.*untied model"):
+        engine(tied, quantize_lm_head="w8a16")
+    with pytest.raises(ValueError, match="quantize_lm_head='int4' is not supported; use one of w8a16, w4a16"):
+        EngineConfig(str(tied), quantize_lm_head="int4")
 
 
 def test_c8_checkpoint_runs_every_group_in_int8(quantized, float_model, tmp_path):

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from atb_llm.layers.linear import ReplicatedLinear
+from atb_llm.layers.linear import LinearMethod, ReplicatedLinear
 from atb_llm.layers.parallel import SINGLE, TensorParallel
 
 
@@ -23,10 +23,17 @@ class LMHead(ReplicatedLinear):
     """Column-parallel over the vocabulary when `tp` has several ranks: each computes its rows of
     the logits and every rank gets them all (an all-gather)."""
 
-    def __init__(self, vocab_size: int, hidden_size: int, tp: TensorParallel = SINGLE):
-        super().__init__(hidden_size, tp.local(vocab_size, "vocab_size"), False, None, tp, "column")
+    def __init__(
+        self, vocab_size: int, hidden_size: int, tp: TensorParallel = SINGLE, method: LinearMethod | None = None
+    ):
+        super().__init__(hidden_size, tp.local(vocab_size, "vocab_size"), False, method, tp, "column")
 
     def tie_to(self, embedding: VocabEmbedding) -> None:
+        if type(self.method) is not LinearMethod:
+            raise ValueError(
+                "--quantize_lm_head: this model ties its LM head to the token embedding (tie_word_embeddings), "
+                "which stays in float for the lookups; quantize the head of an untied model, or leave it out"
+            )
         self.weight = embedding.weight
         self.shares_weight = True
 

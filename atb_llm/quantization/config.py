@@ -77,6 +77,7 @@ class QuantConfig:
     def __init__(self, description: QuantDescription | None = None, on_load: str | None = None):
         self.description, self.on_load = description, on_load
         self.gpu_gemms: bool | None = None  # the methods' kernels (see QuantMethod); the engine sets it
+        self.lm_head: str | None = None  # w8a16 | w4a16: the LM head quantized at load (--quantize_lm_head)
 
     @property
     def name(self) -> str:
@@ -98,6 +99,12 @@ class QuantConfig:
         """Whether the checkpoint has C8's per-channel K/V scales (`k_proj.kv_cache_scale`, ...)."""
         d = self.description
         return d is not None and any(n.endswith("kv_cache_scale") for n, t in d.types.items() if t == "C8")
+
+    def lm_head_method(self) -> LinearMethod:
+        """The LM head's: float as every checkpoint has it, or round to nearest at load."""
+        if self.lm_head is None:
+            return LinearMethod()
+        return make_method(self.lm_head.upper(), RTN_GROUP_SIZE, from_float=True, gpu_gemms=self.gpu_gemms)
 
     def method(self, prefix: str, shards: tuple[str, ...] = ()) -> LinearMethod:
         """prefix: the module path (`model.layers.0.self_attn`); shards: the Hugging Face linears fused

@@ -65,6 +65,7 @@ class LLMEngine:
         weights = WeightFiles(cfg.model_path) if weights is None else weights
         backend = backend or get_backend(cfg.device, cfg.attention_backend)
         self.quant = router.get_quant_config(cfg.quantize)
+        self.quant.lm_head = cfg.quantize_lm_head
         if backend.gpu_gemms:  # one kernel family: the quantized linears' GEMMs too
             self.quant.gpu_gemms = True
         model_cls = router.get_model_cls()

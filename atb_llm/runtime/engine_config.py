@@ -16,7 +16,9 @@ class EngineConfig:
     """model_path: a Hugging Face Qwen2 folder (bf16/fp16/fp32, or msModelSlim output).
     dtype: None = the checkpoint's. mlgc: off | auto | PLAN path | streaming | random (see
     atb_llm.compression.plan). quantize: w8a16 | w4a16 quantizes a float folder at load (round
-    to nearest); a folder written by msModelSlim is read as it is. kv_quant: c8 stores every
+    to nearest); a folder written by msModelSlim is read as it is. quantize_lm_head: w8a16 | w4a16
+    quantizes the LM head the same way at load, whatever the folder (msModelSlim keeps it in float;
+    it is the largest single read of a decode step). kv_quant: c8 stores every
     group's K/V in int8 (a C8 checkpoint turns it on by itself). chunked_prefill: prefill at most
     max_prefill_tokens tokens per step, a longer prompt over several steps between decode steps
     (otherwise a prompt is prefilled in one step, however long). prefix_caching: a prompt that
@@ -47,6 +49,7 @@ class EngineConfig:
     cache_memory_gb: float | None = None
     mlgc: str = "off"
     quantize: str | None = None
+    quantize_lm_head: str | None = None
     kv_quant: str | None = None
     progress: bool = True
     attention_backend: str | None = None
@@ -66,6 +69,10 @@ class EngineConfig:
             raise ValueError(f"dtype={self.dtype!r} is not supported; use one of {', '.join(DTYPE_CHOICES)}")
         if self.quantize not in (None, *QUANTIZE_CHOICES):
             raise ValueError(f"quantize={self.quantize!r} is not supported; use one of {', '.join(QUANTIZE_CHOICES)}")
+        if self.quantize_lm_head not in (None, *QUANTIZE_CHOICES):
+            raise ValueError(
+                f"quantize_lm_head={self.quantize_lm_head!r} is not supported; use one of {', '.join(QUANTIZE_CHOICES)}"
+            )
         if self.kv_quant not in (None, "c8"):
             raise ValueError(f"kv_quant={self.kv_quant!r} is not supported; use c8 (or none)")
         if self.speculative not in (None, "ngram", "draft"):
@@ -123,6 +130,9 @@ class EngineConfig:
         g.add_argument("--cache_memory_gb", type=float, default=d["cache_memory_gb"], help="cache budget instead")
         g.add_argument("--mlgc", default=d["mlgc"], help="KV compression: off | auto | PLAN.json | streaming | random")
         g.add_argument("--quantize", default=d["quantize"], choices=QUANTIZE_CHOICES, help="quantize at load")
+        g.add_argument(
+            "--quantize_lm_head", default=d["quantize_lm_head"], choices=QUANTIZE_CHOICES, help="the LM head too"
+        )
         g.add_argument("--kv_quant", default=d["kv_quant"], choices=["c8"], help="int8 KV cache")
         g.add_argument(
             "--attention_backend",

@@ -146,7 +146,9 @@ class FlashQwen2MlgcForCausalLM(FlashForCausalLM):
         super().__init__(config, quant or QuantConfig(), tp)
         self.model = Qwen2Model(config, backend, self.quant, tp)
         tied = config.tie_word_embeddings
-        self.lm_head = LMHead(config.vocab_size, config.hidden_size, SINGLE if tied else tp)
+        self.lm_head = LMHead(
+            config.vocab_size, config.hidden_size, SINGLE if tied else tp, self.quant.lm_head_method()
+        )
         if tied:  # the embedding is whole on every rank, so is the LM head that shares it
             self.lm_head.tie_to(self.model.embed_tokens)
 
