@@ -12,7 +12,9 @@ cd "$ROOT"
 ARGS=("$@")
 [ ${#ARGS[@]} -gt 0 ] || ARGS=(-m "not slow")
 "$PY" -m coverage erase
-"$PY" -m coverage run -m pytest -q -p no:cacheprovider "${ARGS[@]}"
+status=0
+"$PY" -m coverage run -m pytest -q -p no:cacheprovider "${ARGS[@]}" || status=$?
 "$PY" -m coverage combine -q
 "$PY" -m coverage report
 "$PY" -m coverage report --format=markdown > tests/coverage.md
+exit $status

@@ -53,17 +53,20 @@ def test_every_field_is_a_documented_flag_that_parses_to_it():
     argv = "-m W --dtype bf16 --device cuda --max_batch_size 3 --max_input_length 100 --max_output_length 7"
     argv += " --max_prefill_tokens 64 --chunked_prefill --prefix_caching --block_size 32 --num_blocks 10"
     argv += " --cache_memory_gb 0.5 --mlgc auto --quantize w8a16 --kv_quant c8 --attention_backend triton"
-    argv += " --enforce_eager"
+    argv += " --enforce_eager --quantize_lm_head w4a16"
     want = EngineConfig(
-        "W", "bf16", "cuda", 3, 100, 7, 64, True, True, 32, 10, 0.5, "auto", "w8a16", "c8", True, "triton", True
-    )
+        "W", "bf16", "cuda", 3, 100, 7, 64, True, True, 32, 10, 0.5, "auto", "w8a16", "c8", True, "triton", True,
+        quantize_lm_head="w4a16",
+    )  # fmt: skip
     assert EngineConfig.from_cli_args(p.parse_args(argv.split())) == want
     on = EngineConfig.add_cli_args(argparse.ArgumentParser(), chunked_prefill=True, prefix_caching=True)
     args = on.parse_args(["--no-chunked_prefill"])
     assert (args.chunked_prefill, args.prefix_caching) == (False, True)
 
 
-@pytest.mark.parametrize("flag, value", [("--quantize", "w2a16"), ("--kv_quant", "c4"), ("--dtype", "int8")])
+@pytest.mark.parametrize(
+    "flag, value", [("--quantize", "w2a16"), ("--quantize_lm_head", "c8"), ("--kv_quant", "c4"), ("--dtype", "int8")]
+)
 def test_a_flag_outside_its_choices_is_a_usage_error(flag, value, capsys):
     with pytest.raises(SystemExit):
         EngineConfig.add_cli_args(argparse.ArgumentParser()).parse_args([flag, value])

@@ -10,6 +10,7 @@ import shutil
 import pytest
 import torch
 from peft import PeftModel
+from safetensors.torch import load_file, save_file
 from tiny import make_adapter
 from transformers import AutoModelForCausalLM
 
@@ -124,6 +125,27 @@ def test_bad_adapters_are_clear_errors(tiny, adapters, tmp_path, tiny_models):
     def copy(name):
         return shutil.copytree(adapters["all8"], tmp_path / name)
 
+    def first(t):
+        return next(k for k in t if "lora_A" in k)
+
+    def retarget(t):  # one A/B pair moved onto a module that is not a linear of the base model
+        a = first(t)
+        module = a.removesuffix(".lora_A.weight")
+        moved = re.sub(r"self_attn\.\w+_proj|mlp\.\w+_proj", "embed_tokens", module)
+        moved = moved.replace("layers.0.embed_tokens", "embed_tokens")
+        return {k: v for k, v in t.items() if module not in k} | {
+            f"{moved}.lora_A.weight": t[a],
+            f"{moved}.lora_B.weight": t[f"{module}.lora_B.weight"],
+        }
+
+    def tensors_of(folder, edit):
+        path = folder / "adapter_model.safetensors"
+        if edit is None:
+            path.unlink()
+        else:
+            save_file(edit(load_file(str(path))), str(path))
+        return folder
+
     def config_of(folder, **changes):
         path = folder / "adapter_config.json"
         path.write_text(json.dumps(json.loads(path.read_text()) | changes))
@@ -136,6 +158,19 @@ def test_bad_adapters_are_clear_errors(tiny, adapters, tmp_path, tiny_models):
         ({"m": str(config_of(copy("mts"), modules_to_save=["lm_head"]))}, r"modules_to_save=\['lm_head'\]"),
         ({"p": str(config_of(copy("pt"), peft_type="PREFIX_TUNING"))}, r"only LORA adapters"),
         ({"r": str(config_of(copy("rank"), r=4))}, r"do not have rank r=4"),
+        ({"b": str(config_of(copy("bias"), bias="all"))}, r"bias='all': adapters with biases are not supported"),
+        ({"z": str(config_of(copy("zero"), r=0))}, r"r=0 must be at least 1"),
+        ({"n": str(tensors_of(copy("nofile"), None))}, r"has no adapter_model.safetensors; save it with safe_"),
+        ({"e": str(tensors_of(copy("empty"), lambda t: {}))}, r"holds no LoRA weights"),
+        (
+            {"k": str(tensors_of(copy("key"), lambda t: t | {"base_model.model.lm_head.weight": t[first(t)].clone()}))},
+            r"tensor base_model.model.lm_head.weight is not a LoRA A/B weight",
+        ),  # fmt: skip
+        (
+            {"h": str(tensors_of(copy("half"), lambda t: {k: v for k, v in t.items() if "lora_B" not in k}))},
+            r"has lora_A without its pair",
+        ),  # fmt: skip
+        ({"t": str(tensors_of(copy("target"), retarget))}, r"targets .*embed_tokens, not an adaptable linear"),
     ]
     for mods, message in cases:
         with pytest.raises(ValueError, match=message):

@@ -49,7 +49,6 @@ class EngineConfig:
     cache_memory_gb: float | None = None
     mlgc: str = "off"
     quantize: str | None = None
-    quantize_lm_head: str | None = None
     kv_quant: str | None = None
     progress: bool = True
     attention_backend: str | None = None
@@ -60,6 +59,7 @@ class EngineConfig:
     ngram_max: int = 3
     draft_model: str | None = None
     draft_mlgc: str = "off"
+    quantize_lm_head: str | None = None
 
     def __post_init__(self):
         for name in ("max_batch_size", "max_input_length", "max_output_length", "max_prefill_tokens"):

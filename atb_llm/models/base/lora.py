@@ -80,7 +80,7 @@ def read_adapter(name: str, path: str | Path) -> Adapter:
     weights = {}
     for module, ab in parts.items():
         if set(ab) != {"A", "B"}:
-            raise _refuse(name, f"{module} has lora_{'A' if 'B' in ab else 'B'} without its pair")
+            raise _refuse(name, f"{module} has lora_{'B' if 'B' in ab else 'A'} without its pair")
         a, b = ab["A"], ab["B"]
         if a.shape[0] != rank or b.shape[1] != rank:
             raise _refuse(name, f"{module}: A {tuple(a.shape)} and B {tuple(b.shape)} do not have rank r={rank}")
