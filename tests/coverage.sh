@@ -16,5 +16,5 @@ status=0
 "$PY" -m coverage run -m pytest -q -p no:cacheprovider "${ARGS[@]}" || status=$?
 "$PY" -m coverage combine -q
 "$PY" -m coverage report
-"$PY" -m coverage report --format=markdown > tests/coverage.md
+"$PY" -m coverage report --format=markdown -m > tests/coverage.md
 exit $status
