@@ -139,11 +139,12 @@ def check_attention(s: Setup, c: ModelConfig) -> list[str]:
     return lines
 
 
-def sparse_like(n: int, k: int, gen: torch.Generator) -> torch.Tensor:
-    """int8 weights as msModelSlim's sparse practice writes them: 4-bit values, 20% pruned, 1.5% outliers."""
+def sparse_like(n: int, k: int, gen: torch.Generator, outliers: float = 0.015) -> torch.Tensor:
+    """int8 weights as msModelSlim's sparse practice writes them: 4-bit values, 20% pruned, a share
+    `outliers` anywhere in -128..127."""
     q = torch.randint(-8, 8, (n, k), generator=gen, dtype=torch.int8)
     q[torch.rand(n, k, generator=gen) < 0.2] = 0
-    spots = torch.rand(n, k, generator=gen) < 0.015
+    spots = torch.rand(n, k, generator=gen) < outliers
     q[spots] = torch.randint(-128, 128, (int(spots.sum()),), generator=gen, dtype=torch.int8)
     return q
 

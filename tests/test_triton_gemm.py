@@ -16,6 +16,7 @@ from atb_llm.quantization.w4a16 import quantize_w4_groups, unpack_int4
 from atb_llm.quantization.w8a8 import Int8Gemm, IntMM
 from atb_llm.runtime.engine import EngineConfig, LLMEngine
 from atb_llm.runtime.sequence import SamplingParams
+from benchmarks import gpu_checks
 
 if os.environ["TRITON_INTERPRET"] != "1" and not torch.cuda.is_available():
     pytest.skip("TRITON_INTERPRET is off and there is no GPU to run the kernels", allow_module_level=True)
@@ -74,13 +75,8 @@ def test_int_mm_pads_decode_rows_and_equals_the_cpu_gemm(m):
 
 
 def sparse_like(n, k, outlier_share, seed=0):
-    """int8 weights as msModelSlim's sparse practice writes them: 4-bit values, some pruned to 0, and
-    a share of outliers up to +-127, among them the extremes that leave int4's range by one."""
-    g = torch.Generator().manual_seed(seed)
-    q = torch.randint(-8, 8, (n, k), generator=g, dtype=torch.int8)
-    q[torch.rand(n, k, generator=g) < 0.2] = 0
-    spots = torch.rand(n, k, generator=g) < outlier_share
-    q[spots] = torch.randint(-128, 128, (int(spots.sum()),), generator=g, dtype=torch.int8)
+    """gpu_checks' W8A8S-like weights, with the extremes that leave int4's range by one among the outliers."""
+    q = gpu_checks.sparse_like(n, k, torch.Generator().manual_seed(seed), outlier_share)
     q[0, :4] = torch.tensor([-128, 127, -9, 8], dtype=torch.int8)
     return q
 

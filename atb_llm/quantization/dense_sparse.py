@@ -18,6 +18,8 @@ import warnings
 
 import torch
 
+from atb_llm.quantization.w4a16 import pack_int4, unpack_int4
+
 INT4_MIN, INT4_MAX = -8, 7
 EXACT_FP32 = 2**24  # integers below this add exactly in fp32
 
@@ -38,7 +40,7 @@ class DenseSparse:
         per_row = (outliers != 0).sum(1)
         if k % 2 or int(per_row.max()) * 128 * 120 >= EXACT_FP32 or 8 * int(per_row.sum()) > n * k // 2:
             return None
-        nibbles = ((dense[:, 0::2] & 0xF) | (dense[:, 1::2] << 4)).contiguous()
+        nibbles = pack_int4(dense)
         with warnings.catch_warnings():  # torch calls its CSR support beta; the products used here are plain
             warnings.simplefilter("ignore", UserWarning)
             csr = outliers.to_sparse_csr()
@@ -48,9 +50,7 @@ class DenseSparse:
 
     def int8(self) -> torch.Tensor:
         """q again, exactly."""
-        lo = (self.nibbles << 4) >> 4  # sign-extended low nibbles
-        dense = torch.stack([lo, self.nibbles >> 4], -1).flatten(1)
-        return (dense + self.outliers.to_dense().to(torch.int8)).to(torch.int8)
+        return unpack_int4(self.nibbles, 1) + self.outliers.to_dense().to(torch.int8)
 
     @property
     def nbytes(self) -> int:
